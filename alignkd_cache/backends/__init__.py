@@ -1,0 +1,80 @@
+"""Model backends: one small protocol, one file per model family.
+
+A backend wraps a VLM (teacher or student) and runs one forward that returns the three Align-KD
+signals. The same code serves the teacher (under `torch.no_grad()`) and the student (with grad).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Signals:
+    """What one forward returns for a Batch.
+
+    logits: (B, S, vocab), every position; logits[b, p] predicts input_ids[b, p + 1].
+    attention: per sample, the layer-0 text->vision probabilities (H, |T|, N_v), each row
+        normalised over its whole causal row (so it sums to < 1); None for text-only samples.
+    visual: (n_images, N_v, D) projector outputs, one row per row of batch.pixel_values; None
+        when the batch has no image.
+    """
+
+    logits: torch.Tensor
+    attention: list[torch.Tensor | None]
+    visual: torch.Tensor | None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    family: str
+    model: torch.nn.Module
+    tokenizer: object
+    image_token_id: int  # the id the data layer writes at visual positions
+    num_visual_tokens: int  # N_v
+    num_heads: int  # layer-0 query heads (H)
+    visual_dim: int  # D of the projected visual tokens (= LLM hidden size)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A padded RGB PIL image -> (3, H, W) pixel values for this model's vision tower."""
+
+    def forward(self, batch, capture: bool = True) -> Signals:
+        """Run the model. capture=False skips the attention slice (plain sdpa everywhere)."""
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write a directory that `load_backend` (and the family's own tools) load back."""
+
+    def fingerprint(self) -> dict:
+        """{'model_id', 'config_sha256', 'weights_sha256', 'tokenizer_sha256'} for provenance."""
+
+
+def detect_family(path: str | Path) -> str:
+    config = json.loads((Path(path) / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type == "mobilevlm" or "mm_projector_type" in config:
+        return "mobilevlm"
+    if model_type == "llava" or "vision_config" in config:
+        return "llava"
+    raise ValueError(
+        f"{path}: model_type {model_type!r} is neither an HF LLaVA nor a MobileVLM V2 checkpoint; "
+        "pass --family to force one"
+    )
+
+
+def load_backend(path: str | Path, *, dtype=torch.float32, device="cpu", family: str | None = None, **kwargs) -> Backend:
+    """Load a teacher or student by local path (hub ids resolve through transformers' cache)."""
+    family = family or detect_family(path)
+    if family == "llava":
+        from alignkd_cache.backends.llava import LlavaBackend
+
+        return LlavaBackend.load(path, dtype=dtype, device=device, **kwargs)
+    if family == "mobilevlm":
+        from alignkd_cache.backends.mobilevlm import MobileVLMBackend
+
+        return MobileVLMBackend.load(path, dtype=dtype, device=device, **kwargs)
+    raise ValueError(f"unknown model family {family!r}; choose 'llava' or 'mobilevlm'")

@@ -1,0 +1,362 @@
+"""LLaVA-format datasets -> the exact token sequences and positions teacher and student both see.
+
+A record is `{id, image?, conversations: [{from: human|gpt, value}]}` (JSON list or JSONL). A
+template renders it to text segments, each supervised or not; `<image>` marks where the model
+family splices its visual tokens. Tokenizing segment by segment keeps the answer boundaries exact.
+
+Positions, per sample (all later stages key on them):
+- V: the visual-token positions (a contiguous run, empty for text-only samples);
+- T: the text positions strictly after the last visual token (the queries that can see the image);
+- P: the logit positions whose next token is supervised (logits[p] predicts input_ids[p + 1]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkd_cache.images import load_image
+
+IGNORE_INDEX = -100
+IMAGE_MARKER = "<image>"
+TEMPLATES = ("plain", "v1", "chat")
+
+V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class DataError(ValueError):
+    """Bad input. The message names the file, line or sample and says what to fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: str | None
+    conversations: list[dict]
+    where: str  # "file:line" for messages
+
+
+@dataclass(frozen=True)
+class Skip:
+    id: str
+    reason: str
+
+
+@dataclass
+class TokenizedSample:
+    id: str
+    image: str | None
+    input_ids: list[int]
+    labels: list[int]
+    visual_start: int  # -1 for text-only samples
+    num_visual: int
+
+    @property
+    def visual_positions(self) -> list[int]:
+        if self.visual_start < 0:
+            return []
+        return list(range(self.visual_start, self.visual_start + self.num_visual))
+
+    @property
+    def text_positions(self) -> list[int]:
+        if self.visual_start < 0:
+            return []
+        return list(range(self.visual_start + self.num_visual, len(self.input_ids)))
+
+    @property
+    def supervised_positions(self) -> list[int]:
+        return [i for i in range(len(self.labels) - 1) if self.labels[i + 1] != IGNORE_INDEX]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read a JSON list or JSONL file, validating structure and ids up front."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    raw: list[tuple[object, str]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file at that line") from e
+        raw = [(item, f"{path}[{i}]") for i, item in enumerate(items)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((json.loads(line), f"{path}:{lineno}"))
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg}); each JSONL line must be one object"
+                ) from e
+    records, seen = [], {}
+    for item, where in raw:
+        record = _parse_record(item, where)
+        if record.id in seen:
+            raise DataError(
+                f"{where}: duplicate id {record.id!r} (first at {seen[record.id]}); ids must be unique"
+            )
+        seen[record.id] = where
+        records.append(record)
+    return records
+
+
+def _parse_record(item: object, where: str) -> Record:
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object with id and conversations, got {type(item).__name__}")
+    if "id" not in item:
+        raise DataError(f"{where}: sample has no 'id'; give every sample a unique id")
+    sid = str(item["id"])
+    convs = item.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(f"{where}: sample {sid!r} has an empty or missing conversation")
+    for turn in convs:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise DataError(
+                f"{where}: sample {sid!r} has a turn {turn!r}; each turn needs 'from' in "
+                f"{sorted(ROLES)} and a string 'value'"
+            )
+    image = item.get("image")
+    markers = sum(t["value"].count(IMAGE_MARKER) for t in convs)
+    if image is not None and markers == 0:
+        raise DataError(f"{where}: sample {sid!r} has image {image!r} but no {IMAGE_MARKER} in its text; add one")
+    if image is None and markers > 0:
+        raise DataError(f"{where}: sample {sid!r} has {IMAGE_MARKER} in its text but no 'image'; add the image or remove the marker")
+    if markers > 1:
+        raise DataError(
+            f"{where}: sample {sid!r} has {markers} {IMAGE_MARKER} markers; one image per sample is "
+            "supported (as in MobileVLM V2 and LLaVA-1.5): split it into several samples"
+        )
+    if ROLES[convs[0]["from"]] != "user":
+        raise DataError(f"{where}: sample {sid!r} starts with an assistant turn; conversations start with 'human'")
+    if not any(ROLES[t["from"]] == "assistant" for t in convs):
+        raise DataError(f"{where}: sample {sid!r} has no 'gpt' answer, so nothing would be supervised")
+    return Record(id=sid, image=None if image is None else str(image), conversations=convs, where=where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates: record -> [(text, supervised)]
+
+
+def render(record: Record, template: str, tokenizer=None) -> list[tuple[str, bool]]:
+    turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations]
+    if record.image is not None:
+        # The image goes first in the first human turn, as LLaVA and MobileVLM place it.
+        role, text = turns[0]
+        text = text.replace(IMAGE_MARKER, "").strip()
+        turns[0] = (role, f"{IMAGE_MARKER}\n{text}" if template != "plain" else IMAGE_MARKER)
+    if template == "plain":
+        # Pretraining: image, then the caption (the first answer), then a newline.
+        answer = next(text for role, text in turns if role == "assistant")
+        first = turns[0][1] if record.image is not None else ""
+        return [(first, False), (answer + "\n", True)]
+    if template == "v1":
+        segments = [(V1_SYSTEM + " ", False)]
+        for role, text in turns:
+            if role == "user":
+                segments.append((f"USER: {text} ASSISTANT:", False))
+            else:
+                segments.append((f" {text}</s>", True))
+        return segments
+    if template == "chat":
+        return _render_chat(turns, tokenizer, record)
+    raise DataError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+
+
+def _render_chat(turns, tokenizer, record: Record) -> list[tuple[str, bool]]:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{record.where}: template 'chat' needs a tokenizer with a chat_template; use 'v1' or 'plain'"
+        )
+    messages = [{"role": role, "content": text} for role, text in turns]
+    segments, done = [], ""
+    for i, (role, _) in enumerate(turns):
+        if role == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise DataError(
+                    f"{record.where}: the tokenizer's chat template does not render turns as a prefix "
+                    "sequence, so answers cannot be located; use template 'v1'"
+                )
+            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+    return [s for s in segments if s[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing and splicing
+
+
+@dataclass
+class Tokenization:
+    """How one model family tokenizes: the tokenizer plus where and how its image tokens go."""
+
+    tokenizer: object
+    template: str
+    image_token_id: int
+    num_visual_tokens: int
+    max_length: int = 2048
+    add_bos: bool = True  # plain and v1 prepend BOS; a chat template writes its own
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise DataError(f"unknown template {self.template!r}; choose one of {TEMPLATES}")
+        if self.template == "chat":
+            self.add_bos = False
+
+
+def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
+    ids: list[int] = []
+    labels: list[int] = []
+    visual_start = -1
+    if tok.add_bos and tok.tokenizer.bos_token_id is not None:
+        ids.append(tok.tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, supervised in render(record, tok.template, tok.tokenizer):
+        pieces = text.split(IMAGE_MARKER)
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                visual_start = len(ids)
+                ids += [tok.image_token_id] * tok.num_visual_tokens
+                labels += [IGNORE_INDEX] * tok.num_visual_tokens
+            if piece:
+                piece_ids = tok.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += piece_ids
+                labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
+    if len(ids) > tok.max_length:
+        return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
+    sample = TokenizedSample(record.id, record.image, ids, labels, visual_start, tok.num_visual_tokens if visual_start >= 0 else 0)
+    if not sample.supervised_positions:
+        return Skip(record.id, "no supervised token (empty answers)")
+    return sample
+
+
+def tokenize_all(records: list[Record], tok: Tokenization, on_too_long: str = "skip"):
+    """Tokenize every record. Returns (samples, skips); `on_too_long="error"` raises instead."""
+    samples, skips = [], []
+    for record in records:
+        out = tokenize(record, tok)
+        if isinstance(out, Skip):
+            if on_too_long == "error":
+                raise DataError(f"{record.where}: sample {record.id!r}: {out.reason}; raise --max-length or shorten it")
+            skips.append(out)
+        else:
+            samples.append(out)
+    return samples, skips
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and batching
+
+
+def resolve_image(image_root: str | Path, rel: str, sample_id: str) -> Path:
+    root = Path(image_root).resolve()
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}")
+    path = (root / rel).resolve()
+    if root not in path.parents:
+        raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}")
+    if not path.is_file():
+        raise DataError(f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field")
+    return path
+
+
+def check_images(samples: list[TokenizedSample], image_root: str | Path | None) -> None:
+    """Fail before any compute if an image is missing or outside the root."""
+    for s in samples:
+        if s.image is not None:
+            if image_root is None:
+                raise DataError(f"sample {s.id!r} has an image but no --image-root was given")
+            resolve_image(image_root, s.image, s.id)
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    input_ids: torch.Tensor  # (B, S), right-padded
+    attention_mask: torch.Tensor  # (B, S)
+    labels: torch.Tensor  # (B, S), IGNORE_INDEX on prompt, image and padding
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
+    image_index: list[int | None]  # sample -> row of pixel_values
+    image_keys: list[str | None]  # sample -> content hash of its image
+    visual_positions: list[torch.Tensor]
+    text_positions: list[torch.Tensor]
+    supervised_positions: list[torch.Tensor]
+    samples: list[TokenizedSample] = field(repr=False, default_factory=list)
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return Batch(
+            self.ids, move(self.input_ids), move(self.attention_mask), move(self.labels),
+            move(self.pixel_values), self.image_index, self.image_keys,
+            [move(p) for p in self.visual_positions], [move(p) for p in self.text_positions],
+            [move(p) for p in self.supervised_positions], self.samples,
+        )
+
+
+def collate(samples: list[TokenizedSample], images: list[tuple[torch.Tensor, str] | None], pad_id: int) -> Batch:
+    """Right-pad a list of samples; `images[i]` is (pixel_values, key) or None for text-only."""
+    width = max(len(s.input_ids) for s in samples)
+    n = len(samples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    pixels, image_index, keys = [], [], []
+    for i, s in enumerate(samples):
+        input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[i, : len(s.labels)] = torch.tensor(s.labels)
+        mask[i, : len(s.input_ids)] = 1
+        if images[i] is None:
+            image_index.append(None)
+            keys.append(None)
+        else:
+            image_index.append(len(pixels))
+            pixels.append(images[i][0])
+            keys.append(images[i][1])
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Batch(
+        ids=[s.id for s in samples],
+        input_ids=input_ids,
+        attention_mask=mask,
+        labels=labels,
+        pixel_values=torch.stack(pixels) if pixels else None,
+        image_index=image_index,
+        image_keys=keys,
+        visual_positions=[as_long(s.visual_positions) for s in samples],
+        text_positions=[as_long(s.text_positions) for s in samples],
+        supervised_positions=[as_long(s.supervised_positions) for s in samples],
+        samples=list(samples),
+    )
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Tokenized samples plus their preprocessed images; a torch Dataset for DataLoader workers."""
+
+    def __init__(self, samples: list[TokenizedSample], image_root, preprocess, pad_id: int):
+        check_images(samples, image_root)
+        self.samples, self.image_root, self.preprocess, self.pad_id = samples, image_root, preprocess, pad_id
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        if s.image is None:
+            return s, None
+        image, key = load_image(resolve_image(self.image_root, s.image, s.id), s.id)
+        return s, (self.preprocess(image), key)
+
+    def collate(self, items) -> Batch:
+        return collate([s for s, _ in items], [im for _, im in items], self.pad_id)

@@ -1,0 +1,1 @@
+"""JSON Schema and Arrow schema of the cache format (data; prose in docs/cache-format.md)."""
