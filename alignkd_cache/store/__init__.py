@@ -1,0 +1,1 @@
+"""The zarr + Parquet teacher-signal cache: codecs, writer, reader, checks."""
