@@ -122,7 +122,11 @@ def _parse_record(item: object, where: str) -> Record:
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: sample {sid!r} has an empty or missing conversation")
     for turn in convs:
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("from") not in ROLES
+            or not isinstance(turn.get("value"), str)
+        ):
             raise DataError(
                 f"{where}: sample {sid!r} has a turn {turn!r}; each turn needs 'from' in "
                 f"{sorted(ROLES)} and a string 'value'"
@@ -130,16 +134,22 @@ def _parse_record(item: object, where: str) -> Record:
     image = item.get("image")
     markers = sum(t["value"].count(IMAGE_MARKER) for t in convs)
     if image is not None and markers == 0:
-        raise DataError(f"{where}: sample {sid!r} has image {image!r} but no {IMAGE_MARKER} in its text; add one")
+        raise DataError(
+            f"{where}: sample {sid!r} has image {image!r} but no {IMAGE_MARKER} in its text; add one"
+        )
     if image is None and markers > 0:
-        raise DataError(f"{where}: sample {sid!r} has {IMAGE_MARKER} in its text but no 'image'; add the image or remove the marker")
+        raise DataError(
+            f"{where}: sample {sid!r} has {IMAGE_MARKER} in its text but no 'image'; add the image or remove the marker"
+        )
     if markers > 1:
         raise DataError(
             f"{where}: sample {sid!r} has {markers} {IMAGE_MARKER} markers; one image per sample is "
             "supported (as in MobileVLM V2 and LLaVA-1.5): split it into several samples"
         )
     if ROLES[convs[0]["from"]] != "user":
-        raise DataError(f"{where}: sample {sid!r} starts with an assistant turn; conversations start with 'human'")
+        raise DataError(
+            f"{where}: sample {sid!r} starts with an assistant turn; conversations start with 'human'"
+        )
     if not any(ROLES[t["from"]] == "assistant" for t in convs):
         raise DataError(f"{where}: sample {sid!r} has no 'gpt' answer, so nothing would be supervised")
     return Record(id=sid, image=None if image is None else str(image), conversations=convs, where=where)
@@ -237,7 +247,9 @@ def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
                 labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
     if len(ids) > tok.max_length:
         return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
-    sample = TokenizedSample(record.id, record.image, ids, labels, visual_start, tok.num_visual_tokens if visual_start >= 0 else 0)
+    sample = TokenizedSample(
+        record.id, record.image, ids, labels, visual_start, tok.num_visual_tokens if visual_start >= 0 else 0
+    )
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
     return sample
@@ -250,7 +262,9 @@ def tokenize_all(records: list[Record], tok: Tokenization, on_too_long: str = "s
         out = tokenize(record, tok)
         if isinstance(out, Skip):
             if on_too_long == "error":
-                raise DataError(f"{record.where}: sample {record.id!r}: {out.reason}; raise --max-length or shorten it")
+                raise DataError(
+                    f"{record.where}: sample {record.id!r}: {out.reason}; raise --max-length or shorten it"
+                )
             skips.append(out)
         else:
             samples.append(out)
@@ -264,12 +278,16 @@ def tokenize_all(records: list[Record], tok: Tokenization, on_too_long: str = "s
 def resolve_image(image_root: str | Path, rel: str, sample_id: str) -> Path:
     root = Path(image_root).resolve()
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}")
+        raise DataError(
+            f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}"
+        )
     path = (root / rel).resolve()
     if root not in path.parents:
         raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}")
     if not path.is_file():
-        raise DataError(f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field")
+        raise DataError(
+            f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field"
+        )
     return path
 
 
@@ -299,14 +317,23 @@ class Batch:
     def to(self, device) -> Batch:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return Batch(
-            self.ids, move(self.input_ids), move(self.attention_mask), move(self.labels),
-            move(self.pixel_values), self.image_index, self.image_keys,
-            [move(p) for p in self.visual_positions], [move(p) for p in self.text_positions],
-            [move(p) for p in self.supervised_positions], self.samples,
+            self.ids,
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.labels),
+            move(self.pixel_values),
+            self.image_index,
+            self.image_keys,
+            [move(p) for p in self.visual_positions],
+            [move(p) for p in self.text_positions],
+            [move(p) for p in self.supervised_positions],
+            self.samples,
         )
 
 
-def collate(samples: list[TokenizedSample], images: list[tuple[torch.Tensor, str] | None], pad_id: int) -> Batch:
+def collate(
+    samples: list[TokenizedSample], images: list[tuple[torch.Tensor, str] | None], pad_id: int
+) -> Batch:
     """Right-pad a list of samples; `images[i]` is (pixel_values, key) or None for text-only."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)

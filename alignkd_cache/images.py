@@ -41,6 +41,8 @@ def load_image(path: str | Path, sample_id: str) -> tuple[Image.Image, str]:
         with Image.open(path) as raw:
             image = raw.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"sample {sample_id!r}: image {path} is unreadable or corrupt ({e}); replace the file") from e
+        raise ImageError(
+            f"sample {sample_id!r}: image {path} is unreadable or corrupt ({e}); replace the file"
+        ) from e
     image = pad_to_square(image)
     return image, image_key(image)
