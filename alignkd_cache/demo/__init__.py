@@ -1,0 +1,1 @@
+"""`alignkd-demo`: a miniature of the paper's claim on real scanned digits, end to end."""
