@@ -1,0 +1,255 @@
+"""`alignkd-cache build`: dataset -> teacher forward -> signals -> blocks on disk -> manifest.
+
+The dataset (after --limit) is cut into blocks of `block_size` consecutive samples. Block b holds
+the same samples whatever the number of ranks or restarts, and its batches are always the same
+slices of it, so its bytes are the same however the build was run. Under torchrun, rank r builds
+blocks r, r + N, r + 2N, ...; rank 0 then writes the manifest. --resume skips blocks that have
+their manifest part (the commit mark) and rebuilds any other block directory from scratch.
+
+Visual tokens depend on the image only, so each distinct image path is stored once, by the first
+sample (in dataset order) that uses it; other samples reference that row. Finalizing checks that
+every sample sharing a row has the same image content key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from alignkd_cache.backends import load_backend
+from alignkd_cache.data import (
+    DataError,
+    SampleDataset,
+    Skip,
+    Tokenization,
+    check_images,
+    read_records,
+    tokenize,
+)
+from alignkd_cache.signals import logit_targets
+from alignkd_cache.store.codecs import resolve_preset
+from alignkd_cache.store.finalize import finalize
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import block_path, part_key
+from alignkd_cache.store.provenance import IncompatibleCache, build_attrs, check_resume
+from alignkd_cache.store.writer import BackgroundWriter, SampleResult
+
+
+@dataclass
+class BuildOptions:
+    template: str = "v1"
+    topk: int = 64
+    logit_targets: str = "topk"  # or "sampled"
+    logit_positions: str = "answer"  # or "text"
+    attn_heads: str = "all"  # or "mean"
+    codecs: str = "balanced"
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    limit: int | None = None
+    max_length: int = 2048
+    on_too_long: str = "skip"  # or "error"
+    block_size: int = 64
+    draws: int = 50  # sampled targets: draws per position
+    seed: int = 0
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        from datetime import timedelta
+
+        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _agree(ok: bool, world: int) -> bool:
+    """True when every rank is ok; ranks must not sit in a barrier while rank 0 has failed."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    torch.distributed.all_reduce(flag)
+    return int(flag) == 0
+
+
+def logit_positions_of(sample, which: str) -> list[int]:
+    if which == "answer":
+        return sample.supervised_positions
+    if which == "text":  # every position whose next token is text (not an image token)
+        visual = set(sample.visual_positions)
+        return [p for p in range(len(sample.input_ids) - 1) if p + 1 not in visual]
+    raise ValueError(f"unknown --logit-positions {which!r}; choose 'answer' or 'text'")
+
+
+def _prepare_store(loc: Location, attrs: dict, resume: bool) -> dict:
+    """Create the root group, or check that --resume continues the same build. Returns its attrs."""
+    if loc.is_empty():
+        loc.group("w").attrs.update(attrs)
+        return attrs
+    if not resume:
+        raise IncompatibleCache(
+            f"{loc.url} is not empty; pass --resume to continue that build, or choose a new --out"
+        )
+    if not loc.exists("zarr.json"):
+        raise IncompatibleCache(f"{loc.url} is not empty and is not an alignkd cache; choose a new --out")
+    stored = dict(loc.group("r").attrs)
+    check_resume(stored, attrs, loc.url)
+    return stored
+
+
+def _plan_visual(outcomes, block_size: int) -> tuple[dict[int, tuple[int, int]], dict[str, int]]:
+    """index -> (block, row) of its image's stored visual tokens; the first user of a path owns it."""
+    owner: dict[str, int] = {}
+    rows_in_block: dict[int, int] = {}
+    ref: dict[int, tuple[int, int]] = {}
+    for i, out in enumerate(outcomes):
+        if isinstance(out, Skip) or out.image is None:
+            continue
+        if out.image not in owner:
+            owner[out.image] = i
+            b = i // block_size
+            ref[i] = (b, rows_in_block.get(b, 0))
+            rows_in_block[b] = ref[i][1] + 1
+        ref[i] = ref[owner[out.image]]
+    return ref, owner
+
+
+def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owners) -> list[SampleResult]:
+    lo, hi = block * opts.block_size, min(len(outcomes), (block + 1) * opts.block_size)
+    results = {}
+    todo = []
+    for i in range(lo, hi):
+        out = outcomes[i]
+        if isinstance(out, Skip):
+            results[i] = SampleResult(i, out.id, image=records[i].image, skip_reason=out.reason)
+        else:
+            todo.append(i)
+    for start in range(0, len(todo), opts.batch_size):
+        idx = todo[start : start + opts.batch_size]
+        batch = dataset.collate([dataset[i] for i in idx]).to(opts.device)
+        with torch.inference_mode():
+            signals = backend.forward(batch, capture=True)
+        for j, i in enumerate(idx):
+            sample = outcomes[i]
+            attention = visual = None
+            if signals.attention[j] is not None:
+                a = signals.attention[j].float()
+                attention = (a.mean(0, keepdim=True) if opts.attn_heads == "mean" else a).cpu().numpy()
+            if sample.image is not None and owners[sample.image] == i:
+                visual = signals.visual[batch.image_index[j]].float().cpu().numpy()
+            positions = torch.tensor(logit_positions_of(sample, opts.logit_positions), dtype=torch.long)
+            t = logit_targets(
+                signals.logits[j, : len(sample.input_ids)].float().cpu(),
+                positions,
+                kind=opts.logit_targets,
+                k=opts.topk,
+                draws=opts.draws,
+                seed=opts.seed,
+                sample_id=sample.id,
+            )
+            results[i] = SampleResult(
+                i,
+                sample.id,
+                image=sample.image,
+                sample=sample,
+                image_key=batch.image_keys[j],
+                attention=attention,
+                visual=visual,
+                visual_ref=None if visual is not None else refs.get(i),
+                logit_positions=t.positions.numpy(),
+                logit_ids=t.ids.numpy(),
+                logit_values=t.values.float().numpy(),
+                logit_tail=None if t.tail is None else t.tail.float().numpy(),
+            )
+    return [results[i] for i in range(lo, hi)]
+
+
+def build_cache(
+    teacher: str,
+    data: str | Path,
+    image_root: str | Path | None,
+    out: str,
+    options: BuildOptions | None = None,
+    resume: bool = False,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build (or resume) a cache; returns its root attributes on rank 0 (None on other ranks)."""
+    opts = options or BuildOptions()
+    rank, world = _dist()
+    backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device)
+    backend.model.eval()
+    records = read_records(data)[: opts.limit]
+    tok = Tokenization(
+        backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length
+    )
+    outcomes = []
+    for record in records:
+        out_ = tokenize(record, tok)
+        if isinstance(out_, Skip) and opts.on_too_long == "error":
+            raise DataError(
+                f"{record.where}: sample {record.id!r}: {out_.reason}; raise --max-length or shorten it"
+            )
+        outcomes.append(out_)
+    candidates = [o for o in outcomes if not isinstance(o, Skip)]
+    check_images(candidates, image_root)
+    vocab = backend.model.get_output_embeddings().weight.shape[0]
+    attrs = build_attrs(backend, asdict(opts), data, resolve_preset(opts.codecs), vocab)
+    loc = Location(out, storage_options)
+    error = None
+    if rank == 0:
+        try:
+            attrs = _prepare_store(loc, attrs, resume)
+        except Exception as e:
+            error = e
+    if not _agree(error is None, world):
+        raise error or IncompatibleCache(f"rank 0 refused {out}; see its error")
+    num_blocks = math.ceil(len(outcomes) / opts.block_size)
+    if attrs.get("complete"):
+        return attrs if rank == 0 else None
+    refs, owners = _plan_visual(outcomes, opts.block_size)
+    pad_id = backend.tokenizer.pad_token_id or 0
+    dataset = _IndexedDataset(outcomes, image_root, backend.preprocess, pad_id)
+    mine = [b for b in range(rank, num_blocks, world)]
+    todo = [b for b in mine if not loc.exists(part_key(b))]
+    size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731
+    written = {"bytes": 0}
+    bar = tqdm(
+        total=sum(size(b) for b in mine),
+        initial=sum(size(b) for b in mine if b not in todo),
+        unit="sample",
+        desc=f"rank {rank}" if world > 1 else "build",
+        disable=not progress,
+    )
+
+    def on_written(block, n, nbytes):
+        written["bytes"] += nbytes
+
+    writer = BackgroundWriter(loc, attrs, on_written=on_written)
+    try:
+        for b in todo:
+            loc.delete_dir(block_path(b))  # an interrupted write of this block, if any
+            writer.submit(b, _compute_block(backend, b, outcomes, records, dataset, opts, refs, owners))
+            bar.update(size(b))
+            bar.set_postfix_str(f"{written['bytes'] / 2**20:.1f} MiB written")
+    finally:
+        writer.close()
+        bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    result = finalize(loc, attrs, len(outcomes), num_blocks) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+class _IndexedDataset(SampleDataset):
+    """SampleDataset addressed by dataset index (skipped entries are never asked for)."""
+
+    def __init__(self, outcomes, image_root, preprocess, pad_id):
+        self.samples, self.image_root, self.preprocess, self.pad_id = outcomes, image_root, preprocess, pad_id

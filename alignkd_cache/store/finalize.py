@@ -1,0 +1,54 @@
+"""Finalizing a build: join the committed block parts into manifest.parquet, in dataset order.
+
+Runs once, on rank 0, after every block is committed. It also checks that samples sharing one
+stored visual row (same image path) saw the same image content, records counts and the manifest's
+sha256 in the root attributes, marks the cache complete, and deletes the parts, so the manifest is
+the only index.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from alignkd_cache.data import DataError
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import MANIFEST_KEY, part_key, sha256
+
+
+def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> dict:
+    """Join the block parts into manifest.parquet (dataset order) and mark the cache complete."""
+    missing = [b for b in range(num_blocks) if not loc.exists(part_key(b))]
+    if missing:
+        raise RuntimeError(f"{loc.url}: blocks {missing[:10]} were not committed; rerun with --resume")
+    table = pa.concat_tables([loc.read_parquet(part_key(b)) for b in range(num_blocks)])
+    table = table.sort_by("index")
+    if table.column("index").to_pylist() != list(range(num_records)):
+        raise RuntimeError(f"{loc.url}: block parts do not cover samples 0..{num_records - 1} exactly once")
+    shared: dict[tuple[int, int], tuple[str, str]] = {}
+    for row in table.select(["id", "status", "image_key", "visual_block", "visual_row"]).to_pylist():
+        if row["status"] != "written" or row["visual_block"] < 0:
+            continue
+        first = shared.setdefault((row["visual_block"], row["visual_row"]), (row["id"], row["image_key"]))
+        if first[1] != row["image_key"]:
+            raise DataError(
+                f"samples {first[0]!r} and {row['id']!r} name the same image file but its content differs "
+                "(was it replaced during the build?); fix the images and rebuild"
+            )
+    data = loc.write_parquet(MANIFEST_KEY, table)
+    status = table.column("status").to_pylist()
+    counts = {
+        "records": num_records,
+        "written": status.count("written"),
+        "skipped": status.count("skipped"),
+        "images": len(shared),
+    }
+    attrs = attrs | {
+        "complete": True,
+        "num_blocks": num_blocks,
+        "counts": counts,
+        "manifest_sha256": sha256(data),
+    }
+    loc.group("r+").attrs.update(attrs)
+    for b in range(num_blocks):  # the manifest now holds them; one source of truth
+        loc.delete(part_key(b))
+    return attrs

@@ -1,0 +1,128 @@
+"""Root attributes of a cache: provenance, options, layout, and the checks that compare them.
+
+schema_version is "MAJOR.MINOR". A reader accepts any cache with its own MAJOR and any MINOR
+(minor versions only add optional attributes or manifest columns); a different MAJOR is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import alignkd_cache
+
+SCHEMA_VERSION = "1.0"
+
+# Options that may differ between a build and its --resume: they cannot change what is stored.
+RESUME_FREE_OPTIONS = ("device",)
+# What must agree for caches to be merged: the same teacher producing the same kind of signals.
+MERGE_FIELDS = ("teacher", "tokenizer_sha256", "template", "num_visual_tokens", "num_heads", "visual_dim")
+MERGE_OPTIONS = (
+    "topk",
+    "logit_targets",
+    "logit_positions",
+    "attn_heads",
+    "codecs",
+    "dtype",
+    "max_length",
+    "draws",
+    "seed",
+)
+
+
+class IncompatibleCache(ValueError):
+    pass
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
+    fp = backend.fingerprint()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": alignkd_cache.__version__,
+        "created": now(),
+        "complete": False,
+        "teacher": {k: fp[k] for k in ("model_id", "config_sha256", "weights_sha256")},
+        "tokenizer_sha256": fp["tokenizer_sha256"],
+        "template": options["template"],
+        "dataset": {"file": Path(data_path).name, "sha256": file_sha256(data_path)},
+        "options": dict(options),
+        "family": backend.family,
+        "num_visual_tokens": backend.num_visual_tokens,
+        "image_token_id": backend.image_token_id,
+        "num_heads": backend.num_heads,
+        "visual_dim": backend.visual_dim,
+        "vocab_size": vocab_size,
+        "attn_heads": options["attn_heads"],
+        "logit_targets": options["logit_targets"],
+        "topk": options["topk"],
+        "logit_positions": options["logit_positions"],
+        "codecs": options["codecs"],
+        "encodings": encodings,
+        "logit_id_dtype": "uint16" if vocab_size <= 65536 else "int32",
+        "block_size": options["block_size"],
+    }
+
+
+def _first_difference(stored, new, where: str) -> str | None:
+    if isinstance(stored, dict) and isinstance(new, dict):
+        for key in sorted(set(stored) | set(new)):
+            diff = _first_difference(stored.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if diff:
+                return diff
+        return None
+    return None if stored == new else f"{where}: stored {stored!r}, now {new!r}"
+
+
+def check_resume(stored: dict, new: dict, url: str) -> None:
+    """Refuse to resume a build whose teacher, data or options differ, naming the field."""
+    keys = ("schema_version", "teacher", "tokenizer_sha256", "template", "dataset", "encodings")
+    for key in keys:
+        diff = _first_difference(stored.get(key), new.get(key), key)
+        if diff:
+            raise IncompatibleCache(
+                f"cannot --resume {url}: {diff}; use a new --out or the original settings"
+            )
+    options = {k: v for k, v in new["options"].items() if k not in RESUME_FREE_OPTIONS}
+    before = {k: v for k, v in stored.get("options", {}).items() if k not in RESUME_FREE_OPTIONS}
+    diff = _first_difference(before, options, "options")
+    if diff:
+        raise IncompatibleCache(f"cannot --resume {url}: {diff}; use a new --out or the original settings")
+
+
+def check_mergeable(first: dict, other: dict, url: str) -> None:
+    for key in MERGE_FIELDS:
+        diff = _first_difference(first.get(key), other.get(key), key)
+        if diff:
+            raise IncompatibleCache(
+                f"cannot merge {url}: {diff} (caches must share teacher, tokenizer and template)"
+            )
+    for key in MERGE_OPTIONS:
+        diff = _first_difference(first["options"].get(key), other["options"].get(key), f"options.{key}")
+        if diff:
+            raise IncompatibleCache(
+                f"cannot merge {url}: {diff} (caches must be built with the same options)"
+            )
+
+
+def check_readable(attrs: dict, url: str) -> None:
+    version = str(attrs.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise IncompatibleCache(
+            f"{url}: schema_version {version!r} is not readable by this tool (reads {SCHEMA_VERSION.split('.')[0]}.x); "
+            "use a matching alignkd-cache version"
+        )
+    if not attrs.get("complete"):
+        raise IncompatibleCache(f"{url}: the build is not finished; run the same build command with --resume")

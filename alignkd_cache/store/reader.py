@@ -1,0 +1,167 @@
+"""Random access to a finished cache by sample id; safe in DataLoader worker processes.
+
+Array handles are opened lazily and cached per process (after a fork a worker opens its own, so
+no remote-filesystem session crosses a fork). Nothing is unpickled: signals come from zarr, the
+index from Parquet. `read_many` and `prefetch` overlap reads on threads, because each zarr read
+has a fixed per-call cost that batching hides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
+from alignkd_cache.signals import LogitTargets
+from alignkd_cache.store import codecs
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
+from alignkd_cache.store.provenance import check_readable
+
+
+class CacheError(ValueError):
+    pass
+
+
+@dataclass
+class CachedSample:
+    sample: TokenizedSample
+    image_key: str | None
+    attention: torch.Tensor | None  # (H or 1, |T|, N_v) float32
+    visual: torch.Tensor | None  # (N_v, D) float32
+    logits: LogitTargets
+
+
+def tokenized_from_row(row: dict) -> TokenizedSample:
+    ids = row["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for p in row["supervised_positions"]:
+        labels[p + 1] = ids[p + 1]
+    return TokenizedSample(row["id"], row["image"], list(ids), labels, row["visual_start"], row["num_visual"])
+
+
+class CacheReader:
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url, self.storage_options = str(url), storage_options
+        self.loc = Location(url, storage_options, read_only=True)
+        self.attrs: dict = dict(self.loc.group("r").attrs)
+        check_readable(self.attrs, self.url)
+        table = self.loc.read_parquet(MANIFEST_KEY)
+        written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
+        self.rows: list[dict] = written.to_pylist()
+        self.ids: list[str] = [r["id"] for r in self.rows]
+        self._row_of = {sid: i for i, sid in enumerate(self.ids)}
+        self.skipped: dict[str, str] = {
+            r["id"]: r["skip_reason"]
+            for r in table.select(["id", "status", "skip_reason"]).to_pylist()
+            if r["status"] == "skipped"
+        }
+        self._pid = os.getpid()
+        self._handles: dict[tuple[int, str], object] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tokenized(self) -> list[TokenizedSample]:
+        return [tokenized_from_row(r) for r in self.rows]
+
+    def row(self, sample_id: str) -> dict:
+        if sample_id not in self._row_of:
+            why = f"it was skipped: {self.skipped[sample_id]}" if sample_id in self.skipped else "no such id"
+            raise KeyError(f"sample {sample_id!r} is not in the cache {self.url} ({why})")
+        return self.rows[self._row_of[sample_id]]
+
+    def array(self, block: int, name: str):
+        if os.getpid() != self._pid:  # forked worker: open its own handles and store session
+            self.loc = Location(self.url, self.storage_options, read_only=True)
+            self._handles, self._pid = {}, os.getpid()
+        key = (block, name)
+        if key not in self._handles:
+            path = f"{block_path(block)}/{name}"
+            array = self.loc.group("r")[path]
+            # zarr reads a missing chunk as zeros; a missing shard here would be damage.
+            if array.size and not self.loc.exists(f"{path}/c/" + "/".join("0" * array.ndim)):
+                raise CacheError(
+                    f"{self.url}: {path} has no data (a chunk file is missing); run `alignkd-cache verify`"
+                )
+            self._handles[key] = array
+        return self._handles[key]
+
+    def _decoded(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
+        array = self.array(block, name)
+        stored = array[start:stop]
+        encoding = array.attrs.get("encoding")
+        if encoding is None:
+            return stored
+        scale = self.array(block, f"{name}_scale")[start:stop] if encoding in codecs.SCALED else None
+        return codecs.decode(encoding, stored, scale)
+
+    def read(self, sample_id: str) -> CachedSample:
+        row = self.row(sample_id)
+        sample = tokenized_from_row(row)
+        b = row["block"]
+        attention = visual = None
+        if row["attention_rows"]:
+            a = self._decoded(
+                b, "attention", row["attention_offset"], row["attention_offset"] + row["attention_rows"]
+            )
+            n_text = len(sample.text_positions)
+            attention = torch.from_numpy(a.reshape(-1, n_text, a.shape[-1]))
+        if row["visual_block"] >= 0:
+            v = self._decoded(row["visual_block"], "visual", row["visual_row"], row["visual_row"] + 1)
+            visual = torch.from_numpy(v[0])
+        lo, hi = row["logit_offset"], row["logit_offset"] + row["logit_rows"]
+        ids = torch.from_numpy(self.array(b, "logit_ids")[lo:hi].astype(np.int64))
+        values = torch.from_numpy(self._decoded(b, "logit_values", lo, hi).astype(np.float32))
+        tail = None
+        if self.attrs["logit_targets"] == "topk":
+            tail = torch.from_numpy(self._decoded(b, "logit_tail", lo, hi))
+        logits = LogitTargets(
+            kind=self.attrs["logit_targets"],
+            positions=torch.tensor(row["logit_positions"], dtype=torch.long),
+            ids=ids,
+            values=values,
+            tail=tail,
+        )
+        return CachedSample(sample, row["image_key"], attention, visual, logits)
+
+    def read_many(self, ids: Iterable[str], threads: int = 8) -> list[CachedSample]:
+        ids = list(ids)
+        if len(ids) <= 1 or threads <= 1:
+            return [self.read(i) for i in ids]
+        for i in ids:  # open handles once, before threads race to open the same ones
+            self.row(i)
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self.read, ids))
+
+    def prefetch(
+        self, ids: Iterable[str], batch_size: int = 16, depth: int = 2, threads: int = 8
+    ) -> Iterator[list[CachedSample]]:
+        """Yield batches in order while the next `depth` batches are read in the background."""
+        ids = list(ids)
+        batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+        with ThreadPoolExecutor(max(1, depth)) as pool:
+            pending = [pool.submit(self.read_many, b, threads) for b in batches[:depth]]
+            for i in range(len(batches)):
+                result = pending.pop(0).result()
+                if i + depth < len(batches):
+                    pending.append(pool.submit(self.read_many, batches[i + depth], threads))
+                yield result
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """A torch Dataset over cached samples (by position in `reader.ids`), for DataLoader workers."""
+
+    def __init__(self, reader: CacheReader, ids: list[str] | None = None):
+        self.reader, self.ids = reader, list(reader.ids if ids is None else ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i) -> CachedSample:
+        return self.reader.read(self.ids[i])

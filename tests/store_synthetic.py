@@ -1,0 +1,95 @@
+"""Synthetic-signal stores for the store tests: real zarr + Parquet, built through the real writer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
+from alignkd_cache.store.codecs import resolve_preset
+from alignkd_cache.store.finalize import finalize
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.provenance import SCHEMA_VERSION
+from alignkd_cache.store.writer import SampleResult, write_block
+
+H, NV, D, VOCAB, K = 2, 9, 16, 300, 5
+
+
+def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size: int = 4) -> dict:
+    options = {
+        "template": "plain", "topk": K, "logit_targets": logit_targets, "logit_positions": "answer",
+        "attn_heads": "all", "codecs": codecs, "batch_size": 2, "dtype": "float32", "device": "cpu",
+        "limit": None, "max_length": 64, "on_too_long": "skip", "block_size": block_size, "draws": 50, "seed": 0,
+    }  # fmt: skip
+    return {
+        "schema_version": SCHEMA_VERSION, "tool_version": "0.1.0", "created": "2025-01-01T00:00:00+00:00",
+        "complete": False, "teacher": {"model_id": "synthetic", "config_sha256": "a" * 64, "weights_sha256": "b" * 64},
+        "tokenizer_sha256": "c" * 64, "template": "plain", "dataset": {"file": "d.json", "sha256": "d" * 64},
+        "options": options, "family": "llava", "num_visual_tokens": NV, "image_token_id": 5, "num_heads": H,
+        "visual_dim": D, "vocab_size": VOCAB, "attn_heads": "all", "logit_targets": logit_targets, "topk": K,
+        "logit_positions": "answer", "codecs": codecs, "encodings": resolve_preset(codecs),
+        "logit_id_dtype": "uint16", "block_size": block_size,
+    }  # fmt: skip
+
+
+def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> list[SampleResult]:
+    """n samples: every 4th text-only, every 5th skipped, images shared by pairs of samples."""
+    rng = np.random.default_rng(seed)
+    results, owner = [], {}
+    for i in range(n):
+        sid = f"s{i}"
+        if i % 5 == 4:
+            results.append(SampleResult(i, sid, image=None, skip_reason="12 tokens > max length 8"))
+            continue
+        image = None if i % 4 == 3 else f"img{i // 2}.png"
+        n_text = int(rng.integers(3, 7))
+        vs = 1 if image else -1
+        ids = [1] + ([5] * NV if image else []) + rng.integers(6, VOCAB, n_text).tolist()
+        labels = [IGNORE_INDEX] * (len(ids) - 2) + ids[-2:]
+        sample = TokenizedSample(sid, image, ids, labels, vs, NV if image else 0)
+        positions = np.array(sample.supervised_positions)
+        attention = None
+        if image:
+            logits = rng.normal(size=(H, n_text, NV + 3)) * 3
+            p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+            attention = p[..., :NV].astype(np.float32)
+        visual = rng.normal(size=(NV, D)).astype(np.float32) * 4 if image and image not in owner else None
+        if image and image not in owner:
+            owner[image] = i
+        logp = np.log(rng.dirichlet(np.ones(VOCAB) * 0.1, size=len(positions)) + 1e-12)
+        top = np.argsort(-logp, axis=1)[:, :K]
+        if logit_targets == "topk":
+            values = np.take_along_axis(logp, top, 1).astype(np.float32)
+            tail = (1 - np.exp(values).sum(1)).clip(0).astype(np.float32)
+        else:
+            values = rng.integers(0, 10, size=top.shape).astype(np.float32)
+            tail = None
+        results.append(
+            SampleResult(i, sid, image=image, sample=sample, image_key=f"key-{image}" if image else None,
+                         attention=attention, visual=visual, logit_positions=positions, logit_ids=top,
+                         logit_values=values, logit_tail=tail)
+        )  # fmt: skip
+    return results
+
+
+def write_synthetic_store(
+    url, n: int = 14, codecs: str = "balanced", logit_targets: str = "topk", storage_options=None
+):
+    """Write n synthetic samples in blocks, like a build does, and finalize. Returns the results."""
+    attrs = attrs_for(codecs, logit_targets)
+    loc = Location(url, storage_options)
+    loc.group("w").attrs.update(attrs)
+    results = synthetic_results(n, logit_targets=logit_targets)
+    bs = attrs["block_size"]
+    refs, rows = {}, {}
+    for r in results:  # the owner of an image gets the next row of its block, as build plans it
+        if r.visual is not None:
+            b = r.index // bs
+            refs[r.image] = (b, rows.get(b, 0))
+            rows[b] = refs[r.image][1] + 1
+        elif r.sample is not None and r.image:
+            r.visual_ref = refs[r.image]
+    num_blocks = -(-n // bs)
+    for b in range(num_blocks):
+        write_block(loc, b, results[b * bs : (b + 1) * bs], attrs)
+    finalize(loc, attrs, n, num_blocks)
+    return results

@@ -1,0 +1,210 @@
+"""Store format on synthetic signals: codecs, writer -> reader round trips, manifest schema, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from store_synthetic import H, write_synthetic_store
+
+from alignkd_cache.store import codecs
+from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
+from alignkd_cache.store.manifest import MANIFEST_SCHEMA, published_schema, schema_as_json
+from alignkd_cache.store.reader import CacheDataset, CacheReader
+from alignkd_cache.store.verify import verify
+
+rng = np.random.default_rng(0)
+
+
+def probabilities(shape):
+    x = np.exp(rng.normal(size=shape) * 4)
+    return (x / x.sum(-1, keepdims=True) * 0.8).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "encoding, data, max_error",
+    [
+        ("f32", rng.normal(size=(7, 5)).astype(np.float32), 0),
+        ("f16", rng.normal(size=(7, 5)).astype(np.float32), 1e-3),
+        ("bf16", rng.normal(size=(7, 5)).astype(np.float32), 1e-2),
+        ("fixed_u16", probabilities((7, 9)), 0.5 / 65535 + 1e-9),
+        ("sqrt_u8", probabilities((7, 9)), 4e-3),
+        ("fp8_row", (rng.normal(size=(3, 4, 16)) * 1000).astype(np.float32), 0.07),
+    ],
+)
+def test_codec_round_trip_within_documented_error(encoding, data, max_error):
+    stored, scale = codecs.encode(encoding, data)
+    back = codecs.decode(encoding, stored, scale)
+    assert back.dtype == np.float32 and back.shape == data.shape
+    if encoding == "fp8_row":  # relative to each row's peak
+        err = np.abs(back - data) / np.abs(data).max(-1, keepdims=True)
+    else:
+        err = np.abs(back - data)
+    assert err.max() <= max_error
+    if encoding != "f32":
+        assert stored.nbytes < data.nbytes
+
+
+def test_fixed_point_clamps_instead_of_wrapping():
+    stored, _ = codecs.encode("fixed_u16", np.array([-0.2, 1.5, 0.5], np.float32))
+    assert codecs.decode("fixed_u16", stored).tolist() == pytest.approx([0.0, 1.0, 0.5], abs=1e-4)
+
+
+def test_fp8_keeps_values_beyond_the_fp8_range():
+    x = np.array([[1000.0, -3000.0, 0.5, 0.0]], np.float32)
+    back = codecs.decode("fp8_row", *codecs.encode("fp8_row", x))
+    assert np.isfinite(back).all() and abs(back[0, 1] + 3000) < 3000 * 0.07
+
+
+def test_published_manifest_schema_matches_code():
+    assert published_schema() == schema_as_json(MANIFEST_SCHEMA)
+
+
+def test_attrs_schema_is_valid_json_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(attrs_schema())
+
+
+@pytest.mark.parametrize("preset", ["lossless", "balanced", "compact"])
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_round_trip_through_reader(tmp_path, preset, kind):
+    url = str(tmp_path / "c.zarr")
+    results = write_synthetic_store(url, codecs=preset, logit_targets=kind)
+    table = pq.read_table(Path(url) / "manifest.parquet")
+    assert table.schema.equals(MANIFEST_SCHEMA)
+    assert table.column("index").to_pylist() == list(range(len(results)))
+    reader = CacheReader(url)
+    assert validate(reader.attrs, attrs_schema()) == []
+    written = [r for r in results if r.sample is not None]
+    assert reader.ids == [r.id for r in written]
+    assert set(reader.skipped) == {r.id for r in results if r.sample is None}
+    assert [s.input_ids for s in reader.tokenized()] == [r.sample.input_ids for r in written]
+    assert [s.labels for s in reader.tokenized()] == [r.sample.labels for r in written]
+    owners = {r.image: r.visual for r in written if r.visual is not None}
+    tol = {"lossless": (0, 0, 0), "balanced": (1e-5, 2e-3, 2e-2), "compact": (5e-3, 0.1, 0.2)}[preset]
+    for r in written:
+        got = reader.read(r.id)
+        if r.attention is None:
+            assert got.attention is None and got.visual is None
+        else:
+            assert got.attention.shape == r.attention.shape
+            assert np.abs(got.attention.numpy() - r.attention).max() <= tol[0]
+            want = owners[r.image]
+            assert np.abs(got.visual.numpy() - want).max() <= tol[1] * np.abs(want).max()
+        assert torch.equal(got.logits.ids, torch.from_numpy(r.logit_ids.astype(np.int64)))
+        assert got.logits.positions.tolist() == r.logit_positions.tolist()
+        if kind == "topk":
+            assert (
+                np.abs(got.logits.values.numpy() - r.logit_values).max()
+                <= tol[2] * np.abs(r.logit_values).max()
+            )
+            assert np.array_equal(got.logits.tail.numpy(), r.logit_tail)
+        else:
+            assert np.array_equal(got.logits.values.numpy(), r.logit_values) and got.logits.tail is None
+    with pytest.raises(KeyError, match="skipped"):
+        reader.read(next(r.id for r in results if r.sample is None))
+
+
+def test_shared_images_are_stored_once(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    results = write_synthetic_store(url)
+    reader = CacheReader(url)
+    images = {r.image for r in results if r.sample is not None and r.image}
+    assert reader.attrs["counts"]["images"] == len(images)
+    stored = sum(reader.array(b, "visual").shape[0] for b in range(reader.attrs["num_blocks"]))
+    assert stored == len(images)
+
+
+def test_reader_in_dataloader_with_forked_workers(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic_store(url)
+    reader = CacheReader(url)
+    reader.read(reader.ids[0])  # handles opened in the parent before the fork
+    loader = torch.utils.data.DataLoader(
+        CacheDataset(reader), batch_size=3, num_workers=2, collate_fn=list, multiprocessing_context="fork"
+    )
+    got = [s.sample.id for batch in loader for s in batch]
+    assert got == reader.ids
+    batches = list(reader.prefetch(reader.ids, batch_size=4))
+    assert [s.sample.id for b in batches for s in b] == reader.ids
+    assert torch.equal(batches[0][0].logits.ids, reader.read(reader.ids[0]).logits.ids)
+
+
+def test_verify_passes_a_clean_store(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic_store(url, codecs="compact")
+    report = verify(url)
+    assert report.ok, report.lines()
+    assert report.samples_checked == len(CacheReader(url).ids)
+
+
+def chunk_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("c/*") if p.is_file()) + sorted(
+        p for p in root.rglob("c/*/*") if p.is_file()
+    )
+
+
+def test_verify_catches_every_flip_in_chunks_and_manifest(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    files = sorted({*chunk_files(url)}) + [url / "manifest.parquet"]
+    flip_rng = np.random.default_rng(1)
+    for path in files:
+        data = path.read_bytes()
+        for _ in range(3):
+            pos = int(flip_rng.integers(len(data)))
+            damaged = bytearray(data)
+            damaged[pos] ^= 1 << int(flip_rng.integers(8))
+            path.write_bytes(bytes(damaged))
+            report = verify(str(url))
+            assert not report.ok, f"flip at byte {pos} of {path.relative_to(url)} not caught"
+            path.write_bytes(data)
+    assert verify(str(url)).ok
+
+
+def test_verify_names_the_samples_in_a_damaged_chunk(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    reader = CacheReader(str(url))
+    path = url / "blocks/b000001/attention/c/0/0"
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x10  # inside the first inner chunk
+    path.write_bytes(bytes(data))
+    report = verify(str(url))
+    in_block = [r["id"] for r in reader.rows if r["block"] == 1 and r["attention_rows"]]
+    assert in_block and set(in_block) <= set(report.bad_samples)
+    assert not {r["id"] for r in reader.rows if r["block"] != 1} & set(report.bad_samples)
+
+
+def test_missing_chunk_is_an_error_not_zeros(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    (url / "blocks/b000000/visual/c/0/0/0").unlink()
+    report = verify(str(url))
+    assert any("missing" in p for p in report.problems)
+    reader = CacheReader(str(url))
+    with pytest.raises(ValueError, match="missing"):
+        reader.read(reader.ids[0])
+
+
+def test_verify_checks_attributes_against_the_schema(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    meta = json.loads((url / "zarr.json").read_text())
+    meta["attributes"]["codecs"] = "tiny"
+    (url / "zarr.json").write_text(json.dumps(meta))
+    report = verify(str(url))
+    assert any("codecs" in p for p in report.problems)
+
+
+def test_reader_decodes_head_count_from_rows(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic_store(url)
+    reader = CacheReader(url)
+    sample = reader.read(reader.ids[0])
+    assert sample.attention.shape[0] == H
+    assert sample.attention.shape[1] == len(sample.sample.text_positions)
