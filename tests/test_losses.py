@@ -1,0 +1,267 @@
+"""The Align-KD loss functions on plain tensors, with values worked out independently."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkd_cache.losses import (
+    ChannelAdapter,
+    HeadAdapter,
+    LossConfig,
+    attention_loss,
+    cross_entropy,
+    logit_loss,
+    parse_weights,
+    text_focus,
+    top_visual_tokens,
+    vis_settings,
+    vision_loss,
+)
+from alignkd_cache.signals import LogitTargets
+
+
+def attention_slice(heads, rows, keys, seed=0):
+    """Rows of a causal softmax restricted to vision keys: positive, each row summing to < 1."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(heads, rows, keys + 5, generator=g).softmax(-1)
+    return full[..., :keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def test_parse_weights_defaults_and_switch_off():
+    assert parse_weights("") == {"ce": 1.0, "logit": 1.0, "vis": 1.0, "attn": 1.0}
+    assert parse_weights("attn=0, logit=0.5") == {"ce": 1.0, "logit": 0.5, "vis": 1.0, "attn": 0.0}
+    with pytest.raises(ValueError, match="attn=0"):
+        parse_weights("atn=0")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_weights("vis=x")
+    with pytest.raises(ValueError, match="at least one non-zero"):
+        LossConfig(weights=parse_weights("ce=0,logit=0,vis=0,attn=0"))
+
+
+def test_vis_presets_of_both_revisions_and_overrides():
+    assert vis_settings("2025-01") == (16, 1.0)
+    assert vis_settings("2024-12") == (32, 0.1)
+    assert vis_settings("2024-12", topk=8) == (8, 0.1)
+    assert vis_settings("2025-01", weight=0.0) == (16, 0.0)
+    with pytest.raises(ValueError, match="2024-12"):
+        vis_settings("2023")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+def test_head_adapter_is_a_1x1_conv_over_heads():
+    adapter = HeadAdapter(4, 2)
+    a = attention_slice(4, 3, 6)
+    w, b = adapter.conv.weight[:, :, 0, 0], adapter.conv.bias
+    expected = torch.einsum("st,trv->srv", w, a) + b[:, None, None]
+    torch.testing.assert_close(adapter(a), expected)
+    with pytest.raises(ValueError, match="head-mean cache"):
+        adapter(attention_slice(1, 3, 6))
+
+
+def test_channel_adapter_is_a_1x1_conv_over_channels():
+    adapter = ChannelAdapter(8, 4)
+    z = torch.randn(6, 8)
+    expected = z @ adapter.conv.weight[:, :, 0].T + adapter.conv.bias
+    torch.testing.assert_close(adapter(z), expected)
+    with pytest.raises(ValueError, match="channels"):
+        adapter(torch.randn(6, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# L_attn
+
+
+def test_mse_adapter_is_mse_of_the_mapped_teacher():
+    torch.manual_seed(0)
+    adapter = HeadAdapter(4, 2)
+    t, s = attention_slice(4, 3, 6, 1), attention_slice(2, 3, 6, 2)
+    expected = ((adapter(t) - s) ** 2).mean()
+    loss = attention_loss([s, s], [t, t], "mse-adapter", adapter)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert adapter.conv.weight.grad.abs().sum() > 0
+
+
+def test_mse_adapter_from_one_head_serves_a_head_mean_cache():
+    adapter = HeadAdapter(1, 2)
+    t = attention_slice(4, 3, 6, 1).mean(0, keepdim=True)
+    s = attention_slice(2, 3, 6, 2)
+    assert attention_loss([s], [t], "mse-adapter", adapter) > 0
+    with pytest.raises(ValueError, match="kl-headmean"):
+        attention_loss([s], [t], "mse-adapter", HeadAdapter(4, 2))
+
+
+def test_kl_headmean_is_kl_of_row_normalised_head_means():
+    t, s = attention_slice(4, 3, 6, 1), attention_slice(2, 3, 6, 2)
+    p = t.mean(0) / t.mean(0).sum(-1, keepdim=True)
+    q = s.mean(0) / s.mean(0).sum(-1, keepdim=True)
+    expected = sum(p[r, v] * math.log(p[r, v] / q[r, v]) for r in range(3) for v in range(6)) / 3
+    loss = attention_loss([s], [t], "kl-headmean")
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    # Same distribution over the image, different total mass on it: the renormalised KL is 0.
+    assert attention_loss([t * 0.5], [t], "kl-headmean").item() == pytest.approx(0.0, abs=1e-6)
+    # A head-mean cache (one head) gives the same value as the full slice it came from.
+    torch.testing.assert_close(attention_loss([s], [t.mean(0, keepdim=True)], "kl-headmean"), loss)
+
+
+def test_attention_loss_refuses_mismatched_geometry():
+    with pytest.raises(ValueError, match="visual-token count"):
+        attention_loss([attention_slice(2, 3, 6)], [attention_slice(4, 3, 4)], "kl-headmean")
+    with pytest.raises(ValueError, match="mse-adapter"):
+        attention_loss([attention_slice(2, 3, 6)], [attention_slice(4, 3, 6)], "mse-heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# L_vis and the text focus
+
+
+def test_text_focus_and_top_tokens_index_visual_keys_only():
+    a = attention_slice(2, 4, 9)
+    a[:, :, 7] += 0.2  # the text looks at visual token 7 most
+    a[:, 1, 2] += 0.3  # ... and token 2 second (one query only, summed over queries)
+    torch.testing.assert_close(text_focus(a), a.mean(0).sum(0))
+    top = top_visual_tokens(a, 2)
+    assert top.tolist() == [7, 2]
+    # k larger than N_v keeps every token, never an index past the image.
+    top = top_visual_tokens(a, 50)
+    assert sorted(top.tolist()) == list(range(9))
+
+
+def test_vision_loss_all_tokens_plus_weighted_topk():
+    torch.manual_seed(0)
+    adapter = ChannelAdapter(8, 4)
+    t, s = torch.randn(9, 8), torch.randn(9, 4)
+    a = attention_slice(2, 4, 9)
+    a[:, :, [1, 5]] += 0.5
+    mapped = adapter(t)
+    all_mse = ((mapped - s) ** 2).mean()
+    top_mse = ((mapped[[1, 5]] - s[[1, 5]]) ** 2).mean()
+    loss = vision_loss([s], [t], [a], adapter, k=2, weight=0.1)
+    torch.testing.assert_close(loss, all_mse + 0.1 * top_mse)
+    torch.testing.assert_close(vision_loss([s], [t], [a], adapter, k=2, weight=0.0), all_mse)
+
+
+# ---------------------------------------------------------------------------------------------
+# L_logit and CE
+
+
+def topk_targets(teacher_logits, positions, k):
+    log_p = teacher_logits[positions].log_softmax(-1)
+    values, ids = log_p.topk(k, dim=-1)
+    tail = (1 - values.exp().sum(-1)).clamp_min(0)
+    return LogitTargets("topk", positions, ids, values, tail)
+
+
+def full_kl(teacher_logits, student_logits, positions):
+    p = teacher_logits[positions].log_softmax(-1)
+    q = student_logits[positions].log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+def test_topk_tail_with_k_equal_vocab_is_the_full_kl():
+    torch.manual_seed(0)
+    t, s = torch.randn(7, 11), torch.randn(7, 11)
+    pos = torch.tensor([2, 3, 5])
+    loss = logit_loss([s], [topk_targets(t, pos, 11)], "topk-tail")
+    torch.testing.assert_close(loss, full_kl(t, s, pos), atol=1e-5, rtol=1e-5)
+    assert loss.dtype == torch.float32
+
+
+def test_topk_tail_is_the_kl_of_k_ids_plus_one_bucket():
+    torch.manual_seed(1)
+    t, s = torch.randn(6, 20), torch.randn(6, 20)
+    pos = torch.tensor([1, 4])
+    targets = topk_targets(t, pos, 3)
+    expected = 0.0
+    for r, p_row in enumerate(pos):
+        p, q = t[p_row].softmax(-1), s[p_row].softmax(-1)
+        ids = targets.ids[r]
+        p_k, q_k = p[ids], q[ids]
+        expected += (p_k * (p_k / q_k).log()).sum() + (1 - p_k.sum()) * (
+            (1 - p_k.sum()) / (1 - q_k.sum())
+        ).log()
+    loss = logit_loss([s], [targets], "topk-tail")
+    assert loss.item() == pytest.approx(float(expected) / 2, rel=1e-5)
+    # Identical distributions: 0, and the student's tail is its own (not renormalised).
+    assert logit_loss([t], [targets], "topk-tail").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_renorm_compares_distributions_renormalised_over_the_k_ids():
+    torch.manual_seed(2)
+    t, s = torch.randn(6, 20), torch.randn(6, 20)
+    pos = torch.tensor([0, 3])
+    targets = topk_targets(t, pos, 4)
+    p = t[pos].gather(-1, targets.ids).log_softmax(-1)
+    q = s[pos].gather(-1, targets.ids).log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    torch.testing.assert_close(logit_loss([s], [targets], "topk-renorm"), expected)
+    # Shifting the student's logits off the k ids changes nothing after renormalisation.
+    s2 = s.clone()
+    mask = torch.ones_like(s2, dtype=torch.bool)
+    mask[pos.unsqueeze(1), targets.ids] = False
+    s2[mask] += 3.0
+    torch.testing.assert_close(logit_loss([s2], [targets], "topk-renorm"), expected)
+
+
+def test_sampled_counts_proportional_to_the_teacher_give_the_full_kl():
+    torch.manual_seed(3)
+    t, s = torch.randn(5, 9), torch.randn(5, 9)
+    pos = torch.tensor([1, 2, 4])
+    p = t[pos].softmax(-1)
+    ids = torch.arange(9).expand(3, 9).contiguous()
+    targets = LogitTargets("sampled", pos, ids, p * 1000, None)
+    torch.testing.assert_close(
+        logit_loss([s], [targets], "sampled"), full_kl(t, s, pos), atol=1e-5, rtol=1e-5
+    )
+    # Padding (count 0) contributes nothing.
+    padded = LogitTargets(
+        "sampled",
+        pos,
+        torch.cat([ids, torch.zeros(3, 2, dtype=torch.long)], 1),
+        torch.cat([p * 1000, torch.zeros(3, 2)], 1),
+        None,
+    )
+    torch.testing.assert_close(logit_loss([s], [padded], "sampled"), full_kl(t, s, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_full_targets_and_kind_mismatch():
+    torch.manual_seed(4)
+    t, s = torch.randn(5, 9), torch.randn(5, 9)
+    pos = torch.tensor([0, 3])
+    full = LogitTargets("full", pos, None, t[pos].log_softmax(-1), None)
+    torch.testing.assert_close(logit_loss([s], [full], "full"), full_kl(t, s, pos))
+    with pytest.raises(ValueError, match="use --logit-loss full"):
+        logit_loss([s], [full], "topk-tail")
+    with pytest.raises(ValueError, match="use --logit-loss topk-tail"):
+        logit_loss([s], [topk_targets(t, pos, 3)], "sampled")
+
+
+def test_logit_loss_touches_only_the_target_positions_in_fp32():
+    torch.manual_seed(5)
+    t = torch.randn(8, 12)
+    s = torch.randn(8, 12, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.tensor([5, 6])
+    loss = logit_loss([s], [topk_targets(t, pos, 4)], "topk-tail")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    rows_with_grad = s.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert rows_with_grad == [5, 6]
+
+
+def test_cross_entropy_is_next_token_mean_over_supervised():
+    torch.manual_seed(6)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
+    expected = F.cross_entropy(
+        torch.stack([logits[0, 1], logits[0, 2], logits[1, 0], logits[1, 1]]), torch.tensor([3, 4, 1, 2])
+    )
+    torch.testing.assert_close(cross_entropy(logits, labels), expected)
