@@ -27,7 +27,9 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 384, corpus: list[str] | None = None):
+def build_tokenizer(
+    out_dir: str | Path | None = None, vocab_size: int = 384, corpus: list[str] | None = None
+):
     """Train a byte-level BPE offline; LLaMA conventions: <unk>=0 (also pad), <s>=1, </s>=2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -49,3 +51,153 @@ def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 384, co
         return fast
     fast.save_pretrained(out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
+
+
+def _load_tokenizer(tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
+
+
+def _llama_sizes(tokenizer, layers, hidden, heads, kv_heads, init_std) -> dict:
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_std,
+    )
+
+
+def _clip_config(vision_layers, vision_hidden, vision_heads, image_size, patch_size, init_std):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+        initializer_range=init_std,
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    tokenizer,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    vision_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 4,
+    init_std: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """A random LlavaForConditionalGeneration ((image_size/patch_size)^2 visual tokens), saved with
+    its tokenizer (plus an `<image>` token) and a CLIP image processor. `init_std` is larger than
+    the usual 0.02 so tiny models attend unevenly and position mistakes show in tests."""
+    import torch
+    from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = _load_tokenizer(tokenizer)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    config = LlavaConfig(
+        vision_config=_clip_config(
+            vision_layers, vision_hidden, vision_heads, image_size, patch_size, init_std
+        ),
+        text_config=LlamaConfig(**_llama_sizes(tok, layers, hidden, heads, kv_heads, init_std)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(out)
+    return out
+
+
+def build_tiny_mobilevlm(
+    out_dir: str | Path,
+    tokenizer,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    vision_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    image_size: int = 32,
+    patch_size: int = 4,
+    grid: int = 4,
+    tower: str = "inside",
+    init_std: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """A random MobileVLM V2 checkpoint in the original key layout (grid^2 visual tokens).
+
+    tower="inside" stores the CLIP tower under model.vision_tower.vision_tower.*; tower="separate"
+    writes it as a CLIPVisionModel directory `<out_dir>-clip` named by `mm_vision_tower`, as the
+    released checkpoints reference openai/clip-vit-large-patch14-336.
+    """
+    import torch
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from alignkd_cache.backends.mobilevlm import LDPv2Projector, MobileVLM, MobileVLMBackend, llama_config
+
+    if tower not in ("inside", "separate"):
+        raise ValueError(f"tower={tower!r}; choose 'inside' or 'separate'")
+    tok = _load_tokenizer(tokenizer)
+    out = Path(out_dir)
+    config = {
+        "architectures": ["MobileLlamaForCausalLM"],
+        "model_type": "mobilevlm",
+        **_llama_sizes(tok, layers, hidden, heads, kv_heads, init_std),
+        "hidden_act": "silu",
+        "mm_projector_type": "ldpnetv2",
+        "mm_hidden_size": vision_hidden,
+        "mm_vision_tower": str(out.parent / f"{out.name}-clip")
+        if tower == "separate"
+        else "tiny-clip (inside this checkpoint)",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "mm_ldp_grid": grid,
+    }
+    torch.manual_seed(seed)
+    vision = CLIPVisionModel(
+        _clip_config(vision_layers, vision_hidden, vision_heads, image_size, patch_size, init_std)
+    )
+    model = MobileVLM(
+        LlamaForCausalLM(llama_config(config)), LDPv2Projector(vision_hidden, hidden, grid), vision
+    )
+    tower_ref = None
+    if tower == "separate":
+        vision.save_pretrained(config["mm_vision_tower"])
+        tower_ref = config["mm_vision_tower"]
+    MobileVLMBackend(model, config, tok, str(out), None, tower_ref).save_pretrained(out)
+    return out

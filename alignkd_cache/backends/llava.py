@@ -1,0 +1,108 @@
+"""HF LLaVA (`LlavaForConditionalGeneration`) and any checkpoint of that shape, as a Backend.
+
+The projector output comes from the model's own `get_image_features` with the config's vision
+feature layer and select strategy; the LLM runs on spliced embeddings through CAPTURE_ATTENTION
+(layer 0 records the text->vision slice, every layer computes sdpa). The vision tower stays sdpa.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+from alignkd_cache.backends import Signals
+from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
+from alignkd_cache.backends.provenance import (
+    config_sha256,
+    resolve_checkpoint,
+    tokenizer_sha256,
+    weights_sha256,
+)
+
+
+class LlavaBackend:
+    family = "llava"
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer,
+        image_processor,
+        model_id: str,
+        source: Path | None,
+    ):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.model_id, self.source = model_id, source
+        config = model.config
+        self.image_token_id = int(config.image_token_id)
+        self.num_heads = int(config.text_config.num_attention_heads)
+        self.visual_dim = int(config.text_config.hidden_size)
+        vision = config.vision_config
+        layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"{model_id}: vision_feature_layer {layer!r} (several layers) is not supported; use one layer"
+            )
+        self.feature_layer, self.select_strategy = layer, strategy
+        patches = (vision.image_size // vision.patch_size) ** 2
+        self.num_visual_tokens = patches + (1 if strategy == "full" else 0)
+
+    @classmethod
+    def load(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> LlavaBackend:
+        if kwargs:
+            raise TypeError(f"LlavaBackend.load got unknown options {sorted(kwargs)}")
+        local = resolve_checkpoint(path)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            local,
+            dtype=dtype,
+            attn_implementation={"text_config": CAPTURE_ATTENTION, "vision_config": "sdpa"},
+            use_safetensors=True,
+        )
+        model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        image_processor = AutoImageProcessor.from_pretrained(local)
+        return cls(model, tokenizer, image_processor, str(path), local)
+
+    def preprocess(self, image) -> torch.Tensor:
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> projected visual tokens (n, N_v, D)."""
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values.to(self.model.device, self.model.dtype),
+            vision_feature_layer=self.feature_layer,
+            vision_feature_select_strategy=self.select_strategy,
+        )
+        return torch.stack(list(out.pooler_output))
+
+    def forward(self, batch, capture: bool = True) -> Signals:
+        batch = batch.to(self.model.device)
+        visual = self.encode_images(batch.pixel_values) if batch.pixel_values is not None else None
+        return spliced_forward(
+            batch,
+            embed_tokens=self.model.get_input_embeddings(),
+            decoder=self.model.model.language_model,
+            lm_head=self.model.lm_head,
+            visual=visual,
+            image_token_id=self.image_token_id,
+            capture=capture,
+        )
+
+    def save_pretrained(self, out_dir) -> None:
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+    def fingerprint(self) -> dict:
+        files = sorted(self.source.glob("*.safetensors")) if self.source is not None else []
+        weights, method = weights_sha256(self.model, files, self.model.dtype)
+        return {
+            "model_id": self.model_id,
+            "family": self.family,
+            "config_sha256": config_sha256(self.model.config.to_dict()),
+            "weights_sha256": weights,
+            "weights_method": method,
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
+        }

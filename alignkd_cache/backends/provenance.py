@@ -1,0 +1,92 @@
+"""Where a model came from and what exactly it is: checkpoint resolution and fingerprints.
+
+Fingerprints let a cache refuse a student whose tokenizer differs from the teacher's, and let a
+reader tell which teacher wrote a store.
+
+- config_sha256: sha256 of the config as canonical JSON (sorted keys), without fields that change
+  with the library version or the way it was loaded (transformers_version, dtype, attention choice).
+- weights_sha256: for models up to WEIGHTS_HASH_LIMIT bytes, sha256 over the sorted state-dict
+  names, dtypes, shapes and bytes as loaded (so the same checkpoint in bf16 and fp32 differ, as
+  their outputs do). Above that, reading every byte of a 14 GB teacher would cost minutes, so the
+  hash covers the source safetensors files' headers (every tensor name, dtype, shape and offset) and
+  their sizes, plus the load dtype: it pins the checkpoint, though not a bit flip inside a tensor.
+- tokenizer_sha256: sha256 of the vocabulary (token -> id, sorted) and the special-token ids, so
+  the same tokenizer saved by different library versions hashes the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+WEIGHTS_HASH_LIMIT = 1 << 30
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation_autoset",
+}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local directory as is; anything else is a hub id fetched (or found in the cache) by huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path}: not a model directory; give a checkpoint folder or a hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path)))
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {
+            str(k): _strip(v)
+            for k, v in value.items()
+            if k not in _VOLATILE_CONFIG_KEYS and not str(k).startswith("_attn_implementation")
+        }
+    return value
+
+
+def config_sha256(config: dict) -> str:
+    return hashlib.sha256(json.dumps(_strip(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _files_hash(files: list[Path], dtype: torch.dtype) -> str:
+    digest = hashlib.sha256(f"dtype={dtype}|".encode())
+    for file in sorted(files, key=lambda f: f.name):
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            digest.update(f"{file.name}|{file.stat().st_size}|".encode())
+            digest.update(f.read(header_len))
+    return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module, files: list[Path], dtype: torch.dtype) -> tuple[str, str]:
+    """(hash, method): 'state_dict' for small models, 'safetensors_headers' for big ones (see module doc)."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size <= WEIGHTS_HASH_LIMIT or not files:
+        return _state_hash(model), "state_dict"
+    return _files_hash(files, dtype), "safetensors_headers"
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
+    payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), "special": specials}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

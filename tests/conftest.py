@@ -1,0 +1,119 @@
+"""Shared session fixtures: a real tokenizer, tiny real models of both families, a digit dataset.
+
+Everything is built offline once per test session into a temporary directory and loaded back
+through the same code paths a user's checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm, build_tokenizer
+
+DIGIT_SIDE = 32  # the tiny vision towers' input size
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(models_root) -> Path:
+    out = models_root / "tokenizer"
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_teacher_dir(models_root, tokenizer_dir) -> Path:
+    """3 layers, hidden 64, 4 query heads sharing 2 kv heads (grouped-query), 64 visual tokens."""
+    return build_tiny_llava(
+        models_root / "llava_teacher", tokenizer_dir, layers=3, hidden=64, heads=4, kv_heads=2, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def llava_student_dir(models_root, tokenizer_dir) -> Path:
+    """2 layers, hidden 32, 2 heads, same tokenizer and vision input size as the teacher."""
+    return build_tiny_llava(
+        models_root / "llava_student", tokenizer_dir, layers=2, hidden=32, heads=2, seed=2
+    )
+
+
+@pytest.fixture(scope="session")
+def mobilevlm_teacher_dir(models_root, tokenizer_dir) -> Path:
+    """3 layers, hidden 64, 4 heads, 16 visual tokens; CLIP tower in a separate directory."""
+    return build_tiny_mobilevlm(
+        models_root / "mobilevlm_teacher",
+        tokenizer_dir,
+        layers=3,
+        hidden=64,
+        heads=4,
+        tower="separate",
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def mobilevlm_student_dir(models_root, tokenizer_dir) -> Path:
+    """2 layers, hidden 32, 2 heads, 16 visual tokens; CLIP tower inside the checkpoint."""
+    return build_tiny_mobilevlm(
+        models_root / "mobilevlm_student", tokenizer_dir, layers=2, hidden=32, heads=2, tower="inside", seed=4
+    )
+
+
+QUESTIONS = ["Which digit is this?", "What number is in the picture?", "Describe the image."]
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(tmp_path_factory) -> tuple[Path, Path]:
+    """(json_path, image_root): 8 real scanned digits from scikit-learn as PNGs, LLaVA conversations,
+    one multi-turn sample and two text-only samples."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    images = root / "images"
+    images.mkdir()
+    digits = load_digits()
+    records = []
+    for i in range(8):
+        pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        # Every other image is wider than tall, so the square padding step is exercised.
+        size = (DIGIT_SIDE + 8 * (i % 2), DIGIT_SIDE)
+        Image.fromarray(pixels, mode="L").resize(size, Image.BILINEAR).save(images / f"digit_{i}.png")
+        label = int(digits.target[i])
+        conversations = [
+            {"from": "human", "value": f"<image>\n{QUESTIONS[i % len(QUESTIONS)]}"},
+            {"from": "gpt", "value": f"It is {label}"},
+        ]
+        if i == 3:
+            conversations += [
+                {"from": "human", "value": "Is it a 3?"},
+                {"from": "gpt", "value": "yes" if label == 3 else "no"},
+            ]
+        records.append({"id": f"digit-{i}", "image": f"images/digit_{i}.png", "conversations": conversations})
+    records.insert(
+        2,
+        {
+            "id": "text-0",
+            "conversations": [
+                {"from": "human", "value": "Count to three."},
+                {"from": "gpt", "value": "one two three"},
+            ],
+        },
+    )
+    records.append(
+        {
+            "id": "text-1",
+            "conversations": [{"from": "human", "value": "Say nine."}, {"from": "gpt", "value": "nine 9"}],
+        }
+    )
+    path = root / "digits.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path, root
