@@ -1,0 +1,138 @@
+"""Short-answer VQA evaluation: greedy answers and exact-match accuracy.
+
+Each record's last assistant turn is the reference answer; the prompt is the record tokenized
+exactly as in training, cut where that answer starts. Decoding reruns the whole sequence per new
+token (no KV cache): answers are a few tokens, and it keeps to the Backend protocol, so both model
+families evaluate through the same code they train with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from alignkd_cache.data import (
+    IGNORE_INDEX,
+    ROLES,
+    Record,
+    Tokenization,
+    TokenizedSample,
+    check_images,
+    collate,
+    read_records,
+    resolve_image,
+    tokenize_all,
+)
+from alignkd_cache.images import load_image
+
+
+def normalise(text: str) -> str:
+    """Lower case, whitespace collapsed, one trailing full stop dropped ("Seven." == "seven")."""
+    return " ".join(text.lower().split()).removesuffix(".").strip()
+
+
+def prompt_of(sample: TokenizedSample) -> TokenizedSample:
+    """The sample cut just before its last supervised run (the answer to be generated)."""
+    labels = sample.labels
+    start = max(
+        i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX
+    )
+    return TokenizedSample(
+        sample.id,
+        sample.image,
+        sample.input_ids[:start],
+        [IGNORE_INDEX] * start,
+        sample.visual_start,
+        sample.num_visual,
+    )
+
+
+def reference_answer(record: Record) -> str:
+    return [t["value"] for t in record.conversations if ROLES[t["from"]] == "assistant"][-1]
+
+
+@dataclass
+class Prediction:
+    id: str
+    prediction: str
+    answer: str
+    correct: bool
+
+
+@torch.no_grad()
+def greedy_answers(
+    backend, prompts: list[TokenizedSample], image_root, max_new_tokens: int = 16, batch_size: int = 8
+):
+    """Greedy continuations (decoded, special tokens dropped) of each prompt, in order."""
+    tokenizer = backend.tokenizer
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backend.model.eval()
+    answers = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False):
+        group = prompts[start : start + batch_size]
+        images = []
+        for s in group:
+            if s.image is None:
+                images.append(None)
+            else:
+                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id)
+                images.append((backend.preprocess(picture), key))
+        ids = [list(s.input_ids) for s in group]
+        new: list[list[int]] = [[] for _ in group]
+        done = [False] * len(group)
+        for _ in range(max_new_tokens):
+            samples = [
+                TokenizedSample(s.id, s.image, i, [IGNORE_INDEX] * len(i), s.visual_start, s.num_visual)
+                for s, i in zip(group, ids, strict=True)
+            ]
+            logits = backend.forward(collate(samples, images, pad), capture=False).logits
+            for b, seq in enumerate(ids):
+                if done[b]:
+                    continue
+                token = int(logits[b, len(seq) - 1].argmax())
+                if token == eos:
+                    done[b] = True
+                    continue
+                seq.append(token)
+                new[b].append(token)
+            if all(done):
+                break
+        answers += [tokenizer.decode(n, skip_special_tokens=True) for n in new]
+    return answers
+
+
+def evaluate(
+    backend,
+    data,
+    image_root,
+    template: str = "v1",
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+    predictions: str | Path | None = None,
+) -> dict:
+    records = {r.id: r for r in read_records(data)}
+    tok = Tokenization(backend.tokenizer, template, backend.image_token_id, backend.num_visual_tokens)
+    samples, skips = tokenize_all(list(records.values()), tok)
+    check_images(samples, image_root)
+    prompts = [prompt_of(s) for s in samples]
+    outputs = greedy_answers(backend, prompts, image_root, max_new_tokens, batch_size)
+    results = []
+    for s, out in zip(samples, outputs, strict=True):
+        answer = reference_answer(records[s.id])
+        results.append(Prediction(s.id, out.strip(), answer, normalise(out) == normalise(answer)))
+    correct = sum(r.correct for r in results)
+    if predictions is not None:
+        with open(predictions, "w") as f:
+            for r in results:
+                f.write(json.dumps(r.__dict__) + "\n")
+    return {
+        "data": str(data),
+        "n": len(results),
+        "correct": correct,
+        "accuracy": correct / len(results) if results else 0.0,
+        "skipped": {s.id: s.reason for s in skips},
+    }

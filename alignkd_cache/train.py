@@ -1,0 +1,477 @@
+"""The student trainer: one loop for both teacher-signal sources (cache or resident teacher).
+
+Read top to bottom: options; which parameters train; the batch plan (a seeded permutation over
+dataset order, so both sources see the same batches in the same order); the loop (forward, the
+shared losses, accumulation, data-parallel gradient averaging, AdamW, cosine schedule); logging;
+checkpoints that resume exactly, written without pickle (safetensors + JSON); the final output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm import tqdm
+
+import alignkd_cache
+from alignkd_cache.losses import ChannelAdapter, HeadAdapter, LossConfig, total_loss
+
+ADAPTERS_FILE = "alignkd_adapters.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+# Options that must match between a run and its --resume (the rest, like --stop-after, may change).
+RESUME_MUST_MATCH = (
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "seed",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "freeze_adapters",
+    "loss",
+)
+
+
+@dataclass
+class TrainOptions:
+    out: str
+    loss: LossConfig
+    lr: float = 2e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    bf16: bool = False
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    grad_checkpointing: bool = False
+    freeze_adapters: bool = False
+    resume: bool = False
+    save_every: int | None = None  # optimizer steps between checkpoints (always one at the end)
+    stop_after: int | None = None  # stop this invocation after N steps, checkpointed (schedule unchanged)
+    num_workers: int = 0
+    device: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # provenance recorded in the output
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_world(device: str | None) -> World:
+    """Single process, or one rank of a torchrun job (gloo on CPU, nccl on GPU)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if size == 1:
+        return World(0, 1, torch.device(device or ("cuda" if cuda else "cpu")))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+    return World(dist.get_rank(), size, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# What trains
+
+
+def trainable_model_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The projector and the LLM; the vision tower stays frozen (as in LLaVA and MobileVLM finetuning)."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+        if p.requires_grad:
+            params.append(p)
+    for name, module in model.named_modules():
+        if name.endswith("vision_tower"):
+            module.eval()  # frozen: no dropout either
+    return params
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """On the outermost transformers model that is not the vision tower (LLaVA itself; MobileVLM's LLM)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "gradient_checkpointing_enable") and "vision_tower" not in name:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    raise ValueError(f"{type(model).__name__} has no transformers model to enable gradient checkpointing on")
+
+
+def build_adapters(
+    cfg: LossConfig, teacher_heads: int, teacher_dim: int, student, seed: int
+) -> torch.nn.ModuleDict:
+    """The adapters the enabled terms use, seeded so every run (and source) starts from the same init."""
+    torch.manual_seed(seed)
+    adapters = torch.nn.ModuleDict()
+    if cfg.on("attn") and cfg.attn_loss == "mse-adapter":
+        adapters["attn"] = HeadAdapter(teacher_heads, student.num_heads)
+    if cfg.on("vis"):
+        adapters["vis"] = ChannelAdapter(teacher_dim, student.visual_dim)
+    return adapters
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch plan
+
+
+def batch_plan(
+    n: int, batch_size: int, grad_accum: int, world_size: int, seed: int, epochs: int
+) -> list[list[list[int]]]:
+    """Per optimizer step, the micro-batches (lists of dataset indices) of all ranks together.
+
+    Each epoch is a permutation of range(n) seeded by (seed, epoch) alone, cut into optimizer steps
+    of batch_size * grad_accum * world_size samples and those into micro-batches; rank r takes
+    micro-batches r, r + world_size, ... The last step of an epoch may be smaller.
+    """
+    per_step = batch_size * grad_accum * world_size
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for start in range(0, n, per_step):
+            chunk = order[start : start + per_step]
+            steps.append([chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)])
+    return steps
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(student, source, opts: TrainOptions) -> dict:
+    """Train `student` (a Backend) on `source` (CacheSource or OnlineSource). Returns a summary."""
+    world = setup_world(opts.device)
+    out = Path(opts.out)
+    student.model.to(world.device)
+    torch.manual_seed(opts.seed)
+
+    student.model.train()
+    model_params = trainable_model_parameters(student.model)
+    if opts.grad_checkpointing:
+        enable_gradient_checkpointing(student.model)
+    adapters = build_adapters(opts.loss, source.teacher_heads, source.teacher_dim, student, opts.seed).to(
+        world.device
+    )
+    # Frozen adapters stay at their random init, as the public code's effectively do.
+    adapters.requires_grad_(not opts.freeze_adapters)
+    adapter_params = [] if opts.freeze_adapters else list(adapters.parameters())
+    params = model_params + adapter_params
+    groups = [{"params": model_params}] + ([{"params": adapter_params}] if adapter_params else [])
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+
+    plan = batch_plan(len(source), opts.batch_size, opts.grad_accum, world.size, opts.seed, opts.epochs)
+    total = len(plan) if opts.max_steps is None else min(opts.max_steps, len(plan))
+    if total == 0:
+        raise ValueError("nothing to train on: the dataset is empty or --max-steps is 0")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total, math.ceil(opts.warmup_ratio * total))
+    )
+
+    step = 0
+    if opts.resume and (out / CHECKPOINT_DIR / "state.json").exists():
+        step = load_checkpoint(
+            out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, world
+        )
+    elif opts.resume:
+        print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        keep_metrics_up_to(out / METRICS_FILE, step)
+
+    capture = opts.loss.on("attn")
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext()
+    end = total if opts.stop_after is None else min(total, step + opts.stop_after)
+    # One loader over this rank's micro-batches from the resume point on; workers read ahead.
+    mine = [indices for s in range(step, end) for indices in plan[s][world.rank :: world.size]]
+    loader = iter(
+        torch.utils.data.DataLoader(
+            source, batch_sampler=mine, collate_fn=source.collate, num_workers=opts.num_workers
+        )
+    )
+    bar = tqdm(total=total, initial=step, desc="train", disable=not (opts.progress and world.main))
+    while step < end:
+        n_micro = len(plan[step])  # across all ranks: each micro-batch weighs the same
+        sums: dict[str, float] = {}
+        for _ in plan[step][world.rank :: world.size]:
+            micro = next(loader)
+            with autocast:
+                targets = source.targets(micro, world.device)
+                signals = student.forward(micro.student, capture=capture)
+            loss, terms = total_loss(signals, micro.student.to(world.device), targets, opts.loss, adapters)
+            (loss / n_micro).backward()
+            for name, value in {"loss": float(loss.detach()), **terms}.items():
+                if value is not None:
+                    sums[name] = sums.get(name, 0.0) + value / n_micro
+        if world.size > 1:
+            average_gradients(params, world)
+            sums = sum_across_ranks(sums, world)
+        if opts.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if world.main:
+            record = {
+                "step": step,
+                "loss": sums["loss"],
+                **{t: sums.get(t) for t in ("ce", "logit", "vis", "attn")},
+                "lr": lr,
+            }
+            with open(out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+        bar.update(1)
+        if opts.save_every and step % opts.save_every == 0 and step < end:
+            save_checkpoint(
+                out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, step, world
+            )
+    bar.close()
+
+    save_checkpoint(out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, step, world)
+    finished = step >= total
+    if finished and world.main:
+        save_output(out, student, adapters, source, opts, step)
+    if world.size > 1:
+        dist.barrier()
+    return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
+    """Sum gradients over ranks (each micro-batch loss is already divided by the global count).
+
+    A rank whose micro-batches never reached a parameter (say, text-only samples and the attention
+    adapter) still joins the reduction with zeros, so no rank waits forever.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def sum_across_ranks(sums: dict[str, float], world: World) -> dict[str, float]:
+    names = ("loss", "ce", "logit", "vis", "attn")
+    values = torch.tensor([sums.get(n, float("nan")) for n in names], dtype=torch.float64)
+    present = torch.tensor([n in sums for n in names], dtype=torch.float64)
+    both = torch.stack([values.nan_to_num(0.0), present])
+    dist.all_reduce(both)
+    return {n: float(both[0, i]) for i, n in enumerate(names) if both[1, i] > 0}
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """A resumed run continues the log from its checkpoint: later lines (from a run that went on
+    past its last checkpoint) are dropped."""
+    if not path.exists():
+        return
+    lines = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything to resume exactly, and no pickle
+
+
+def _options_record(opts: TrainOptions) -> dict:
+    record = asdict(opts)
+    record["loss"] = asdict(opts.loss)
+    return record
+
+
+def save_checkpoint(
+    path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, step: int, world: World
+) -> None:
+    """Write path.tmp fully, then swap it in, so a crash mid-write leaves the previous checkpoint."""
+    if not world.main:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in adapters.state_dict().items()}, str(tmp / "adapters.safetensors")
+    )
+    tensors, state = _optimizer_tensors(optimizer)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    record = {
+        "step": step,
+        "world_size": world.size,
+        "options": _options_record(opts),
+        "optimizer": state,
+        "scheduler": scheduler.state_dict(),
+    }
+    (tmp / "state.json").write_text(json.dumps(record, indent=1, default=str))
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state: per-parameter tensors to safetensors, the rest (hyper-parameters) to JSON."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"state.{index}.{name}"] = torch.as_tensor(value).contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_checkpoint(
+    path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, world: World
+) -> int:
+    record = json.loads((path / "state.json").read_text())
+    saved, now = record["options"], _options_record(opts)
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    if record["world_size"] != world.size:
+        changed.append(f"world size ({record['world_size']} -> {world.size})")
+    if changed:
+        raise ValueError(
+            f"--resume: {path} was written with different {', '.join(changed)}; resume with the same options "
+            "or start a new --out"
+        )
+    load_model(model, str(path / "model.safetensors"), device=str(world.device))
+    adapters.load_state_dict(load_file(str(path / "adapters.safetensors"), device=str(world.device)))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            # Adam keeps `step` on the CPU; moments live with their parameter.
+            state.setdefault(int(index), {})[name] = value if name == "step" else value.to(world.device)
+    optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(record["scheduler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if world.main:
+        print(f"resumed from {path} at step {record['step']}")
+    return int(record["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: int) -> None:
+    """The student as its backend saves it (load_backend loads it back), the adapters beside it."""
+    student.model.eval()
+    student.save_pretrained(out)
+    if len(adapters):
+        metadata = {name: json.dumps(list(module.conv.weight.shape)) for name, module in adapters.items()}
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in adapters.state_dict().items()},
+            str(out / ADAPTERS_FILE),
+            metadata=metadata,
+        )
+    record = {
+        "tool_version": alignkd_cache.__version__,
+        "steps": step,
+        "signals": source.describe(),
+        "options": _options_record(opts),
+    }
+    (out / "alignkd_train.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points (the CLI calls these)
+
+
+def from_cache(
+    student: str,
+    cache: str,
+    image_root,
+    opts: TrainOptions,
+    template: str | None = None,
+    storage_options=None,
+) -> dict:
+    """Distil from a cache: the teacher never loads."""
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.store.reader import CacheReader
+    from alignkd_cache.teacher_signals import CacheSource
+
+    world = setup_world(opts.device)
+    backend = load_backend(student, device=world.device)
+    source = CacheSource(CacheReader(cache, storage_options), backend, image_root, template)
+    return train(backend, source, opts)
+
+
+def online(
+    teacher: str,
+    student: str,
+    data,
+    image_root,
+    opts: TrainOptions,
+    template: str = "v1",
+    topk: int = 64,
+    logit_targets: str = "topk",
+    draws: int = 50,
+    sample_seed: int = 0,
+    teacher_dtype: str = "float32",
+    max_length: int = 2048,
+) -> dict:
+    """Distil with the teacher resident (eval mode, no grad), signals computed every step."""
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.teacher_signals import OnlineSource
+
+    world = setup_world(opts.device)
+    teacher_backend = load_backend(teacher, dtype=getattr(torch, teacher_dtype), device=world.device)
+    teacher_backend.model.eval().requires_grad_(False)
+    backend = load_backend(student, device=world.device)
+    source = OnlineSource(
+        teacher_backend,
+        backend,
+        data,
+        image_root,
+        template,
+        topk,
+        logit_targets,
+        draws,
+        sample_seed,
+        max_length,
+    )
+    for skip in source.skips:
+        print(f"skipped sample {skip.id!r}: {skip.reason}")
+    return train(backend, source, opts)

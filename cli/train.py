@@ -1,0 +1,244 @@
+"""`alignkd-train`: distil a student from a cache (`from-cache`) or a resident teacher (`online`); `eval`."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+import alignkd_cache
+from alignkd_cache.losses import (
+    ATTN_LOSSES,
+    DEFAULT_LOGIT_LOSS,
+    LOGIT_LOSSES,
+    VIS_PRESETS,
+    LossConfig,
+    parse_weights,
+    vis_settings,
+)
+
+
+def training_options(command):
+    """The options both training commands share."""
+    options = [
+        click.option(
+            "--out",
+            required=True,
+            type=click.Path(file_okay=False),
+            help="Output directory (student, adapters, metrics.jsonl, checkpoint/).",
+        ),
+        click.option(
+            "--weights",
+            default="ce=1,logit=1,vis=1,attn=1",
+            show_default=True,
+            help="Loss weights; 0 switches a term off.",
+        ),
+        click.option("--lr", default=2e-5, show_default=True, type=float),
+        click.option(
+            "--batch-size",
+            default=4,
+            show_default=True,
+            type=int,
+            help="Samples per micro-batch per process.",
+        ),
+        click.option("--grad-accum", default=1, show_default=True, type=int),
+        click.option("--epochs", default=1, show_default=True, type=int),
+        click.option(
+            "--max-steps",
+            default=None,
+            type=int,
+            help="Stop after this many optimizer steps (the schedule spans them).",
+        ),
+        click.option("--seed", default=0, show_default=True, type=int, help="Batch order and adapter init."),
+        click.option("--bf16", is_flag=True, help="bf16 autocast for the forward passes (losses stay fp32)."),
+        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
+        click.option("--warmup-ratio", default=0.03, show_default=True, type=float),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option(
+            "--max-grad-norm", default=1.0, show_default=True, type=float, help="0 disables clipping."
+        ),
+        click.option("--grad-checkpointing", is_flag=True),
+        click.option(
+            "--freeze-adapters",
+            is_flag=True,
+            help="Keep the adapters at their random init (the public code's effective behaviour).",
+        ),
+        click.option("--attn-loss", type=click.Choice(ATTN_LOSSES), default="mse-adapter", show_default=True),
+        click.option(
+            "--vis-preset",
+            type=click.Choice(sorted(VIS_PRESETS)),
+            default="2025-01",
+            show_default=True,
+            help="k / top-k weight: 2025-01 = 16 / 1, 2024-12 = 32 / 0.1.",
+        ),
+        click.option("--vis-topk", type=int, default=None, help="Override the preset's k."),
+        click.option(
+            "--vis-topk-weight", type=float, default=None, help="Override the preset's top-k weight."
+        ),
+        click.option(
+            "--logit-loss",
+            type=click.Choice(LOGIT_LOSSES),
+            default=None,
+            help="Default: topk-tail for top-k targets, sampled for sampled, full for full.",
+        ),
+        click.option(
+            "--save-every",
+            type=int,
+            default=None,
+            help="Checkpoint every N optimizer steps (one is always written at the end).",
+        ),
+        click.option(
+            "--stop-after",
+            type=int,
+            default=None,
+            help="Stop this run after N steps with a checkpoint; --resume continues it.",
+        ),
+        click.option(
+            "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
+        ),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), command)
+
+
+def make_options(kw: dict, target_kind: str):
+    from alignkd_cache.train import TrainOptions
+
+    k, weight = vis_settings(kw.pop("vis_preset"), kw.pop("vis_topk"), kw.pop("vis_topk_weight"))
+    loss = LossConfig(
+        weights=parse_weights(kw.pop("weights")),
+        attn_loss=kw.pop("attn_loss"),
+        vis_topk=k,
+        vis_topk_weight=weight,
+        logit_loss=kw.pop("logit_loss") or DEFAULT_LOGIT_LOSS[target_kind],
+    )
+    return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, **kw)
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e)) from e
+
+
+@click.group()
+@click.version_option(alignkd_cache.__version__, prog_name="alignkd-train")
+def main():
+    """Distil a mobile VLM student with Align-KD."""
+
+
+@main.command("from-cache")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option(
+    "--template", default=None, help="Refuse unless the cache used this template (default: the cache's)."
+)
+@training_options
+def from_cache_command(student, cache, image_root, template, **kw):
+    """Train the student on cached teacher signals; the teacher never loads."""
+    from alignkd_cache.store.reader import CacheReader
+    from alignkd_cache.train import from_cache
+
+    try:
+        kind = CacheReader(cache).attrs["logit_targets"]
+        summary = from_cache(student, cache, image_root, make_options(kw, kind), template)
+    except (ValueError, OSError, KeyError) as e:
+        _fail(e)
+    click.echo(json.dumps(summary))
+
+
+@main.command("online")
+@click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id.")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
+)
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option(
+    "--topk", default=64, show_default=True, type=int, help="Top-k logit targets (as `alignkd-cache build`)."
+)
+@click.option(
+    "--logit-targets", type=click.Choice(["topk", "sampled", "full"]), default="topk", show_default=True
+)
+@click.option("--draws", default=50, show_default=True, type=int, help="Sampled targets: draws per position.")
+@click.option(
+    "--sample-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Sampled targets: the seed (as the build's --seed).",
+)
+@click.option(
+    "--teacher-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+)
+@click.option("--max-length", default=2048, show_default=True, type=int)
+@training_options
+def online_command(
+    teacher,
+    student,
+    data,
+    image_root,
+    template,
+    topk,
+    logit_targets,
+    draws,
+    sample_seed,
+    teacher_dtype,
+    max_length,
+    **kw,
+):
+    """Train the student with the teacher resident: the reference the cache is compared against."""
+    from alignkd_cache.train import online
+
+    try:
+        opts = make_options(kw, logit_targets)
+        summary = online(
+            teacher,
+            student,
+            data,
+            image_root,
+            opts,
+            template,
+            topk,
+            logit_targets,
+            draws,
+            sample_seed,
+            teacher_dtype,
+            max_length,
+        )
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(json.dumps(summary))
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out).")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option("--max-new-tokens", default=16, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option(
+    "--predictions",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write one JSON line per sample here.",
+)
+@click.option("--device", default=None)
+def eval_command(model, data, image_root, template, max_new_tokens, batch_size, predictions, device):
+    """Greedy short answers and exact-match accuracy (lower-cased, whitespace collapsed)."""
+    import torch
+
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.evaluate import evaluate
+
+    try:
+        backend = load_backend(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = evaluate(backend, data, image_root, template, max_new_tokens, batch_size, predictions)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(json.dumps({"model": model, **result}))
