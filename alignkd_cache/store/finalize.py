@@ -9,6 +9,7 @@ the only index.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from alignkd_cache.data import DataError
 from alignkd_cache.store.location import Location
@@ -34,13 +35,29 @@ def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> d
                 f"samples {first[0]!r} and {row['id']!r} name the same image file but its content differs "
                 "(was it replaced during the build?); fix the images and rebuild"
             )
+    attrs = commit_manifest(loc, attrs, table, num_blocks)
+    for b in range(num_blocks):  # the manifest now holds them; one source of truth
+        loc.delete(part_key(b))
+    return attrs
+
+
+def commit_manifest(loc: Location, attrs: dict, table: pa.Table, num_blocks: int) -> dict:
+    """Write manifest.parquet and the root attributes that make the cache complete."""
     data = loc.write_parquet(MANIFEST_KEY, table)
     status = table.column("status").to_pylist()
+    written = table.filter(pa.compute.equal(table.column("status"), "written"))
+    images = {
+        (b, r)
+        for b, r in zip(
+            written.column("visual_block").to_pylist(), written.column("visual_row").to_pylist(), strict=True
+        )
+        if b >= 0
+    }
     counts = {
-        "records": num_records,
+        "records": len(status),
         "written": status.count("written"),
         "skipped": status.count("skipped"),
-        "images": len(shared),
+        "images": len(images),
     }
     attrs = attrs | {
         "complete": True,
@@ -49,6 +66,4 @@ def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> d
         "manifest_sha256": sha256(data),
     }
     loc.group("r+").attrs.update(attrs)
-    for b in range(num_blocks):  # the manifest now holds them; one source of truth
-        loc.delete(part_key(b))
     return attrs

@@ -48,6 +48,10 @@ class Location:
 
         return sorted(sync(collect()))
 
+    def chunk_bytes(self, array_path: str) -> int:
+        """Bytes of an array's chunk files (its metadata document excluded)."""
+        return sum(sync(self.store.getsize(k)) for k in self.keys(f"{array_path}/c/"))
+
     def delete(self, key: str) -> None:
         sync(self.store.delete(key))
 

@@ -63,7 +63,7 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str |
     )
     if data.size:
         array[...] = data
-    return array.nbytes_stored()
+    return array.nbytes_stored()  # chunks and metadata: what the build wrote
 
 
 def write_block(loc: Location, block: int, results: list[SampleResult], layout: dict) -> int:

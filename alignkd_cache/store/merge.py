@@ -1,0 +1,76 @@
+"""`alignkd-cache merge A B ... --out C`: one cache from several built with the same teacher.
+
+Refused, naming the field, unless teacher, tokenizer, template and signal options agree, and unless
+sample ids are disjoint. Blocks are copied byte for byte and renumbered; the manifest is the
+sources' manifests in order (A's samples, then B's, ...), with block references shifted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alignkd_cache.store.finalize import commit_manifest
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
+from alignkd_cache.store.provenance import IncompatibleCache, check_mergeable, check_readable, now
+
+
+def merge_caches(sources: list[str], out: str, storage_options: dict | None = None) -> dict:
+    if len(sources) < 2:
+        raise ValueError("merge needs at least two caches")
+    locs = [Location(s, storage_options, read_only=True) for s in sources]
+    attrs = [dict(loc.group("r").attrs) for loc in locs]
+    for url, a in zip(sources, attrs, strict=True):
+        check_readable(a, url)
+    for url, a in zip(sources[1:], attrs[1:], strict=True):
+        check_mergeable(attrs[0], a, url)
+    tables = [loc.read_parquet(MANIFEST_KEY) for loc in locs]
+    seen: dict[str, str] = {}
+    for url, table in zip(sources, tables, strict=True):
+        for sid in table.column("id").to_pylist():
+            if sid in seen:
+                raise IncompatibleCache(
+                    f"cannot merge: sample id {sid!r} is in both {seen[sid]} and {url}; ids must be unique"
+                )
+            seen[sid] = url
+    dst = Location(out, storage_options)
+    if not dst.is_empty():
+        raise IncompatibleCache(f"{out} is not empty; choose a new --out")
+    dst.group("w").require_group("blocks")
+    parts, block_offset, index_offset = [], 0, 0
+    for loc, a, table in zip(locs, attrs, tables, strict=True):
+        for b in range(a["num_blocks"]):
+            prefix, new = block_path(b), block_path(b + block_offset)
+            for key in loc.keys(prefix + "/"):
+                dst.write_bytes(new + key[len(prefix) :], loc.read_bytes(key))
+        shift = lambda col, by: pc.add(table.column(col), pa.scalar(by, table.schema.field(col).type))  # noqa: E731
+        vb = table.column("visual_block")
+        moved = pc.if_else(pc.greater_equal(vb, 0), pc.add(vb, pa.scalar(block_offset, pa.int32())), vb)
+        table = table.set_column(table.schema.get_field_index("index"), "index", shift("index", index_offset))
+        table = table.set_column(table.schema.get_field_index("block"), "block", shift("block", block_offset))
+        table = table.set_column(table.schema.get_field_index("visual_block"), "visual_block", moved)
+        parts.append(table)
+        block_offset += a["num_blocks"]
+        index_offset += table.num_rows
+    merged = pa.concat_tables(parts)
+    datasets = [a["dataset"] for a in attrs]
+    result = attrs[0] | {
+        "created": now(),
+        "dataset": {
+            "file": "+".join(d["file"] for d in datasets),
+            "sha256": hashlib.sha256("".join(d["sha256"] for d in datasets).encode()).hexdigest(),
+        },
+        "merged_from": [
+            {
+                "url": url,
+                "dataset": a["dataset"],
+                "manifest_sha256": a["manifest_sha256"],
+                "counts": a["counts"],
+            }
+            for url, a in zip(sources, attrs, strict=True)
+        ],
+    }
+    return commit_manifest(dst, result, merged, block_offset)

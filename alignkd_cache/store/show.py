@@ -1,0 +1,94 @@
+"""`alignkd-cache show`: the teacher's text->vision attention of one sample, over its image.
+
+The N_v visual tokens cover the padded square image as a row-major sqrt(N_v) x sqrt(N_v) grid
+(CLIP patches for LLaVA, the pooled 12 x 12 grid for MobileVLM), so the selected attention mass
+per visual token is drawn as that grid stretched over the image.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from alignkd_cache.data import resolve_image
+from alignkd_cache.images import load_image
+from alignkd_cache.store.reader import CacheReader
+
+
+def parse_span(span: str | None, n: int) -> slice:
+    """'a:b' (python slice over the sample's text queries, negatives allowed) or 'i' or None (all)."""
+    if span is None:
+        return slice(0, n)
+    try:
+        if ":" in span:
+            lo, hi = (int(x) if x else None for x in span.split(":", 1))
+            return slice(*slice(lo, hi).indices(n)[:2])
+        i = int(span) % n
+        return slice(i, i + 1)
+    except ValueError as e:
+        raise ValueError(
+            f"--tokens {span!r}: give a text-query index or a span like 0:5 (the sample has {n})"
+        ) from e
+
+
+def show_attention(
+    url,
+    sample_id: str,
+    image_root,
+    out,
+    head: int | None = None,
+    tokens: str | None = None,
+    storage_options=None,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reader = CacheReader(url, storage_options)
+    cached = reader.read(sample_id)
+    if cached.attention is None:
+        raise ValueError(
+            f"sample {sample_id!r} has no image, so no text->vision attention; pick an image sample"
+        )
+    attention = cached.attention.numpy()  # (H, |T|, N_v)
+    if head is not None and not 0 <= head < attention.shape[0]:
+        raise ValueError(
+            f"--head {head}: the cache holds {attention.shape[0]} head(s) for this sample (0..{attention.shape[0] - 1})"
+        )
+    queries = parse_span(tokens, attention.shape[1])
+    if queries.start >= queries.stop:
+        raise ValueError(f"--tokens {tokens!r} selects no text query (the sample has {attention.shape[1]})")
+    per_head = attention[:, queries].sum(1)  # attention mass each visual token receives
+    grid = per_head.mean(0) if head is None else per_head[head]
+    side = math.isqrt(grid.size)
+    if side * side != grid.size:
+        raise ValueError(
+            f"{grid.size} visual tokens do not form a square grid; cannot place them on the image"
+        )
+    image, _ = load_image(resolve_image(image_root, cached.sample.image, sample_id), sample_id)
+    ids = cached.sample.input_ids[cached.sample.visual_start + cached.sample.num_visual :][queries]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+    axes[0].imshow(image)
+    axes[0].set_title(f"{sample_id} (padded input)")
+    axes[1].imshow(image)
+    heat = axes[1].imshow(
+        grid.reshape(side, side),
+        cmap="inferno",
+        alpha=0.6,
+        extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    who = "mean over heads" if head is None else f"head {head}"
+    axes[1].set_title(
+        f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop} (token ids {ids[:6]}{'...' if len(ids) > 6 else ''})",
+        fontsize=9,
+    )
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,193 @@
+"""`alignkd-cache`: build, inspect, check, merge, copy and draw teacher-signal caches."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+import alignkd_cache
+
+
+def _options(pairs: tuple[str, ...]) -> dict | None:
+    """--storage-option key=value (repeatable) -> fsspec storage_options (values parsed as JSON if they can be)."""
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r}: expected key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+storage_option = click.option(
+    "--storage-option",
+    "storage",
+    multiple=True,
+    help="fsspec option for remote stores, key=value (repeatable).",
+)
+
+
+@click.group()
+@click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
+def main():
+    """Offline Align-KD teacher-signal caches (zarr + Parquet)."""
+
+
+@main.command()
+@click.option("--teacher", required=True, help="Teacher checkpoint directory (HF LLaVA or MobileVLM V2).")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON/JSONL."
+)
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory the 'image' paths are relative to.",
+)
+@click.option(
+    "--out", required=True, help="Cache location: a directory or an fsspec URL (s3://bucket/cache)."
+)
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option(
+    "--topk", type=click.IntRange(1), default=64, show_default=True, help="Top-k ids per logit position."
+)
+@click.option("--logit-targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option(
+    "--draws",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="Draws per position for sampled targets.",
+)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of sampled targets.")
+@click.option("--logit-positions", type=click.Choice(["answer", "text"]), default="answer", show_default=True)
+@click.option("--attn-heads", type=click.Choice(["all", "mean"]), default="all", show_default=True)
+@click.option(
+    "--codecs", type=click.Choice(["lossless", "balanced", "compact"]), default="balanced", show_default=True
+)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "--block-size", type=click.IntRange(1), default=64, show_default=True, help="Samples per committed block."
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N records.")
+@click.option("--max-length", type=click.IntRange(1), default=2048, show_default=True)
+@click.option("--on-too-long", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
+@storage_option
+def build(teacher, data, image_root, out, resume, storage, **options):
+    """Run the teacher once over a dataset and write its signals."""
+    from alignkd_cache.build import BuildOptions, build_cache
+
+    attrs = build_cache(
+        teacher,
+        data,
+        image_root,
+        out,
+        BuildOptions(**options),
+        resume=resume,
+        storage_options=_options(storage),
+    )
+    if attrs is not None:
+        c = attrs["counts"]
+        click.echo(f"{out}: {c['written']} written, {c['skipped']} skipped, {c['images']} images")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@storage_option
+def info(store, as_json, storage):
+    """Counts, provenance and bytes per signal per sample."""
+    from alignkd_cache.store.info import cache_info
+
+    i = cache_info(store, _options(storage))
+    if as_json:
+        click.echo(json.dumps(i, indent=2))
+        return
+    click.echo(f"cache {i['url']}")
+    click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in i["counts"].items()))
+    for key, value in i["provenance"].items():
+        click.echo(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    click.echo("options: " + json.dumps(i["options"]))
+    click.echo("encodings: " + json.dumps(i["encodings"]))
+    click.echo(f"{'signal':<10} {'bytes/sample':>14} {'raw fp16':>14} {'ratio':>8}")
+    for name, s in [*i["signals"].items(), ("total", i["total"])]:
+        click.echo(
+            f"{name:<10} {s['bytes_per_sample']:>14.1f} {s['raw_fp16_per_sample']:>14.1f} {s['ratio']:>7.2f}x"
+        )
+
+
+@main.command()
+@click.argument("store")
+@storage_option
+def verify(store, storage):
+    """Read every chunk and check checksums, schema, shapes, NaN/inf and the manifest."""
+    from alignkd_cache.store.verify import verify as run
+
+    report = run(store, _options(storage))
+    for line in report.lines():
+        click.echo(line, err=True)
+    if not report.ok:
+        click.echo(
+            f"FAILED: {len(report.problems)} problem(s), {len(report.bad_samples)} bad sample(s)", err=True
+        )
+        sys.exit(1)
+    click.echo(f"ok: {report.samples_checked} samples verified")
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True)
+@storage_option
+def merge(stores, out, storage):
+    """Merge caches of the same teacher, tokenizer, template and options."""
+    from alignkd_cache.store.merge import merge_caches
+
+    attrs = merge_caches(list(stores), out, _options(storage))
+    click.echo(f"{out}: {attrs['counts']['written']} samples from {len(stores)} caches")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@storage_option
+def copy(src, dst, storage):
+    """Copy a cache between local and remote stores, then verify the copy."""
+    from alignkd_cache.store.copy import copy_cache
+
+    options = _options(storage)
+    report = copy_cache(src, dst, options, options)
+    click.echo(f"{dst}: copied and verified ({report.samples_checked} samples)")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--sample", "sample_id", required=True)
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--head", type=click.IntRange(0), default=None, help="One head (default: mean over heads).")
+@click.option("--tokens", default=None, help="Text queries: an index or a span like 0:5 (default: all).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@storage_option
+def show(store, sample_id, image_root, head, tokens, out, storage):
+    """Draw a sample's text->vision attention over its image (PNG)."""
+    from alignkd_cache.store.show import show_attention
+
+    click.echo(
+        show_attention(
+            store, sample_id, image_root, out, head=head, tokens=tokens, storage_options=_options(storage)
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
