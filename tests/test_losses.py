@@ -265,3 +265,58 @@ def test_cross_entropy_is_next_token_mean_over_supervised():
         torch.stack([logits[0, 1], logits[0, 2], logits[1, 0], logits[1, 1]]), torch.tensor([3, 4, 1, 2])
     )
     torch.testing.assert_close(cross_entropy(logits, labels), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real student forward
+
+
+def test_attention_loss_is_nonzero_and_trains_layer0_queries_and_keys(llava_student_dir, digits_dataset):
+    """Guard against the public code's zero mask (vision queries x text keys: all zeros under causal
+    attention, so L_attn was the adapter bias squared and trained nothing)."""
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
+
+    data, root = digits_dataset
+    student = load_backend(llava_student_dir)
+    tok = Tokenization(student.tokenizer, "v1", student.image_token_id, student.num_visual_tokens)
+    samples, _ = tokenize_all(read_records(data), tok)
+    dataset = SampleDataset([s for s in samples if s.image][:3], root, student.preprocess, 0)
+    batch = dataset.collate([dataset[i] for i in range(3)])
+    signals = student.forward(batch, capture=True)
+    # A teacher slice with more heads: the student's own slice, perturbed and repeated.
+    teacher = [torch.cat([a.detach(), a.detach().flip(-1)]) for a in signals.attention]
+    for a in teacher:
+        assert (
+            a.shape[1:] == (len(batch.samples[0].text_positions), student.num_visual_tokens) or a.shape[1] > 0
+        )
+    torch.manual_seed(0)
+    loss = attention_loss(
+        signals.attention, teacher, "mse-adapter", HeadAdapter(2 * student.num_heads, student.num_heads)
+    )
+    assert loss > 1e-6
+    loss.backward()
+    layers = student.model.model.language_model.layers
+    assert layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    # Only layer 0's attention is distilled: deeper layers get nothing from this term.
+    assert layers[1].self_attn.q_proj.weight.grad is None
+
+
+def test_top_k_focus_indices_fall_inside_the_visual_positions(llava_student_dir, digits_dataset):
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
+
+    data, root = digits_dataset
+    student = load_backend(llava_student_dir)
+    for template in ("plain", "v1"):  # image right after BOS, and after ~35 system-prompt tokens
+        tok = Tokenization(student.tokenizer, template, student.image_token_id, student.num_visual_tokens)
+        samples, _ = tokenize_all(read_records(data), tok)
+        dataset = SampleDataset([s for s in samples if s.image], root, student.preprocess, 0)
+        batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+        with torch.no_grad():
+            signals = student.forward(batch, capture=True)
+        for i, sample in enumerate(batch.samples):
+            top = top_visual_tokens(signals.attention[i], 16)
+            positions = set((sample.visual_start + top).tolist())
+            assert len(positions) == 16 and positions <= set(sample.visual_positions)
