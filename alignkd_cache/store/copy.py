@@ -22,7 +22,7 @@ def copy_cache(
     target = Location(dst, dst_options)
     if not target.is_empty():
         raise IncompatibleCache(f"{dst} is not empty; copy into a new location")
-    keys = [k for k in source.keys() if k != "zarr.json"]
+    keys = [k for k in source.list_keys() if k != "zarr.json"]
 
     def move(key):
         target.write_bytes(key, source.read_bytes(key))

@@ -42,7 +42,7 @@ class Location:
     def exists(self, key: str) -> bool:
         return sync(self.store.exists(key))
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def list_keys(self, prefix: str = "") -> list[str]:
         async def collect():
             return [k async for k in self.store.list_prefix(prefix)]
 
@@ -50,7 +50,7 @@ class Location:
 
     def chunk_bytes(self, array_path: str) -> int:
         """Bytes of an array's chunk files (its metadata document excluded)."""
-        return sum(sync(self.store.getsize(k)) for k in self.keys(f"{array_path}/c/"))
+        return sum(sync(self.store.getsize(k)) for k in self.list_keys(f"{array_path}/c/"))
 
     def delete(self, key: str) -> None:
         sync(self.store.delete(key))

@@ -44,14 +44,11 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
     for loc, a, table in zip(locs, attrs, tables, strict=True):
         for b in range(a["num_blocks"]):
             prefix, new = block_path(b), block_path(b + block_offset)
-            for key in loc.keys(prefix + "/"):
+            for key in loc.list_keys(prefix + "/"):
                 dst.write_bytes(new + key[len(prefix) :], loc.read_bytes(key))
-        shift = lambda col, by: pc.add(table.column(col), pa.scalar(by, table.schema.field(col).type))  # noqa: E731
-        vb = table.column("visual_block")
-        moved = pc.if_else(pc.greater_equal(vb, 0), pc.add(vb, pa.scalar(block_offset, pa.int32())), vb)
-        table = table.set_column(table.schema.get_field_index("index"), "index", shift("index", index_offset))
-        table = table.set_column(table.schema.get_field_index("block"), "block", shift("block", block_offset))
-        table = table.set_column(table.schema.get_field_index("visual_block"), "visual_block", moved)
+        table = _shifted(table, "index", index_offset)
+        table = _shifted(table, "block", block_offset)
+        table = _shifted(table, "visual_block", block_offset, only_valid=True)
         parts.append(table)
         block_offset += a["num_blocks"]
         index_offset += table.num_rows
@@ -74,3 +71,12 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
         ],
     }
     return commit_manifest(dst, result, merged, block_offset)
+
+
+def _shifted(table: pa.Table, column: str, by: int, only_valid: bool = False) -> pa.Table:
+    """Add `by` to a column (keeping its type); with only_valid, leave -1 ("none") alone."""
+    values = table.column(column)
+    moved = pc.add(values, pa.scalar(by, values.type))
+    if only_valid:
+        moved = pc.if_else(pc.greater_equal(values, 0), moved, values)
+    return table.set_column(table.schema.get_field_index(column), column, moved)

@@ -129,7 +129,7 @@ def _check_blocks(loc: Location, attrs: dict, written: list[dict], report: Verif
         by_block[r["block"]].append(r)
         if r["visual_block"] >= 0:
             visual_users[(r["visual_block"], r["visual_row"])].append(r["id"])
-    extra = {k.split("/")[1] for k in loc.keys("blocks/") if k.count("/") >= 2} - {
+    extra = {k.split("/")[1] for k in loc.list_keys("blocks/") if k.count("/") >= 2} - {
         f"b{b:06d}" for b in range(attrs["num_blocks"])
     }
     if extra:
