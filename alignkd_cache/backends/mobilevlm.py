@@ -43,7 +43,8 @@ from alignkd_cache.backends.provenance import (
 
 IMAGE_TOKEN_ID = -200  # MobileVLM's placeholder id, as in the original code
 PROJECTOR_PREFIX = "model.mm_projector."
-TOWER_PREFIX = "model.vision_tower.vision_tower."
+# The original wraps a transformers 4 CLIPVisionModel, whose parameters sit under `vision_model.`.
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 DEFAULT_GRID = 12
 
 
@@ -110,7 +111,8 @@ class MobileVLM(nn.Module):
         out = dict(self.llm.state_dict())
         out.update({PROJECTOR_PREFIX + k: v for k, v in self.mm_projector.state_dict().items()})
         if include_tower:
-            out.update({TOWER_PREFIX + k: v for k, v in self.vision_tower.state_dict().items()})
+            tower = self.vision_tower.state_dict()
+            out.update({TOWER_PREFIX + k.removeprefix("vision_model."): v for k, v in tower.items()})
         # safetensors refuses shared storage (tied embeddings): every tensor gets its own copy.
         return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
@@ -150,23 +152,26 @@ def _load_tower(config: dict, weights: dict, override, dtype) -> tuple[CLIPVisio
         )
         vision_config._attn_implementation = "sdpa"
         tower = CLIPVisionModel(vision_config)
-        tower.load_state_dict(weights)
+        # Recent CLIPVisionModel versions dropped the `vision_model.` level; older ones keep it.
+        nested = next(iter(tower.state_dict())).startswith("vision_model.")
+        tower.load_state_dict({("vision_model." if nested else "") + k: v for k, v in weights.items()})
         return tower.to(dtype), None
     reference = override if override is not None else config.get("mm_vision_tower")
     if not reference:
         raise ValueError(
             "the checkpoint has no vision tower weights and no mm_vision_tower; pass vision_tower="
         )
-    tower = CLIPVisionModel.from_pretrained(
-        str(resolve_checkpoint(reference)), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
-    )
+    with _quiet_transformers():  # a full CLIPModel checkpoint also holds the unused text tower
+        tower = CLIPVisionModel.from_pretrained(
+            str(resolve_checkpoint(reference)), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+        )
     return tower, str(reference)
 
 
 @contextmanager
 def _quiet_transformers():
-    """transformers warns that the projector and tower keys are unused by LlamaForCausalLM and that
-    the config's model type is not llama: both are expected here, so they would only be noise."""
+    """Silence warnings that are expected here: LlamaForCausalLM does not use the projector and tower
+    keys, the config's model type is not llama, a CLIPVisionModel skips a full CLIP's text tower."""
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
