@@ -198,7 +198,10 @@ def build_cache(
         outcomes.append(out_)
     candidates = [o for o in outcomes if not isinstance(o, Skip)]
     check_images(candidates, image_root)
-    vocab = backend.model.get_output_embeddings().weight.shape[0]
+    # The logit width: every family names its output projection lm_head (HF convention).
+    vocab = next(
+        m.out_features for name, m in backend.model.named_modules() if name.split(".")[-1] == "lm_head"
+    )
     attrs = build_attrs(backend, asdict(opts), data, resolve_preset(opts.codecs), vocab)
     loc = Location(out, storage_options)
     error = None

@@ -13,7 +13,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 
 from alignkd_cache.data import DataError
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, part_key, sha256
+from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, part_key, sha256
 
 
 def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> dict:
@@ -43,6 +43,7 @@ def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> d
 
 def commit_manifest(loc: Location, attrs: dict, table: pa.Table, num_blocks: int) -> dict:
     """Write manifest.parquet and the root attributes that make the cache complete."""
+    table = table.cast(MANIFEST_SCHEMA)  # computed columns come back nullable; keep the published schema
     data = loc.write_parquet(MANIFEST_KEY, table)
     status = table.column("status").to_pylist()
     written = table.filter(pa.compute.equal(table.column("status"), "written"))

@@ -1,0 +1,342 @@
+"""Builds with a real tiny teacher: signals equal the teacher's, refusals, resume after kill -9,
+torchrun, S3, merge, and reading with nothing but zarr + pyarrow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from alignkd_cache.backends import load_backend
+from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
+from alignkd_cache.store.merge import merge_caches
+from alignkd_cache.store.provenance import IncompatibleCache
+from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.store.verify import verify
+
+OPTS = dict(template="v1", topk=8, batch_size=3, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def big_dataset(digits_dataset, tmp_path_factory) -> Path:
+    """The digit records four times over (fresh ids), so a build has many blocks to interrupt."""
+    path, root = digits_dataset
+    records = json.loads(path.read_text())
+    out = root / "digits_x4.json"
+    out.write_text(json.dumps([r | {"id": f"{r['id']}-{k}"} for k in range(4) for r in records]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lossless_cache(llava_teacher_dir, digits_dataset, tmp_path_factory) -> str:
+    path, root = digits_dataset
+    out = str(tmp_path_factory.mktemp("caches") / "lossless.zarr")
+    build_cache(
+        str(llava_teacher_dir), path, root, out, BuildOptions(codecs="lossless", **OPTS), progress=False
+    )
+    return out
+
+
+def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher_dir, digits_dataset):
+    path, root = digits_dataset
+    backend = load_backend(llava_teacher_dir)
+    tok = Tokenization(backend.tokenizer, "v1", backend.image_token_id, backend.num_visual_tokens)
+    samples, _ = tokenize_all(read_records(path), tok)
+    reader = CacheReader(lossless_cache)
+    assert reader.ids == [s.id for s in samples]
+    assert [s.input_ids for s in reader.tokenized()] == [s.input_ids for s in samples]
+    assert (
+        reader.attrs["num_heads"] == backend.num_heads
+        and reader.attrs["tokenizer_sha256"] == backend.fingerprint()["tokenizer_sha256"]
+    )
+    dataset = SampleDataset(samples, root, backend.preprocess, backend.tokenizer.pad_token_id)
+    for i in (0, 2, 4):  # an image sample, the text-only one, the multi-turn one
+        batch = dataset.collate([dataset[i]])
+        with torch.inference_mode():
+            sig = backend.forward(batch, capture=True)
+        got = reader.read(samples[i].id)
+        if sig.attention[0] is None:
+            assert got.attention is None and got.visual is None
+        else:
+            # Batching differs from the build's (batch of 3, padded), so allow float noise only.
+            torch.testing.assert_close(got.attention, sig.attention[0].float(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got.visual, sig.visual[0].float(), atol=1e-5, rtol=1e-4)
+        logp = torch.log_softmax(sig.logits[0].float(), -1)[got.logits.positions]
+        torch.testing.assert_close(got.logits.values, logp.gather(1, got.logits.ids), atol=1e-4, rtol=1e-4)
+        assert got.logits.positions.tolist() == samples[i].supervised_positions
+    assert verify(lossless_cache).ok
+
+
+def test_refuses_non_empty_store_and_changed_options(lossless_cache, llava_teacher_dir, digits_dataset):
+    path, root = digits_dataset
+    with pytest.raises(IncompatibleCache, match="not empty"):
+        build_cache(
+            str(llava_teacher_dir),
+            path,
+            root,
+            lossless_cache,
+            BuildOptions(codecs="lossless", **OPTS),
+            progress=False,
+        )
+    with pytest.raises(IncompatibleCache, match="options.topk"):
+        opts = BuildOptions(**(OPTS | {"codecs": "lossless", "topk": 4}))
+        build_cache(str(llava_teacher_dir), path, root, lossless_cache, opts, resume=True, progress=False)
+
+
+def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_dir, digits_dataset, tmp_path):
+    path, root = digits_dataset
+    opts = BuildOptions(
+        template="plain",
+        attn_heads="mean",
+        logit_targets="sampled",
+        codecs="compact",
+        block_size=5,
+        batch_size=4,
+    )
+    attrs = build_cache(
+        str(mobilevlm_teacher_dir), path, root, str(tmp_path / "m.zarr"), opts, progress=False
+    )
+    assert attrs["family"] == "mobilevlm" and attrs["counts"]["written"] == 10
+    reader = CacheReader(str(tmp_path / "m.zarr"))
+    got = reader.read("digit-0")
+    assert got.attention.shape[0] == 1 and got.visual.shape == (
+        attrs["num_visual_tokens"],
+        attrs["visual_dim"],
+    )
+    assert got.logits.kind == "sampled" and got.logits.tail is None and got.logits.values.sum() > 0
+    assert verify(str(tmp_path / "m.zarr")).ok
+
+
+def block_bytes(url: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(url)): p.read_bytes() for p in sorted((url / "blocks").rglob("*")) if p.is_file()
+    }
+
+
+def assert_same_cache(a: Path, b: Path):
+    assert block_bytes(a) == block_bytes(b)
+    assert pq.read_table(a / "manifest.parquet").equals(pq.read_table(b / "manifest.parquet"))
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "alignkd_cache.cli.cache", *args]
+
+
+def build_args(teacher, data, root, out) -> list[str]:
+    return ["build", "--teacher", str(teacher), "--data", str(data), "--image-root", str(root), "--out", str(out),
+            "--topk", "8", "--batch-size", "2", "--block-size", "2"]  # fmt: skip
+
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
+    root = digits_dataset[1]
+    reference, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    subprocess.run(
+        cli(*build_args(llava_teacher_dir, big_dataset, root, reference)),
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        cli(*build_args(llava_teacher_dir, big_dataset, root, killed)), env=ENV, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not list((killed / "parts").glob("*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere inside a later block
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list((killed / "parts").glob("*.parquet")))
+    assert not (killed / "manifest.parquet").exists() and 0 < committed < 20, "the kill must land mid-build"
+    with pytest.raises(ValueError, match="not finished"):
+        CacheReader(str(killed))
+    done = subprocess.run(
+        cli(*build_args(llava_teacher_dir, big_dataset, root, killed), "--resume"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_same_cache(reference, killed)
+    ids = CacheReader(str(killed)).ids
+    assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
+    root = digits_dataset[1]
+    single, multi = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    subprocess.run(
+        cli(*build_args(llava_teacher_dir, big_dataset, root, single)),
+        check=True,
+        env=ENV,
+        capture_output=True,
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                "-m", "alignkd_cache.cli.cache", *build_args(llava_teacher_dir, big_dataset, root, multi)]  # fmt: skip
+    run = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_cache(single, multi)
+    assert verify(str(multi)).ok
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    import s3fs
+
+    s3fs.S3FileSystem(**options).mkdir("caches")
+    yield options
+    server.stop()
+
+
+@pytest.mark.slow
+def test_build_to_s3_read_and_copy_back(
+    s3_server, llava_teacher_dir, digits_dataset, lossless_cache, tmp_path
+):
+    path, root = digits_dataset
+    url = "s3://caches/direct"
+    build_cache(
+        str(llava_teacher_dir),
+        path,
+        root,
+        url,
+        BuildOptions(codecs="lossless", **OPTS),
+        storage_options=s3_server,
+        progress=False,
+    )
+    remote = CacheReader(url, s3_server)
+    local = CacheReader(lossless_cache)
+    assert remote.ids == local.ids
+    assert torch.equal(remote.read("digit-1").attention, local.read("digit-1").attention)
+    assert verify(url, s3_server).ok
+    from alignkd_cache.store.copy import copy_cache
+
+    copy_cache(lossless_cache, "s3://caches/copied", dst_options=s3_server)
+    copy_cache("s3://caches/copied", str(tmp_path / "back.zarr"), src_options=s3_server)
+    assert_same_cache(Path(lossless_cache), tmp_path / "back.zarr")
+
+
+def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cache, tmp_path):
+    path, root = digits_dataset
+    records = json.loads(path.read_text())
+    (tmp_path / "a.json").write_text(json.dumps(records[:6]))
+    (tmp_path / "b.json").write_text(json.dumps(records[6:]))
+    opts = BuildOptions(codecs="lossless", **OPTS)
+    for name in "ab":
+        build_cache(
+            str(llava_teacher_dir),
+            tmp_path / f"{name}.json",
+            root,
+            str(tmp_path / f"{name}.zarr"),
+            opts,
+            progress=False,
+        )
+    attrs = merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")], str(tmp_path / "ab.zarr"))
+    assert attrs["counts"]["written"] == 10 and len(attrs["merged_from"]) == 2
+    merged, whole = CacheReader(str(tmp_path / "ab.zarr")), CacheReader(lossless_cache)
+    assert merged.ids == whole.ids
+    for sid in ("digit-0", "digit-7", "text-1"):
+        a, b = merged.read(sid), whole.read(sid)
+        assert torch.equal(a.logits.ids, b.logits.ids)
+        if a.attention is not None:
+            torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.visual, b.visual, atol=1e-5, rtol=1e-4)
+    assert verify(str(tmp_path / "ab.zarr")).ok
+    with pytest.raises(IncompatibleCache, match="digit-0"):
+        merge_caches([str(tmp_path / "a.zarr"), lossless_cache], str(tmp_path / "x.zarr"))
+    build_cache(
+        str(llava_teacher_dir),
+        tmp_path / "b.json",
+        root,
+        str(tmp_path / "b4.zarr"),
+        BuildOptions(**(OPTS | {"codecs": "lossless", "topk": 4})),
+        progress=False,
+    )
+    with pytest.raises(IncompatibleCache, match="options.topk"):
+        merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "b4.zarr")], str(tmp_path / "y.zarr"))
+    build_cache(
+        str(llava_teacher_dir),
+        tmp_path / "b.json",
+        root,
+        str(tmp_path / "bp.zarr"),
+        BuildOptions(**(OPTS | {"codecs": "lossless", "template": "plain"})),
+        progress=False,
+    )
+    with pytest.raises(IncompatibleCache, match="template"):
+        merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "bp.zarr")], str(tmp_path / "z.zarr"))
+
+
+READ_WITHOUT_ALIGNKD = r"""
+import sys, json, io
+import numpy as np, pyarrow.parquet as pq, zarr
+url = sys.argv[1]
+root = zarr.open_group(url, mode="r")
+attrs = dict(root.attrs)
+manifest = pq.read_table(f"{url}/manifest.parquet").to_pylist()
+row = next(r for r in manifest if r["status"] == "written" and r["visual_block"] >= 0)
+block = root[f"blocks/b{row['block']:06d}"]
+a = block["attention"][row["attention_offset"] : row["attention_offset"] + row["attention_rows"]]
+assert block["attention"].attrs["encoding"] == "f32"
+n_text = len(row["input_ids"]) - row["visual_start"] - row["num_visual"]
+a = a.reshape(-1, n_text, attrs["num_visual_tokens"])
+v = root[f"blocks/b{row['visual_block']:06d}"]["visual"][row["visual_row"]]
+lo, hi = row["logit_offset"], row["logit_offset"] + row["logit_rows"]
+logp = block["logit_values"][lo:hi]
+tail = block["logit_tail"][lo:hi]
+# L_vis top-k index (heads mean, summed over text queries) and a forward-KL term vs a uniform student
+focus = np.argsort(-a.mean(0).sum(0))[:4]
+p = np.exp(logp)
+kl = float((p * (logp - np.log(1.0 / attrs["vocab_size"]))).sum(1).mean())
+assert "alignkd_cache" not in sys.modules
+print(json.dumps({"id": row["id"], "focus": focus.tolist(), "kl": kl, "v0": float(v[0, 0]), "tail0": float(tail[0])}))
+"""
+
+
+def test_read_with_only_zarr_and_pyarrow(lossless_cache, tmp_path):
+    script = tmp_path / "read.py"
+    script.write_text(READ_WITHOUT_ALIGNKD)
+    out = subprocess.run(
+        [sys.executable, "-I", str(script), lossless_cache], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    sample = CacheReader(lossless_cache).read(got["id"])
+    focus = sample.attention.mean(0).sum(0).argsort(descending=True)[:4].tolist()
+    assert got["focus"] == focus
+    p = sample.logits.values.exp()
+    vocab = CacheReader(lossless_cache).attrs["vocab_size"]
+    expected = (p * (sample.logits.values - float(np.log(1.0 / vocab)))).sum(1).mean().item()
+    assert got["kl"] == pytest.approx(expected, rel=1e-5)
+    assert got["v0"] == pytest.approx(sample.visual[0, 0].item())
+    assert got["tail0"] == pytest.approx(sample.logits.tail[0].item())
