@@ -115,12 +115,20 @@ def trainable_model_parameters(model: torch.nn.Module) -> list[torch.nn.Paramete
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """On the outermost transformers model that is not the vision tower (LLaVA itself; MobileVLM's LLM)."""
+    """Checkpoint the decoder layers of the outermost transformers model that is not the vision tower
+    (LLaVA itself; MobileVLM's LLM), except layer 0: its attention slice is captured during the
+    forward, and a recompute in backward would run outside the capture and save different tensors."""
     for name, module in model.named_modules():
-        if hasattr(module, "gradient_checkpointing_enable") and "vision_tower" not in name:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return
-    raise ValueError(f"{type(model).__name__} has no transformers model to enable gradient checkpointing on")
+        if hasattr(module, "activation_checkpointing_enable") and "vision_tower" not in name:
+            module.activation_checkpointing_enable({"use_reentrant": False})
+            break
+    else:
+        raise ValueError(
+            f"{type(model).__name__} has no transformers model to enable gradient checkpointing on"
+        )
+    for name, module in model.named_modules():
+        if name.endswith("layers.0") and "vision_tower" not in name:
+            module.gradient_checkpointing = False
 
 
 def build_adapters(

@@ -1,0 +1,221 @@
+"""The trainer: batch plan, metrics, output, adapters, resume, refusals, pooling, options, eval."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkd_cache.backends import load_backend
+from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.data import DataError
+from alignkd_cache.evaluate import evaluate, normalise, prompt_of
+from alignkd_cache.losses import LossConfig, parse_weights
+from alignkd_cache.tiny import build_tiny_llava
+from alignkd_cache.train import ADAPTERS_FILE, TrainOptions, batch_plan, build_adapters, from_cache, online
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
+    data, root = digits_dataset
+    out = tmp_path_factory.mktemp("train_cache") / "cache"
+    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
+    return out
+
+
+def options(out, **kw):
+    weights = kw.pop("weights", "")
+    loss = LossConfig(parse_weights(weights), **kw.pop("loss", {}))
+    return TrainOptions(out=str(out), loss=loss, **{"lr": 1e-3, "batch_size": 2, "progress": False, **kw})
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_batch_plan_is_a_seeded_permutation_shared_by_any_world_size():
+    plan = batch_plan(10, batch_size=2, grad_accum=2, world_size=1, seed=3, epochs=2)
+    assert plan == batch_plan(10, 2, 2, 1, 3, 2)
+    assert plan != batch_plan(10, 2, 2, 1, 4, 2)
+    assert [len(step) for step in plan] == [2, 2, 1, 2, 2, 1]  # the last step of an epoch is smaller
+    for epoch in (plan[:3], plan[3:]):
+        assert sorted(i for step in epoch for mb in step for i in mb) == list(range(10))
+    # Two ranks with one micro-batch each see exactly the micro-batches of one rank accumulating two.
+    assert batch_plan(10, 2, 1, 2, 3, 2) == plan
+
+
+def test_from_cache_trains_logs_and_writes_a_loadable_student(
+    tmp_path, llava_student_dir, cache, digits_dataset
+):
+    _, root = digits_dataset
+    out = tmp_path / "run"
+    summary = from_cache(str(llava_student_dir), str(cache), root, options(out, max_steps=3))
+    assert summary["finished"] and summary["steps"] == 3
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(r) == {"step", "loss", "ce", "logit", "vis", "attn", "lr"}
+        assert r["loss"] == pytest.approx(r["ce"] + r["logit"] + r["vis"] + r["attn"], rel=1e-5)
+    trained = load_backend(out)
+    before = load_backend(llava_student_dir)
+    vision = [n for n, _ in trained.model.named_parameters() if "vision_tower" in n]
+    assert vision
+    changed = {
+        n for n, p in trained.model.named_parameters() if not torch.equal(p, before.model.get_parameter(n))
+    }
+    assert changed and not changed & set(vision)  # projector + LLM trained, the tower frozen
+    assert any("multi_modal_projector" in n for n in changed)
+    # The adapters were in the optimizer: they moved from their seeded init.
+    saved = load_file(str(out / ADAPTERS_FILE))
+    cfg = LossConfig(parse_weights(""))
+    init = build_adapters(cfg, trained.num_heads * 2, trained.visual_dim * 2, trained, seed=0).state_dict()
+    assert (
+        set(saved) == set(init) == {"attn.conv.weight", "attn.conv.bias", "vis.conv.weight", "vis.conv.bias"}
+    )
+    assert not torch.equal(saved["vis.conv.weight"], init["vis.conv.weight"])
+    info = json.loads((out / "alignkd_train.json").read_text())
+    assert info["signals"]["source"] == "cache" and info["steps"] == 3
+
+
+def test_frozen_adapters_stay_at_init_and_zero_weight_terms_are_skipped(
+    tmp_path, llava_student_dir, cache, digits_dataset
+):
+    _, root = digits_dataset
+    out = tmp_path / "frozen"
+    from_cache(
+        str(llava_student_dir),
+        str(cache),
+        root,
+        options(out, max_steps=1, freeze_adapters=True, weights="attn=0"),
+    )
+    saved = load_file(str(out / ADAPTERS_FILE))
+    assert set(saved) == {"vis.conv.weight", "vis.conv.bias"}  # no attention adapter when attn is off
+    torch.manual_seed(0)
+    init = torch.nn.Conv1d(64, 32, 1).state_dict()  # what build_adapters makes first with attn off
+    torch.testing.assert_close(saved["vis.conv.weight"], init["weight"], rtol=0, atol=0)
+    assert metrics(out)[0]["attn"] is None
+
+
+def test_online_and_from_cache_log_the_same_losses_with_lr_0(
+    tmp_path, llava_teacher_dir, llava_student_dir, cache, digits_dataset
+):
+    data, root = digits_dataset
+    a, b = tmp_path / "online", tmp_path / "cache"
+    online(str(llava_teacher_dir), str(llava_student_dir), data, root, options(a, lr=0.0, max_steps=3))
+    from_cache(str(llava_student_dir), str(cache), root, options(b, lr=0.0, max_steps=3))
+    for x, y in zip(metrics(a), metrics(b), strict=True):
+        for term in ("loss", "ce", "logit", "vis", "attn"):
+            assert x[term] == pytest.approx(y[term], abs=1e-5)
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path, llava_student_dir, cache, digits_dataset):
+    _, root = digits_dataset
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = {"grad_accum": 2, "batch_size": 1, "epochs": 2, "warmup_ratio": 0.3}
+    from_cache(str(llava_student_dir), str(cache), root, options(whole, **common))
+    first = from_cache(str(llava_student_dir), str(cache), root, options(parts, stop_after=4, **common))
+    assert not first["finished"] and first["steps"] == 4
+    assert not (parts / ADAPTERS_FILE).exists()
+    from_cache(str(llava_student_dir), str(cache), root, options(parts, resume=True, **common))
+    a, b = metrics(whole), metrics(parts)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-6)
+    wa, wb = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name])
+    with pytest.raises(ValueError, match="lr"):
+        from_cache(
+            str(llava_student_dir), str(cache), root, options(parts, resume=True, **{**common, "lr": 0.1})
+        )
+
+
+def test_a_changed_image_is_refused_naming_the_file(tmp_path, llava_student_dir, cache, digits_dataset):
+    _, root = digits_dataset
+    copy = tmp_path / "images_copy"
+    shutil.copytree(root, copy)
+    shutil.copy(root / "images" / "digit_1.png", copy / "images" / "digit_0.png")
+    with pytest.raises(DataError, match=r"digit_0\.png is not the image the cache was built from"):
+        from_cache(
+            str(llava_student_dir), str(cache), copy, options(tmp_path / "run", epochs=1, batch_size=10)
+        )
+
+
+def test_head_mean_cache_trains_with_kl_headmean_or_a_one_head_adapter(
+    tmp_path, llava_teacher_dir, llava_student_dir, digits_dataset
+):
+    data, root = digits_dataset
+    mean_cache = tmp_path / "mean"
+    build_cache(
+        str(llava_teacher_dir), data, root, str(mean_cache), BuildOptions(attn_heads="mean"), progress=False
+    )
+    out = tmp_path / "kl"
+    from_cache(
+        str(llava_student_dir),
+        str(mean_cache),
+        root,
+        options(out, max_steps=1, loss={"attn_loss": "kl-headmean"}),
+    )
+    assert metrics(out)[0]["attn"] > 0
+    out = tmp_path / "mse"
+    from_cache(str(llava_student_dir), str(mean_cache), root, options(out, max_steps=1))
+    assert load_file(str(out / ADAPTERS_FILE))["attn.conv.weight"].shape[1] == 1
+
+
+def test_a_student_with_fewer_visual_tokens_trains_on_pooled_signals(
+    tmp_path, tokenizer_dir, cache, digits_dataset
+):
+    _, root = digits_dataset
+    small = build_tiny_llava(
+        tmp_path / "small", tokenizer_dir, layers=2, hidden=32, heads=2, image_size=16, seed=5
+    )
+    out = tmp_path / "run"
+    from_cache(str(small), str(cache), root, options(out, max_steps=2))
+    assert all(r["vis"] > 0 and r["attn"] > 0 for r in metrics(out))
+    odd = build_tiny_llava(
+        tmp_path / "odd", tokenizer_dir, layers=1, hidden=32, heads=2, image_size=12, seed=5
+    )
+    with pytest.raises(ValueError, match="visual-token count"):
+        from_cache(str(odd), str(cache), root, options(tmp_path / "odd_run", max_steps=1))
+
+
+def test_gradient_checkpointing_changes_nothing_and_bf16_trains(
+    tmp_path, llava_student_dir, cache, digits_dataset
+):
+    _, root = digits_dataset
+    plain, ckpt, bf16 = tmp_path / "plain", tmp_path / "ckpt", tmp_path / "bf16"
+    from_cache(str(llava_student_dir), str(cache), root, options(plain, max_steps=2))
+    from_cache(str(llava_student_dir), str(cache), root, options(ckpt, max_steps=2, grad_checkpointing=True))
+    for x, y in zip(metrics(plain), metrics(ckpt), strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
+    from_cache(str(llava_student_dir), str(cache), root, options(bf16, max_steps=2, bf16=True))
+    rows = metrics(bf16)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[0]["loss"] == pytest.approx(metrics(plain)[0]["loss"], rel=0.05)
+
+
+def test_eval_greedy_exact_match(tmp_path, llava_student_dir, digits_dataset):
+    data, root = digits_dataset
+    backend = load_backend(llava_student_dir)
+    result = evaluate(backend, data, root, max_new_tokens=4, predictions=tmp_path / "pred.jsonl")
+    assert result["n"] == 10 and 0 <= result["accuracy"] <= 1
+    preds = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert {p["id"] for p in preds} >= {"digit-0", "text-1"}
+    assert sum(p["correct"] for p in preds) == result["correct"]
+    assert preds[0]["answer"].startswith("It is")
+    assert normalise("  It  is 7. ") == normalise("it is 7") == "it is 7"
+
+
+def test_eval_prompt_stops_where_the_last_answer_starts(llava_student_dir, digits_dataset):
+    from alignkd_cache.data import Tokenization, read_records, tokenize_all
+
+    data, _ = digits_dataset
+    backend = load_backend(llava_student_dir)
+    tok = Tokenization(backend.tokenizer, "v1", backend.image_token_id, backend.num_visual_tokens)
+    samples, _ = tokenize_all(read_records(data), tok)
+    multi = next(s for s in samples if s.id == "digit-3")  # two turns: the prompt keeps the first answer
+    prompt = prompt_of(multi)
+    rest = backend.tokenizer.decode(multi.input_ids[len(prompt.input_ids) :])
+    assert rest.strip() in ("yes</s>", "no</s>")
+    assert "It is" in backend.tokenizer.decode(prompt.input_ids)
