@@ -242,3 +242,7 @@ def eval_command(model, data, image_root, template, max_new_tokens, batch_size, 
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(json.dumps({"model": model, **result}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""End to end through the commands: build a cache, train from it (one process and two DDP ranks), eval."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args):
+    result = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
+    data, root = digits_dataset
+    out = tmp_path_factory.mktemp("cli") / "cache"
+    run(
+        "alignkd-cache",
+        "build",
+        "--teacher",
+        str(llava_teacher_dir),
+        "--data",
+        str(data),
+        "--image-root",
+        str(root),
+        "--out",
+        str(out),
+        "--codecs",
+        "lossless",
+    )
+    return out
+
+
+def train_args(student, cache, root, out, *extra):
+    return [
+        "from-cache",
+        "--student",
+        str(student),
+        "--cache",
+        str(cache),
+        "--image-root",
+        str(root),
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--seed",
+        "7",
+        *extra,
+    ]
+
+
+def test_ddp_two_gloo_ranks_match_one_process_accumulating(
+    tmp_path, llava_student_dir, cli_cache, digits_dataset
+):
+    _, root = digits_dataset
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli = [sys.executable, "-m", "alignkd_cache.cli.train"]
+    run(*cli, *train_args(llava_student_dir, cli_cache, root, one, "--grad-accum", "2"))
+    run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "alignkd_cache.cli.train",
+        *train_args(llava_student_dir, cli_cache, root, two),
+    )
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-4)
+
+
+def test_cli_trains_refuses_and_evaluates(
+    tmp_path, llava_student_dir, mobilevlm_student_dir, cli_cache, digits_dataset
+):
+    data, root = digits_dataset
+    out = tmp_path / "run"
+    result = run(
+        "alignkd-train",
+        *train_args(
+            llava_student_dir,
+            cli_cache,
+            root,
+            out,
+            "--max-steps",
+            "2",
+            "--weights",
+            "vis=0.5",
+            "--attn-loss",
+            "kl-headmean",
+            "--vis-preset",
+            "2024-12",
+        ),
+    )
+    assert json.loads(result.stdout.splitlines()[-1])["finished"]
+    assert len(metrics(out)) == 2
+    refused = subprocess.run(
+        ["alignkd-train", *train_args(mobilevlm_student_dir, cli_cache, root, tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert refused.returncode != 0 and "tokenizer" in refused.stderr
+    result = run(
+        "alignkd-train",
+        "eval",
+        "--model",
+        str(out),
+        "--data",
+        str(data),
+        "--image-root",
+        str(root),
+        "--max-new-tokens",
+        "3",
+        "--predictions",
+        str(tmp_path / "p.jsonl"),
+    )
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 10
