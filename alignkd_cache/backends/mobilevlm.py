@@ -88,9 +88,16 @@ def llama_config(config: dict) -> LlamaConfig:
 
 
 class MobileVLM(nn.Module):
-    def __init__(self, llm: LlamaForCausalLM, projector: LDPv2Projector, vision_tower: CLIPVisionModel):
+    def __init__(
+        self,
+        llm: LlamaForCausalLM,
+        projector: LDPv2Projector,
+        vision_tower: CLIPVisionModel,
+        select_layer: int = -2,
+    ):
         super().__init__()
         self.llm, self.mm_projector, self.vision_tower = llm, projector, vision_tower
+        self.select_layer = select_layer
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,7 +110,8 @@ class MobileVLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tower = self.vision_tower
         pixels = pixel_values.to(tower.device, tower.dtype)
-        features = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        # "patch" features: the chosen layer's tokens without CLS, a square grid for LDPv2.
+        features = tower(pixels, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
         return self.mm_projector(features.to(self.dtype))
 
     def original_state_dict(self, include_tower: bool) -> dict[str, torch.Tensor]:
@@ -214,6 +222,10 @@ class MobileVLMBackend:
             raise ValueError(
                 f"{path}: mm_projector_type {config['mm_projector_type']!r}; only MobileVLM V2's ldpnetv2 is supported"
             )
+        if config.get("mm_vision_select_feature", "patch") != "patch":
+            raise ValueError(
+                f"{path}: mm_vision_select_feature {config['mm_vision_select_feature']!r}; LDPv2 needs 'patch' (no CLS)"
+            )
         files = _checkpoint_files(local)
         llm_config = llama_config(config)
         llm_config._attn_implementation = CAPTURE_ATTENTION
@@ -227,7 +239,8 @@ class MobileVLMBackend:
         )
         projector.load_state_dict(_read_prefix(files, PROJECTOR_PREFIX))
         tower, tower_ref = _load_tower(config, _read_prefix(files, TOWER_PREFIX), vision_tower, dtype)
-        model = MobileVLM(llm, projector.to(dtype), tower).to(device).eval()
+        select_layer = config.get("mm_vision_select_layer", -2)
+        model = MobileVLM(llm, projector.to(dtype), tower, select_layer).to(device).eval()
         return cls(model, config, tokenizer, str(path), local, tower_ref)
 
     def preprocess(self, image) -> torch.Tensor:
