@@ -447,6 +447,13 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
     batch = dataset.collate([dataset[i] for i in range(len(dataset))]).to(device)
     result["batch"] = {"samples": len(batch.ids), "padded_length": int(batch.input_ids.shape[1])}
 
+    # What the build's main thread does before each forward: read, pad and preprocess the images,
+    # collate. It runs between forwards, not beside them, so it adds to the GPU's idle time.
+    def prepare():
+        dataset.collate([dataset[i] for i in range(len(dataset))]).to(device)
+
+    run.guarded("forward.prepare_batch", timed, prepare, device, scale.warmup, scale.repeats)
+
     def forward(capture: bool):
         with torch.inference_mode():
             return backend.forward(batch, capture=capture)
@@ -636,6 +643,9 @@ def ratios(summary: dict) -> dict:
             node = node.get(key) if isinstance(node, dict) else None
         return node
 
+    def total(*values):
+        return sum(values) if all(isinstance(v, int | float) for v in values) else None
+
     def ratio(a, b):
         return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
@@ -651,6 +661,12 @@ def ratios(summary: dict) -> dict:
         ),
         "topk_host_over_device": ratio(
             get("forward", "topk_on_host", "median_s"), get("forward", "topk_on_device", "median_s")
+        ),
+        # Above 1: the build's serial host work per batch (images, then the top-k after moving the
+        # full logits) takes longer than the teacher's forward, so the GPU idles more than it works.
+        "host_prepare_and_topk_over_capture_forward": ratio(
+            total(get("forward", "prepare_batch", "median_s"), get("forward", "topk_on_host", "median_s")),
+            get("forward", "capture_sdpa", "median_s"),
         ),
         "online_step_over_cache_step": ratio(
             get("train", "online", "median_s"), get("train", "from_cache", "median_s")
