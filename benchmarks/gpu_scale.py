@@ -122,7 +122,7 @@ REAL = Scale(
     grid=12,
     vocab=32000,
     tokens=(600, 1200),
-    samples=192,
+    samples=128,
     block_size=32,
     batch_size=8,
     train_batch_size=4,
@@ -753,24 +753,23 @@ def main(argv: list[str] | None = None) -> int:
 
         run.guarded("forward", measure_forward, run, scale, teacher_dir, data)
         load_s = run.node("forward").get("teacher_load_s")
-        for preset in PRESETS:
+
+        def build(preset: str) -> None:
+            store = work / f"cache-{preset}"
             run.guarded(
-                f"build.{preset}",
-                measure_build,
-                run,
-                scale,
-                teacher_dir,
-                data,
-                preset,
-                work / f"cache-{preset}",
-                load_s,
+                f"build.{preset}", measure_build, run, scale, teacher_dir, data, preset, store, load_s
             )
-        built = [p for p in ("balanced", *PRESETS) if "samples" in run.node(f"build.{p}")]
-        if not built:
-            raise RuntimeError("no cache was built, so there is nothing to train from")
+
+        # The order puts what only this run can tell first: should the budget run out, the lossless
+        # build goes (its sizes follow exactly from the representation, docs/scaling.md).
+        for preset in [p for p in PRESETS if p != "lossless"]:
+            build(preset)
+        if "samples" not in run.node("build.balanced"):
+            raise RuntimeError("the balanced build failed, so there is no cache to train from")
         run.guarded(
-            "train", measure_train, run, scale, teacher_dir, student_dir, data, work / f"cache-{built[0]}"
+            "train", measure_train, run, scale, teacher_dir, student_dir, data, work / "cache-balanced"
         )
+        build("lossless")
     except Exception as e:
         run.summary["errors"]["run"] = f"{type(e).__name__}: {e}"
         run.log(f"stopped: {run.summary['errors']['run']}")
