@@ -21,6 +21,7 @@ from alignkd_cache.data import (
     IGNORE_INDEX,
     Batch,
     DataError,
+    SampleDataset,
     Tokenization,
     TokenizedSample,
     check_images,
@@ -305,6 +306,39 @@ class OnlineSource(torch.utils.data.Dataset):
             "topk": self.topk,
             "draws": self.draws,
             "sample_seed": self.sample_seed,
+            "skipped": [dataclasses.asdict(s) for s in self.skips],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Source 3: no teacher
+
+
+class DataSource(SampleDataset):
+    """Items: (sample, image) and no teacher signals, for plain cross-entropy fine-tuning
+    (`alignkd-train finetune`); the demo trains its own teacher this way."""
+
+    teacher_heads = teacher_dim = None
+
+    def __init__(self, model, data, image_root, template="v1", max_length=2048):
+        tok = Tokenization(
+            model.tokenizer, template, model.image_token_id, model.num_visual_tokens, max_length
+        )
+        samples, self.skips = tokenize_all(read_records(data), tok)
+        super().__init__(samples, image_root, model.preprocess, _pad_id(model.tokenizer))
+        self.data, self.template = str(data), template
+
+    def collate(self, items) -> MicroBatch:
+        return MicroBatch(super().collate(items), None, None)
+
+    def targets(self, micro: MicroBatch, device) -> list[None]:
+        return [None] * len(micro.student.ids)
+
+    def describe(self) -> dict:
+        return {
+            "source": "data only (cross-entropy, no teacher)",
+            "data": self.data,
+            "template": self.template,
             "skipped": [dataclasses.asdict(s) for s in self.skips],
         }
 

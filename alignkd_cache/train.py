@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,6 +236,7 @@ def train(student, source, opts: TrainOptions) -> dict:
     while step < end:
         n_micro = len(plan[step])  # across all ranks: each micro-batch weighs the same
         sums: dict[str, float] = {}
+        started = time.perf_counter()
         for _ in plan[step][world.rank :: world.size]:
             micro = next(loader)
             with autocast:
@@ -261,6 +263,7 @@ def train(student, source, opts: TrainOptions) -> dict:
                 "loss": sums["loss"],
                 **{t: sums.get(t) for t in ("ce", "logit", "vis", "attn")},
                 "lr": lr,
+                "seconds": time.perf_counter() - started,  # data, teacher signals, forward/backward, update
             }
             with open(out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -480,6 +483,27 @@ def online(
         sample_seed,
         max_length,
     )
+    for skip in source.skips:
+        print(f"skipped sample {skip.id!r}: {skip.reason}")
+    return train(backend, source, opts)
+
+
+def finetune(
+    model: str, data, image_root, opts: TrainOptions, template: str = "v1", max_length: int = 2048
+) -> dict:
+    """Plain next-token fine-tuning, no teacher: the same loop with the cross-entropy term alone."""
+    from alignkd_cache.backends import load_backend
+    from alignkd_cache.teacher_signals import DataSource
+
+    distilled = [t for t in ("logit", "vis", "attn") if opts.loss.on(t)]
+    if distilled:
+        raise ValueError(
+            f"finetune has no teacher, so the {', '.join(distilled)} term(s) cannot be on; "
+            "use --weights ce=1,logit=0,vis=0,attn=0 (the default) or `alignkd-train from-cache`"
+        )
+    world = setup_world(opts.device)
+    backend = load_backend(model, device=world.device)
+    source = DataSource(backend, data, image_root, template, max_length)
     for skip in source.skips:
         print(f"skipped sample {skip.id!r}: {skip.reason}")
     return train(backend, source, opts)

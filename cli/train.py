@@ -215,6 +215,30 @@ def online_command(
     click.echo(json.dumps(summary))
 
 
+@main.command("finetune")
+@click.option("--model", required=True, help="Model checkpoint directory or hub id to fine-tune.")
+@click.option(
+    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
+)
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option("--max-length", default=2048, show_default=True, type=int)
+@training_options
+def finetune_command(model, data, image_root, template, max_length, **kw):
+    """Plain cross-entropy fine-tuning, no teacher (how the demo trains its teacher).
+
+    --weights defaults to ce=1,logit=0,vis=0,attn=0 here; any distillation term is refused."""
+    from alignkd_cache.train import finetune
+
+    if click.get_current_context().get_parameter_source("weights") is click.core.ParameterSource.DEFAULT:
+        kw["weights"] = "ce=1,logit=0,vis=0,attn=0"
+    try:
+        summary = finetune(model, data, image_root, make_options(kw, "topk"), template, max_length)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(json.dumps(summary))
+
+
 @main.command("eval")
 @click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out).")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))

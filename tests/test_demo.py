@@ -112,3 +112,41 @@ def test_set_loads_through_the_data_layer(digit_set):
 def test_unknown_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown splits"):
         digits.build_digits_vqa(tmp_path, {"holdout": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# `alignkd-train finetune`: the teacher-less cross-entropy run the demo trains its teacher with
+
+
+def test_finetune_trains_on_cross_entropy_alone(tmp_path, llava_student_dir, digits_dataset):
+    from click.testing import CliRunner
+
+    from alignkd_cache.cli.train import main
+
+    data, root = digits_dataset
+    out = tmp_path / "ft"
+    args = ["finetune", "--model", str(llava_student_dir), "--data", str(data), "--image-root", str(root)]
+    args += ["--out", str(out), "--lr", "3e-3", "--batch-size", "10", "--epochs", "12", "--seed", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 12
+    assert all(m["logit"] is None and m["vis"] is None and m["attn"] is None for m in metrics)
+    assert metrics[-1]["ce"] < 0.7 * metrics[0]["ce"]  # it learns
+    record = json.loads((out / "alignkd_train.json").read_text())
+    assert record["signals"]["source"].startswith("data only")
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def test_finetune_refuses_distillation_terms(tmp_path, llava_student_dir, digits_dataset):
+    from click.testing import CliRunner
+
+    from alignkd_cache.cli.train import main
+
+    data, root = digits_dataset
+    args = ["finetune", "--model", str(llava_student_dir), "--data", str(data), "--image-root", str(root)]
+    result = CliRunner().invoke(
+        main, [*args, "--out", str(tmp_path / "x"), "--weights", "ce=1,logit=1,vis=0,attn=0"]
+    )
+    assert result.exit_code != 0
+    assert "no teacher" in result.output and "logit" in result.output
