@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from alignkd_cache.cli.train import main as train_main
+from click.testing import CliRunner
 
 from alignkd_cache.data import Tokenization, read_records, tokenize_all
 from alignkd_cache.demo import digits
@@ -119,15 +121,11 @@ def test_unknown_split_is_refused(tmp_path):
 
 
 def test_finetune_trains_on_cross_entropy_alone(tmp_path, llava_student_dir, digits_dataset):
-    from click.testing import CliRunner
-
-    from alignkd_cache.cli.train import main
-
     data, root = digits_dataset
     out = tmp_path / "ft"
     args = ["finetune", "--model", str(llava_student_dir), "--data", str(data), "--image-root", str(root)]
     args += ["--out", str(out), "--lr", "3e-3", "--batch-size", "10", "--epochs", "12", "--seed", "1"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 12
@@ -139,14 +137,10 @@ def test_finetune_trains_on_cross_entropy_alone(tmp_path, llava_student_dir, dig
 
 
 def test_finetune_refuses_distillation_terms(tmp_path, llava_student_dir, digits_dataset):
-    from click.testing import CliRunner
-
-    from alignkd_cache.cli.train import main
-
     data, root = digits_dataset
     args = ["finetune", "--model", str(llava_student_dir), "--data", str(data), "--image-root", str(root)]
     result = CliRunner().invoke(
-        main, [*args, "--out", str(tmp_path / "x"), "--weights", "ce=1,logit=1,vis=0,attn=0"]
+        train_main, [*args, "--out", str(tmp_path / "x"), "--weights", "ce=1,logit=1,vis=0,attn=0"]
     )
     assert result.exit_code != 0
     assert "no teacher" in result.output and "logit" in result.output
