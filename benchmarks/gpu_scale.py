@@ -554,9 +554,11 @@ def measure_build(
 
 def measure_training(run: Run, scale: Scale, student, source) -> dict:
     """The trainer's step (alignkd_cache.train.train: targets, student forward, the shared losses,
-    backward, clipping, AdamW) at batch size `train_batch_size`, autocast to the scale's dtype (bf16:
-    what `--bf16` gives),
-    with batches from a DataLoader over the source as the trainer builds it."""
+    backward, clipping, AdamW) at batch size `train_batch_size`, under autocast to the scale's dtype
+    (bf16: what `--bf16` gives), with batches from a DataLoader over the source.
+
+    Timed here rather than by running train() itself: at these sizes its end-of-run checkpoint
+    (about 20 GB of weights and AdamW state) would take more of the time budget than the steps."""
     device = run.device
     cfg = LossConfig(weights=parse_weights(""))  # ce, logit, vis and attn all on
     student.model.train()

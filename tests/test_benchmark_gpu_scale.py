@@ -56,8 +56,13 @@ def test_tiny_run_measures_everything(tmp_path):
         # Each stored image row serves SAMPLES_PER_IMAGE samples: dedup halves visual bytes per sample.
         per_sample = build["bytes_per_sample"]["visual"] * gpu_scale.SAMPLES_PER_IMAGE
         assert build["visual_bytes_per_image"] == pytest.approx(per_sample)
-    attention = [builds[p]["bytes_per_sample"]["attention"] for p in ("lossless", "balanced", "compact")]
-    assert attention[0] > attention[1] > attention[2]
+    # float32 attention is 4 bytes a value; every lossy preset stores at most 2.
+    lossless = builds["lossless"]
+    for preset in set(builds) - {"lossless"}:
+        assert (
+            lossless["bytes_per_sample"]["attention"] > 1.5 * builds[preset]["bytes_per_sample"]["attention"]
+        )
+        assert lossless["total_bytes_per_sample"] > builds[preset]["total_bytes_per_sample"]
 
     for source in ("from_cache", "online"):
         step = summary["train"][source]
