@@ -467,21 +467,6 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
 
     run.guarded("forward.capture_sdpa", measure, True)
     run.guarded("forward.plain_sdpa", measure, False)
-    if importlib.util.find_spec("flash_attn") is None or device.type != "cuda":
-        result["plain_flash"] = {
-            "not_run": "flash_attn is not installed" if device.type == "cuda" else "needs CUDA"
-        }
-    else:
-
-        def flash() -> dict:
-            llm = backend.model.llm
-            llm.set_attn_implementation("flash_attention_2")
-            try:
-                return measure(False)
-            finally:
-                llm.set_attn_implementation(CAPTURE_ATTENTION)
-
-        run.guarded("forward.plain_flash", flash)
 
     def topk(on_device: bool) -> dict:
         signals = forward(True)
@@ -500,6 +485,21 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
     # that is ~100 MB per sample. Taking the top-k on the device moves only k ids and values.
     run.guarded("forward.topk_on_host", topk, False)
     run.guarded("forward.topk_on_device", topk, True)
+    if importlib.util.find_spec("flash_attn") is None or device.type != "cuda":
+        result["plain_flash"] = {
+            "not_run": "flash_attn is not installed" if device.type == "cuda" else "needs CUDA"
+        }
+    else:
+        # Last: it switches the LLM's attention implementation and back.
+        def flash() -> dict:
+            llm = backend.model.llm
+            llm.set_attn_implementation("flash_attention_2")
+            try:
+                return measure(False)
+            finally:
+                llm.set_attn_implementation(CAPTURE_ATTENTION)
+
+        run.guarded("forward.plain_flash", flash)
     return result
 
 
