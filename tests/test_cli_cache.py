@@ -37,7 +37,7 @@ def test_info_reports_counts_provenance_and_ratios(built):
     info = json.loads(result.output)
     assert info["counts"]["written"] == 10
     assert info["provenance"]["teacher"]["weights_sha256"]
-    assert info["encodings"]["attention"] == "fixed_u16"
+    assert info["encodings"]["attention"] == "sqrt_u8"
     for signal in ("attention", "visual", "logits"):
         assert info["signals"][signal]["bytes_per_sample"] > 0 and info["signals"][signal]["ratio"] > 0
     text = CliRunner().invoke(main, ["info", str(out)]).output
