@@ -144,3 +144,52 @@ def test_finetune_refuses_distillation_terms(tmp_path, llava_student_dir, digits
     )
     assert result.exit_code != 0
     assert "no teacher" in result.output and "logit" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole demo, through its console script
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
+    import subprocess
+
+    from PIL import Image
+
+    from alignkd_cache.demo import run as demo_run
+
+    out = tmp_path / "demo"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    proc = subprocess.run(
+        ["alignkd-demo", "--out", str(out), "--quick"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alignkd-demo" in proc.stderr  # the stage progress bar
+
+    report = (out / "results.md").read_text()
+    assert "alignkd-demo --out" in report and "--quick" in report
+    for name in demo_run.VARIANTS:
+        assert f"| student: {name} | 1 |" in report
+    assert "| teacher | 1 |" in report and "CE-only" in report
+    commands = [line for line in report.splitlines() if line.startswith(("alignkd-train ", "alignkd-cache "))]
+    verbs = [c.split()[1] for c in commands]
+    assert verbs.count("from-cache") == len(demo_run.VARIANTS)
+    assert verbs.count("eval") == len(demo_run.VARIANTS) + 1
+    assert {"finetune", "build", "show"} <= set(verbs)
+
+    # Every evaluation covered the whole held-out split.
+    n_test = len(json.loads((out / "data" / "test.json").read_text()))
+    for predictions in out.rglob("predictions.jsonl"):
+        assert len(predictions.read_text().splitlines()) == n_test
+    for figure in ("accuracy.png", "attention.png"):
+        with Image.open(out / "figures" / figure) as image:
+            assert image.width > 300 and image.height > 200
+
+    # The teacher is cached under the user cache directory: a second request trains nothing.
+    teachers = list((tmp_path / "xdg" / "alignkd-cache").glob("demo-teacher-*"))
+    assert len(teachers) == 1 and (teachers[0] / "model.safetensors").exists()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    runner = demo_run.Runner(tmp_path / "again.log")
+    data = {"train": out / "data" / "train.json"}
+    assert demo_run.get_teacher(demo_run.QUICK, data, out / "data", runner) == teachers[0]
+    assert runner.commands == []
