@@ -66,7 +66,9 @@ def detect_family(path: str | Path) -> str:
     )
 
 
-def load_backend(path: str | Path, *, dtype=torch.float32, device="cpu", family: str | None = None, **kwargs) -> Backend:
+def load_backend(
+    path: str | Path, *, dtype=torch.float32, device="cpu", family: str | None = None, **kwargs
+) -> Backend:
     """Load a teacher or student by local path (hub ids resolve through transformers' cache)."""
     family = family or detect_family(path)
     if family == "llava":
