@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,44 +130,55 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owner
             results[i] = SampleResult(i, out.id, image=records[i].image, skip_reason=out.reason)
         else:
             todo.append(i)
-    for start in range(0, len(todo), opts.batch_size):
-        idx = todo[start : start + opts.batch_size]
-        batch = dataset.collate([dataset[i] for i in idx]).to(opts.device)
-        with torch.inference_mode():
-            signals = backend.forward(batch, capture=True)
-        for j, i in enumerate(idx):
-            sample = outcomes[i]
-            attention = visual = None
-            if signals.attention[j] is not None:
-                a = signals.attention[j].float()
-                attention = (a.mean(0, keepdim=True) if opts.attn_heads == "mean" else a).cpu().numpy()
-            if sample.image is not None and owners[sample.image] == i:
-                visual = signals.visual[batch.image_index[j]].float().cpu().numpy()
-            positions = torch.tensor(logit_positions_of(sample, opts.logit_positions), dtype=torch.long)
-            t = logit_targets(
-                signals.logits[j, : len(sample.input_ids)].float().cpu(),
-                positions,
-                kind=opts.logit_targets,
-                k=opts.topk,
-                draws=opts.draws,
-                seed=opts.seed,
-                sample_id=sample.id,
-            )
-            results[i] = SampleResult(
-                i,
-                sample.id,
-                image=sample.image,
-                sample=sample,
-                image_key=batch.image_keys[j],
-                attention=attention,
-                visual=visual,
-                visual_ref=None if visual is not None else refs.get(i),
-                logit_positions=t.positions.numpy(),
-                logit_ids=t.ids.numpy(),
-                logit_values=t.values.float().numpy(),
-                logit_tail=None if t.tail is None else t.tail.float().numpy(),
-            )
+    batches = [todo[start : start + opts.batch_size] for start in range(0, len(todo), opts.batch_size)]
+    load = lambda idx: dataset.collate([dataset[i] for i in idx])  # noqa: E731
+    # Decode and preprocess the next batch's images while the teacher runs on this one.
+    with ThreadPoolExecutor(1) as loader:
+        pending = loader.submit(load, batches[0]) if batches else None
+        for n, idx in enumerate(batches):
+            batch = pending.result().to(opts.device)
+            if n + 1 < len(batches):
+                pending = loader.submit(load, batches[n + 1])
+            with torch.inference_mode():
+                signals = backend.forward(batch, capture=True)
+            _collect(results, idx, batch, signals, outcomes, opts, refs, owners)
     return [results[i] for i in range(lo, hi)]
+
+
+def _collect(results, idx, batch, signals, outcomes, opts, refs, owners) -> None:
+    """Move one batch's signals to host memory as SampleResults (top-k runs on the device)."""
+    for j, i in enumerate(idx):
+        sample = outcomes[i]
+        attention = visual = None
+        if signals.attention[j] is not None:
+            a = signals.attention[j].float()
+            attention = (a.mean(0, keepdim=True) if opts.attn_heads == "mean" else a).cpu().numpy()
+        if sample.image is not None and owners[sample.image] == i:
+            visual = signals.visual[batch.image_index[j]].float().cpu().numpy()
+        positions = torch.tensor(logit_positions_of(sample, opts.logit_positions), dtype=torch.long)
+        t = logit_targets(
+            signals.logits[j, : len(sample.input_ids)],
+            positions,
+            kind=opts.logit_targets,
+            k=opts.topk,
+            draws=opts.draws,
+            seed=opts.seed,
+            sample_id=sample.id,
+        )
+        results[i] = SampleResult(
+            i,
+            sample.id,
+            image=sample.image,
+            sample=sample,
+            image_key=batch.image_keys[j],
+            attention=attention,
+            visual=visual,
+            visual_ref=None if visual is not None else refs.get(i),
+            logit_positions=t.positions.numpy(),
+            logit_ids=t.ids.numpy(),
+            logit_values=t.values.float().numpy(),
+            logit_tail=None if t.tail is None else t.tail.float().numpy(),
+        )
 
 
 def build_cache(
@@ -182,6 +194,9 @@ def build_cache(
     """Build (or resume) a cache; returns its root attributes on rank 0 (None on other ranks)."""
     opts = options or BuildOptions()
     rank, world = _dist()
+    if world > 1 and opts.device == "cuda":
+        # One GPU per rank: torchrun's LOCAL_RANK picks it, as for any torchrun job.
+        opts = replace(opts, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device)
     backend.model.eval()
     records = read_records(data)[: opts.limit]
