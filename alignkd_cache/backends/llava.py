@@ -14,12 +14,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalG
 
 from alignkd_cache.backends import Signals
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
-from alignkd_cache.backends.provenance import (
-    config_sha256,
-    resolve_checkpoint,
-    tokenizer_sha256,
-    weights_sha256,
-)
+from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
 
 
 class LlavaBackend:
@@ -96,13 +91,4 @@ class LlavaBackend:
         self.image_processor.save_pretrained(out_dir)
 
     def fingerprint(self) -> dict:
-        files = sorted(self.source.glob("*.safetensors")) if self.source is not None else []
-        weights, method = weights_sha256(self.model, files, self.model.dtype)
-        return {
-            "model_id": self.model_id,
-            "family": self.family,
-            "config_sha256": config_sha256(self.model.config.to_dict()),
-            "weights_sha256": weights,
-            "weights_method": method,
-            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
-        }
+        return fingerprint(self, self.model.config.to_dict())

@@ -34,12 +34,7 @@ from transformers import (
 
 from alignkd_cache.backends import Signals
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
-from alignkd_cache.backends.provenance import (
-    config_sha256,
-    resolve_checkpoint,
-    tokenizer_sha256,
-    weights_sha256,
-)
+from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
 
 IMAGE_TOKEN_ID = -200  # MobileVLM's placeholder id, as in the original code
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -285,13 +280,4 @@ class MobileVLMBackend:
         self.tokenizer.save_pretrained(out)
 
     def fingerprint(self) -> dict:
-        files = sorted(self.source.glob("*.safetensors")) if self.source is not None else []
-        weights, method = weights_sha256(self.model, files, self.model.dtype)
-        return {
-            "model_id": self.model_id,
-            "family": self.family,
-            "config_sha256": config_sha256(self.config),
-            "weights_sha256": weights,
-            "weights_method": method,
-            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
-        }
+        return fingerprint(self, self.config)

@@ -90,3 +90,17 @@ def tokenizer_sha256(tokenizer) -> str:
     specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
     payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), "special": specials}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(backend, config: dict) -> dict:
+    """What a cache records about the model that made it (see Backend.fingerprint)."""
+    files = sorted(backend.source.glob("*.safetensors")) if backend.source is not None else []
+    weights, method = weights_sha256(backend.model, files, backend.model.dtype)
+    return {
+        "model_id": backend.model_id,
+        "family": backend.family,
+        "config_sha256": config_sha256(config),
+        "weights_sha256": weights,
+        "weights_method": method,
+        "tokenizer_sha256": tokenizer_sha256(backend.tokenizer),
+    }
