@@ -58,6 +58,7 @@ class BuildOptions:
     block_size: int = 64
     draws: int = 50  # sampled targets: draws per position
     seed: int = 0
+    vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
 
 
 def _dist() -> tuple[int, int]:
@@ -197,7 +198,8 @@ def build_cache(
     if world > 1 and opts.device == "cuda":
         # One GPU per rank: torchrun's LOCAL_RANK picks it, as for any torchrun job.
         opts = replace(opts, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device)
+    tower = {"vision_tower": opts.vision_tower} if opts.vision_tower else {}
+    backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device, **tower)
     backend.model.eval()
     records = read_records(data)[: opts.limit]
     tok = Tokenization(

@@ -79,6 +79,11 @@ def main():
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
 )
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--vision-tower",
+    default=None,
+    help="MobileVLM teachers: CLIP tower path or hub id, instead of the config's mm_vision_tower.",
+)
 @click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N records.")
 @click.option("--max-length", type=click.IntRange(1), default=2048, show_default=True)
 @click.option("--on-too-long", type=click.Choice(["skip", "error"]), default="skip", show_default=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,6 +117,31 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
     )
     assert got.logits.kind == "sampled" and got.logits.tail is None and got.logits.values.sum() > 0
     assert verify(str(tmp_path / "m.zarr")).ok
+
+
+def test_vision_tower_option_replaces_mm_vision_tower(mobilevlm_teacher_dir, digits_dataset, tmp_path):
+    """A MobileVLM checkpoint whose mm_vision_tower is unreachable builds with --vision-tower."""
+    path, root = digits_dataset
+    moved = tmp_path / "teacher"
+    shutil.copytree(mobilevlm_teacher_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    tower = config["mm_vision_tower"]
+    config["mm_vision_tower"] = str(tmp_path / "no-such-tower")
+    (moved / "config.json").write_text(json.dumps(config))
+    opts = dict(limit=2, codecs="lossless", block_size=2)
+    with pytest.raises(Exception, match="no-such-tower"):
+        build_cache(str(moved), path, root, str(tmp_path / "a.zarr"), BuildOptions(**opts), progress=False)
+    attrs = build_cache(
+        str(moved),
+        path,
+        root,
+        str(tmp_path / "b.zarr"),
+        BuildOptions(vision_tower=tower, **opts),
+        progress=False,
+    )
+    assert attrs["options"]["vision_tower"] == tower and attrs["counts"]["written"] == 2
+    with pytest.raises(ValueError, match="do not apply to an HF LLaVA"):
+        load_backend(str(tmp_path / "b.zarr"), family="llava", vision_tower=tower)
 
 
 def block_bytes(url: Path) -> dict[str, bytes]:

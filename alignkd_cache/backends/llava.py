@@ -47,7 +47,10 @@ class LlavaBackend:
     @classmethod
     def load(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> LlavaBackend:
         if kwargs:
-            raise TypeError(f"LlavaBackend.load got unknown options {sorted(kwargs)}")
+            raise ValueError(
+                f"{path}: options {sorted(kwargs)} do not apply to an HF LLaVA checkpoint "
+                "(its vision tower is inside it); drop them"
+            )
         local = resolve_checkpoint(path)
         model = LlavaForConditionalGeneration.from_pretrained(
             local,
