@@ -140,6 +140,7 @@ def test_vision_tower_option_replaces_mm_vision_tower(mobilevlm_teacher_dir, dig
         progress=False,
     )
     assert attrs["options"]["vision_tower"] == tower and attrs["counts"]["written"] == 2
+    assert verify(str(tmp_path / "b.zarr")).ok
     with pytest.raises(ValueError, match="do not apply to an HF LLaVA"):
         load_backend(str(tmp_path / "b.zarr"), family="llava", vision_tower=tower)
 
