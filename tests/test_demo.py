@@ -181,7 +181,7 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     n_test = len(json.loads((out / "data" / "test.json").read_text()))
     for predictions in out.rglob("predictions.jsonl"):
         assert len(predictions.read_text().splitlines()) == n_test
-    for figure in ("accuracy.png", "attention.png"):
+    for figure in ("demo-accuracy.png", "demo-attention.png"):
         with Image.open(out / "figures" / figure) as image:
             assert image.width > 300 and image.height > 200
 

@@ -82,7 +82,7 @@ def plot(results, path: Path) -> Path:
 def write_report(results, out: Path) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    plot(results, figures / "accuracy.png")
+    plot(results, figures / "demo-accuracy.png")
     r = results.recipe
     minutes = results.seconds["total"] / 60
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items() if k != "total")
@@ -102,13 +102,14 @@ Test split: {r.test_images} images x 3 questions, composed from scans that no tr
 
 {table(results)}
 
-![accuracy by variant](figures/accuracy.png)
+![accuracy by variant](figures/demo-accuracy.png)
 
 ## Setup
 
 - Data: 2x2 grids of real 8x8 scans (scikit-learn `load_digits`), {r.cell} px per digit; questions
   on position ("Which digit is top-left?"), presence ("Is there a 7 in the image?") and count
-  ("How many 3s are there?"). Data seed {r.data_seed}.
+  ("How many 3s are there?"). Data seed {r.data_seed}. Template `{r.template}` (the tokenizer's
+  own chat template: `<s>USER: <image>\n{{question}} ASSISTANT: {{answer}}</s>`).
 - Teacher: HF LLaVA, LLM {r.teacher} ({results.params["teacher"]:,} parameters with the vision
   tower), fine-tuned with `alignkd-train finetune` (cross-entropy only) on {r.train_images} train
   images x 3 questions, {r.teacher_steps} steps of {r.teacher_batch}, lr {r.teacher_lr}.
@@ -126,7 +127,7 @@ Test split: {r.test_images} images x 3 questions, composed from scans that no tr
 
 One cached sample's layer-0 text->vision attention (`alignkd-cache show`):
 
-![teacher attention](figures/attention.png)
+![teacher attention](figures/demo-attention.png)
 
 ## Every command this run executed
 

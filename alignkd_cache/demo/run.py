@@ -50,22 +50,24 @@ class Recipe:
     data_seed: int = 0
     cell: int = 16  # pixels per digit in the saved images
     train_images: int = 600  # the teacher's training set (3 questions per image)
-    student_images: int = 60  # the student's share of it: the teacher's help shows on little data
+    student_images: int = 200  # the student's share of it: the teacher's help shows on little data
     test_images: int = 200
     vision: dict = field(
         default_factory=lambda: dict(
-            vision_layers=2, vision_hidden=64, vision_heads=2, image_size=32, patch_size=8
+            vision_layers=1, vision_hidden=64, vision_heads=2, image_size=32, patch_size=16
         )
     )
     teacher: dict = field(default_factory=lambda: dict(layers=4, hidden=128, heads=4))
     student: dict = field(default_factory=lambda: dict(layers=2, hidden=64, heads=2))
     tokenizer_vocab: int = 1024
-    teacher_steps: int = 800
+    template: str = "chat"  # the tokenizer's own short chat template: no 30-token system prompt
+    teacher_steps: int = 1500
     teacher_lr: float = 3e-3
     teacher_batch: int = 32
-    student_epochs: int = 8
+    student_epochs: int = 5
     student_lr: float = 3e-3
     student_batch: int = 16
+    vis_topk: int = 1  # of the 4 visual tokens (one per digit); the paper keeps 16 of 144
 
     def teacher_key(self) -> str:
         """Hash of what the teacher depends on (not the student's share or steps)."""
@@ -80,7 +82,7 @@ QUICK = Recipe(
     train_images=60,
     student_images=20,
     test_images=20,
-    vision=dict(vision_layers=1, vision_hidden=32, vision_heads=2, image_size=32, patch_size=8),
+    vision=dict(vision_layers=1, vision_hidden=32, vision_heads=2, image_size=32, patch_size=16),
     teacher=dict(layers=2, hidden=64, heads=4),
     student=dict(layers=1, hidden=32, heads=2),
     tokenizer_vocab=1024,
@@ -167,6 +169,7 @@ def get_teacher(recipe: Recipe, data: dict[str, Path], image_root: Path, run: Ru
             "--batch-size", str(recipe.teacher_batch),
             "--warmup-ratio", "0.05",
             "--seed", str(recipe.data_seed),
+            "--template", recipe.template,
         ],
     )  # fmt: skip
     (work / "model" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
@@ -197,7 +200,9 @@ def build_student_init(recipe: Recipe, teacher: Path, out: Path, seed: int) -> P
     return path
 
 
-def evaluate(model: Path, data: Path, image_root: Path, out: Path, run: Runner) -> dict[str, float]:
+def evaluate(
+    model: Path, data: Path, image_root: Path, out: Path, template: str, run: Runner
+) -> dict[str, float]:
     """Exact-match accuracy overall and per question kind, from `alignkd-train eval`'s predictions."""
     predictions = out / "predictions.jsonl"
     run(
@@ -211,6 +216,7 @@ def evaluate(model: Path, data: Path, image_root: Path, out: Path, run: Runner) 
             "--max-new-tokens", "4",
             "--batch-size", "64",
             "--predictions", str(predictions),
+            "--template", template,
         ],
     )  # fmt: skip
     kinds = {r["id"]: r["kind"] for r in json.loads(data.read_text())}
@@ -282,7 +288,14 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
     cached = (user_cache_dir() / f"demo-teacher-{recipe.teacher_key()}" / "alignkd_train.json").exists()
     teacher = stage("teacher", get_teacher, recipe, data, data_dir, run)
     teacher_scores = stage(
-        "eval teacher", evaluate, teacher, data["test"], data_dir, _mkdir(out / "teacher-eval"), run
+        "eval teacher",
+        evaluate,
+        teacher,
+        data["test"],
+        data_dir,
+        _mkdir(out / "teacher-eval"),
+        recipe.template,
+        run,
     )
     cache = out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -292,7 +305,7 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
         "alignkd-cache",
         cache_cli(),
         ["build", "--teacher", str(teacher), "--data", str(data["student"]), "--image-root", str(data_dir),
-         "--out", str(cache), "--batch-size", "32"],
+         "--out", str(cache), "--batch-size", "32", "--template", recipe.template],
     )  # fmt: skip
     students: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for seed in seed_list:
@@ -310,10 +323,19 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
                 ["from-cache", "--student", str(init), "--cache", str(cache), "--image-root", str(data_dir),
                  "--out", str(run_dir), "--weights", weights, "--lr", str(recipe.student_lr),
                  "--batch-size", str(recipe.student_batch), "--epochs", str(recipe.student_epochs),
-                 "--seed", str(seed)],
+                 "--seed", str(seed), "--vis-topk", str(recipe.vis_topk)],
             )  # fmt: skip
             students[name].append(
-                stage(f"eval {name} s{seed}", evaluate, run_dir, data["test"], data_dir, run_dir, run)
+                stage(
+                    f"eval {name} s{seed}",
+                    evaluate,
+                    run_dir,
+                    data["test"],
+                    data_dir,
+                    run_dir,
+                    recipe.template,
+                    run,
+                )
             )
     figures = _mkdir(out / "figures")
     heat_sample = next(r["id"] for r in json.loads(data["student"].read_text()) if r["kind"] == "position")
@@ -323,7 +345,7 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
         "alignkd-cache",
         cache_cli(),
         ["show", str(cache), "--sample", heat_sample, "--image-root", str(data_dir),
-         "--out", str(figures / "attention.png")],
+         "--out", str(figures / "demo-attention.png")],
     )  # fmt: skip
     bar.close()
     seconds["total"] = time.perf_counter() - start
