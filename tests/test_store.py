@@ -109,6 +109,25 @@ def test_round_trip_through_reader(tmp_path, preset, kind):
         reader.read(next(r.id for r in results if r.sample is None))
 
 
+@pytest.mark.parametrize("preset", ["balanced", "compact"])
+def test_arrays_kept_whole_read_the_same_as_slices_within_the_budget(tmp_path, preset):
+    url = str(tmp_path / "c.zarr")
+    write_synthetic_store(url, codecs=preset)
+    sliced = CacheReader(url, cache_bytes=0)
+    budget = 6_000  # room for a few small arrays, so the oldest get evicted
+    kept = CacheReader(url, cache_bytes=budget)
+    for _ in range(2):
+        for sid in kept.ids:
+            a, b = kept.read(sid), sliced.read(sid)
+            for name in ("attention", "visual"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x is None and y is None) or torch.equal(x, y)
+            for name in ("ids", "values", "positions", "tail"):
+                assert torch.equal(getattr(a.logits, name), getattr(b.logits, name))
+            assert 0 < kept._whole_bytes <= budget
+    assert sliced._whole_bytes == 0 and not sliced._whole
+
+
 def test_shared_images_are_stored_once(tmp_path):
     url = str(tmp_path / "c.zarr")
     results = write_synthetic_store(url)

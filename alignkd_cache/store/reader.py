@@ -9,6 +9,8 @@ has a fixed per-call cost that batching hides.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,8 +48,10 @@ def tokenized_from_row(row: dict) -> TokenizedSample:
 
 
 class CacheReader:
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url, self.storage_options = str(url), storage_options
+    """`cache_bytes` bounds the per-process memory of arrays kept whole (see `_rows`); 0 keeps none."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, cache_bytes: int = 256 * 2**20):
+        self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
         self.loc = Location(url, storage_options, read_only=True)
         self.attrs: dict = dict(self.loc.group("r").attrs)
         check_readable(self.attrs, self.url)
@@ -61,8 +65,14 @@ class CacheReader:
             for r in table.select(["id", "status", "skip_reason"]).to_pylist()
             if r["status"] == "skipped"
         }
+        self._reset_process_state()
+
+    def _reset_process_state(self) -> None:
         self._pid = os.getpid()
         self._handles: dict[tuple[int, str], object] = {}
+        self._whole: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self._whole_bytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -79,7 +89,7 @@ class CacheReader:
     def array(self, block: int, name: str):
         if os.getpid() != self._pid:  # forked worker: open its own handles and store session
             self.loc = Location(self.url, self.storage_options, read_only=True)
-            self._handles, self._pid = {}, os.getpid()
+            self._reset_process_state()
         key = (block, name)
         if key not in self._handles:
             path = f"{block_path(block)}/{name}"
@@ -92,13 +102,38 @@ class CacheReader:
             self._handles[key] = array
         return self._handles[key]
 
-    def _decoded(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
+    def _rows(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored rows start:stop of one block's array.
+
+        Every zarr call costs milliseconds whatever its size, so an array that is small next to the
+        memory budget is read whole once and kept (least recently used out first), and later samples
+        of its block are sliced from memory. Large arrays (real attention and visual blocks) are read
+        by slice, so random access over a big cache never reads whole blocks.
+        """
+        key = (block, name)
+        with self._lock:
+            whole = self._whole.get(key)
+            if whole is not None:
+                self._whole.move_to_end(key)
+                return whole[start:stop]
         array = self.array(block, name)
-        stored = array[start:stop]
-        encoding = array.attrs.get("encoding")
+        if array.nbytes > self.cache_bytes // 8:
+            return array[start:stop]
+        whole = array[...]
+        with self._lock:
+            if key not in self._whole:
+                self._whole[key] = whole
+                self._whole_bytes += whole.nbytes
+                while self._whole_bytes > self.cache_bytes:
+                    self._whole_bytes -= self._whole.popitem(last=False)[1].nbytes
+        return whole[start:stop]
+
+    def _decoded(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
+        stored = self._rows(block, name, start, stop)
+        encoding = self.array(block, name).attrs.get("encoding")
         if encoding is None:
             return stored
-        scale = self.array(block, f"{name}_scale")[start:stop] if encoding in codecs.SCALED else None
+        scale = self._rows(block, f"{name}_scale", start, stop) if encoding in codecs.SCALED else None
         return codecs.decode(encoding, stored, scale)
 
     def read(self, sample_id: str) -> CachedSample:
@@ -116,7 +151,7 @@ class CacheReader:
             v = self._decoded(row["visual_block"], "visual", row["visual_row"], row["visual_row"] + 1)
             visual = torch.from_numpy(v[0])
         lo, hi = row["logit_offset"], row["logit_offset"] + row["logit_rows"]
-        ids = torch.from_numpy(self.array(b, "logit_ids")[lo:hi].astype(np.int64))
+        ids = torch.from_numpy(self._rows(b, "logit_ids", lo, hi).astype(np.int64))
         values = torch.from_numpy(self._decoded(b, "logit_values", lo, hi).astype(np.float32))
         tail = None
         if self.attrs["logit_targets"] == "topk":
