@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import click
 
+import alignkd_cache
+
 
 @click.command()
+@click.version_option(alignkd_cache.__version__, prog_name="alignkd-demo")
 @click.option(
     "--out",
     default="demo-out",

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from alignkd_cache.cli.cache import main
 from click.testing import CliRunner
 from PIL import Image
 
-import alignkd_cache
+from alignkd_cache.cli.cache import main
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +22,6 @@ def built(llava_teacher_dir, digits_dataset, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert "10 written, 0 skipped, 8 images" in result.output
     return out, root, args
-
-
-def test_version():
-    result = CliRunner().invoke(main, ["--version"])
-    assert alignkd_cache.__version__ in result.output
 
 
 def test_info_reports_counts_provenance_and_ratios(built):

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from alignkd_cache.cli.train import main as train_main
 from click.testing import CliRunner
 
+from alignkd_cache.cli.train import main as train_main
 from alignkd_cache.data import Tokenization, read_records, tokenize_all
 from alignkd_cache.demo import digits
 from alignkd_cache.images import load_image
