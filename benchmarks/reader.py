@@ -75,13 +75,18 @@ def main():
     reader = CacheReader(url)
     order = reader.ids[:]
     random.Random(0).shuffle(order)
+    # Each row starts from a fresh reader (cold handles and LRU), side by side in this one run.
+    unkept = CacheReader(url, cache_bytes=0)
+    no_lru = rate(lambda: [unkept.read(i) for i in order], len(order))
     single = rate(lambda: [reader.read(i) for i in order], len(order))
+    reader = CacheReader(url)
     prefetch = rate(lambda: [b for b in reader.prefetch(order, batch_size=16)], len(order))
     loader = torch.utils.data.DataLoader(CacheDataset(reader, order), batch_size=16, num_workers=2, collate_fn=list,
                                          multiprocessing_context="fork")  # fmt: skip
     workers = rate(lambda: [b for b in loader], len(order))
     print("| reader | samples/s |\n|---|---|")
     print(
+        f"| read() one at a time, no block LRU (cache_bytes=0) | {no_lru:.1f} |\n"
         f"| read() one at a time | {single:.1f} |\n| prefetch(batch 16, threads) | {prefetch:.1f} |\n| DataLoader, 2 fork workers | {workers:.1f} |"
     )
 

@@ -25,6 +25,12 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
 from alignkd_cache.store.provenance import check_readable
 
+# An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
+# reading a few MiB whole costs a random reader little more than its slice, and every other sample
+# of the block is then served from memory. Bigger arrays (7B-sized attention and visual blocks) are
+# always read by slice, so random access never pays for a whole block.
+WHOLE_ARRAY_BYTES = 4 * 2**20
+
 
 class CacheError(ValueError):
     pass
@@ -103,13 +109,8 @@ class CacheReader:
         return self._handles[key]
 
     def _rows(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
-        """Stored rows start:stop of one block's array.
-
-        Every zarr call costs milliseconds whatever its size, so an array that is small next to the
-        memory budget is read whole once and kept (least recently used out first), and later samples
-        of its block are sliced from memory. Large arrays (real attention and visual blocks) are read
-        by slice, so random access over a big cache never reads whole blocks.
-        """
+        """Stored rows start:stop of one block's array: small arrays come whole from a byte-bounded
+        LRU (see WHOLE_ARRAY_BYTES), large ones by slice."""
         key = (block, name)
         with self._lock:
             whole = self._whole.get(key)
@@ -117,7 +118,7 @@ class CacheReader:
                 self._whole.move_to_end(key)
                 return whole[start:stop]
         array = self.array(block, name)
-        if array.nbytes > self.cache_bytes // 8:
+        if array.nbytes > min(WHOLE_ARRAY_BYTES, self.cache_bytes):
             return array[start:stop]
         whole = array[...]
         with self._lock:
