@@ -165,7 +165,13 @@ def build_tiny_mobilevlm(
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from alignkd_cache.backends.mobilevlm import LDPv2Projector, MobileVLM, MobileVLMBackend, llama_config
+    from alignkd_cache.backends.mobilevlm import (
+        MOBILEVLM_V2_VISION,
+        LDPv2Projector,
+        MobileVLM,
+        MobileVLMBackend,
+        llama_config,
+    )
 
     if tower not in ("inside", "separate"):
         raise ValueError(f"tower={tower!r}; choose 'inside' or 'separate'")
@@ -176,16 +182,11 @@ def build_tiny_mobilevlm(
         "model_type": "mobilevlm",
         **_llama_sizes(tok, layers, hidden, heads, kv_heads, init_std),
         "hidden_act": "silu",
-        "mm_projector_type": "ldpnetv2",
+        **MOBILEVLM_V2_VISION,
         "mm_hidden_size": vision_hidden,
         "mm_vision_tower": str(out.parent / f"{out.name}-clip")
         if tower == "separate"
         else "tiny-clip (inside this checkpoint)",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "pad",
         "mm_ldp_grid": grid,
     }
     torch.manual_seed(seed)

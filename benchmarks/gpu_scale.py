@@ -53,6 +53,7 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION
 from alignkd_cache.backends.mobilevlm import (
     IMAGE_TOKEN_ID,
+    MOBILEVLM_V2_VISION,
     LDPv2Projector,
     MobileVLM,
     MobileVLMBackend,
@@ -286,14 +287,9 @@ def mobilevlm_config(llm: LLM, tower: Tower, grid: int, vocab: int, tokenizer) -
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
-        "mm_projector_type": "ldpnetv2",
+        **MOBILEVLM_V2_VISION,
         "mm_hidden_size": tower.hidden,
         "mm_vision_tower": "random CLIP ViT (inside this checkpoint)",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "pad",
         "mm_ldp_grid": grid,
     }
 

@@ -120,13 +120,24 @@ class MobileVLM(nn.Module):
         return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+# The vision settings every MobileVLM V2 checkpoint's config.json carries (method doc section 3).
+MOBILEVLM_V2_VISION = {
+    "mm_projector_type": "ldpnetv2",
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "mm_use_im_start_end": False,
+    "mm_use_im_patch_token": False,
+    "image_aspect_ratio": "pad",
+}
+
+
 def _checkpoint_files(local: Path) -> list[Path]:
     files = sorted(local.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in local.glob("*.bin"))
         hint = (
             f" It holds {bins}: pickled weights are never loaded here; convert them once, in an environment you "
-            "trust, with safetensors.torch.save_file(torch.load(f), f.replace('.bin', '.safetensors'))."
+            "trust, with safetensors.torch.save_file(torch.load(f, weights_only=True), f.replace('.bin', '.safetensors'))."
             if bins
             else ""
         )
