@@ -9,6 +9,11 @@ name. What this module deliberately does not reproduce from the public code:
 - the attention mask is text queries x vision keys (the public mask is the transpose: all zeros);
 - the top-k "text focus" indexes visual keys only (the public one indexes all keys, off by one);
 - logit KD runs in fp32 over supervised positions only (the public one: fp16, every position).
+
+Reductions: every term is a sum over its units (supervised tokens for CE and logit KD, samples with
+an image for the attention and visual terms) divided by a Normalisers count. The trainer passes the
+counts of the whole optimizer step (all micro-batches, all ranks), so how a step is cut into
+micro-batches and ranks does not change the update; without them a term is a mean over its call.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from torch import nn
 from alignkd_cache.data import IGNORE_INDEX
 
 TERMS = ("ce", "logit", "vis", "attn")
-ATTN_LOSSES = ("mse-adapter", "kl-headmean")
+# Ours first (the default, scaled so that it moves the student), then the public revisions as published.
+ATTN_LOSSES = ("mse-adapter", "kl-headmean", "mse-adapter-2025-01", "kl-headmean-2024-12")
+ADAPTER_ATTN_LOSSES = ("mse-adapter", "mse-adapter-2025-01")
 LOGIT_LOSSES = ("topk-tail", "topk-renorm", "sampled", "full")
 # The target kind (LogitTargets.kind) each logit loss needs.
 LOGIT_LOSS_TARGETS = {"topk-tail": "topk", "topk-renorm": "topk", "sampled": "sampled", "full": "full"}
@@ -32,6 +39,8 @@ VIS_PRESETS = {"2025-01": (16, 1.0), "2024-12": (32, 0.1)}
 
 # Attention probabilities reach subnormal values; clamp before log so 0 * log 0 stays 0.
 _TINY = torch.finfo(torch.float32).tiny
+# The 2024-12 revision's smoothing of both head-mean slices before its KL.
+_KL_2024_12_EPS = 1e-8
 
 
 class HeadAdapter(nn.Module):
@@ -46,7 +55,7 @@ class HeadAdapter(nn.Module):
             raise ValueError(
                 f"the attention adapter maps {self.conv.in_channels} teacher heads, but the teacher slice "
                 f"has {attention.shape[0]} (shape {tuple(attention.shape)}); a head-mean cache needs an "
-                "adapter built for 1 head, or --attn-loss kl-headmean"
+                "adapter built for 1 head, or --attn-loss kl-headmean (or kl-headmean-2024-12)"
             )
         return self.conv(attention.unsqueeze(0)).squeeze(0)
 
@@ -108,6 +117,22 @@ class LossConfig:
         return self.weights[term] != 0
 
 
+@dataclass
+class Normalisers:
+    """What the terms are divided by. tokens: supervised tokens (CE and logit KD, which run at the
+    same positions); images: samples with an image (attention and visual terms, which are per sample
+    because the attention and the top-k focus depend on the sample's text)."""
+
+    tokens: int
+    images: int
+
+    @classmethod
+    def of(cls, batch) -> Normalisers:
+        """The counts of one micro-batch alone: each term becomes a mean over this batch."""
+        tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        return cls(tokens, sum(j is not None for j in batch.image_index))
+
+
 def parse_weights(text: str) -> dict[str, float]:
     """'ce=1,logit=1,vis=1,attn=1' -> dict; terms not named keep weight 1, weight 0 switches one off."""
     weights = dict.fromkeys(TERMS, 1.0)
@@ -136,11 +161,19 @@ def vis_settings(preset: str, topk: int | None = None, weight: float | None = No
 # The terms
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE in fp32, mean over supervised tokens (logits[p] predicts labels[p + 1])."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token CE in fp32 over supervised tokens (logits[p] predicts labels[p + 1]); mean or sum."""
     return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        logits[:, :-1].float().flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
+
+
+def _reduce(per_item: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    total = torch.stack(per_item).sum()
+    return total / len(per_item) if reduction == "mean" else total
 
 
 def text_focus(attention: torch.Tensor) -> torch.Tensor:
@@ -155,15 +188,25 @@ def top_visual_tokens(attention: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def attention_loss(
-    student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str, adapter: HeadAdapter | None = None
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    kind: str,
+    adapter: HeadAdapter | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Layer-0 text-query x vision-key attention, mean over samples.
+    """Layer-0 text-query x vision-key attention: one value per sample, then mean or sum over samples.
 
-    mse-adapter: MSE between adapter(teacher) (H_t -> H_s heads) and the student slice.
-    kl-headmean: both slices averaged over heads; per text query, each row is renormalised into a
-    distribution over the visual keys, and KL(teacher || student) is averaged over the queries.
-    Renormalising makes it a true KL about *where in the image* a query looks; raw masses sum to
-    less than 1 (the rest of the causal row is text), and a KL on them is not a divergence.
+    mse-adapter: MSE between adapter(N_v * teacher) (H_t -> H_s heads) and N_v * student over the
+      slice's entries. Scaled by N_v, a row spread evenly over the image has entries 1 instead of
+      1/N_v, and the term's gradient is of the order of CE's at weight 1 (docs/training.md).
+    mse-adapter-2025-01: the same without the scale, as the 2025-01 revision publishes it.
+    kl-headmean: both slices averaged over heads, each row (text query) renormalised into a
+      distribution over the visual keys, KL(teacher || student) summed over keys, mean over queries.
+      Renormalising makes it a true KL about *where in the image* a query looks; raw masses sum to
+      less than 1 (the rest of the causal row is text), and a KL on them is not a divergence.
+    kl-headmean-2024-12: the 2024-12 revision as published: head means, not renormalised, each entry
+      (p + 1e-8) log((p + 1e-8) / (q + 1e-8)), mean over the entries times the student's head count
+      (its normalisation counts the head axis of its mask).
     """
     if kind not in ATTN_LOSSES:
         raise ValueError(f"unknown attention loss {kind!r}; choose one of {ATTN_LOSSES}")
@@ -175,18 +218,22 @@ def attention_loss(
                 f"student attention {tuple(s.shape)} and teacher attention {tuple(t.shape)} differ in "
                 "(text rows, visual keys); map the teacher to the student's visual-token count first"
             )
-        if kind == "mse-adapter":
+        if kind in ADAPTER_ATTN_LOSSES:
             if adapter is None:
-                raise ValueError("--attn-loss mse-adapter needs a HeadAdapter")
-            losses.append(F.mse_loss(adapter(t), s))
-        else:
+                raise ValueError(f"--attn-loss {kind} needs a HeadAdapter")
+            scale = s.shape[-1] if kind == "mse-adapter" else 1
+            losses.append(F.mse_loss(adapter(t * scale), s * scale))
+        elif kind == "kl-headmean":
             p = t.mean(0)
             p = p / p.sum(-1, keepdim=True)
             q = s.mean(0)
             q = q / q.sum(-1, keepdim=True)
             kl = torch.xlogy(p, p) - p * q.clamp_min(_TINY).log()
             losses.append(kl.sum(-1).mean())
-    return torch.stack(losses).mean()
+        else:
+            p, q = t.mean(0) + _KL_2024_12_EPS, s.mean(0) + _KL_2024_12_EPS
+            losses.append(s.shape[0] * (p * (p.log() - q.log())).mean())
+    return _reduce(losses, reduction)
 
 
 def vision_loss(
@@ -196,8 +243,10 @@ def vision_loss(
     adapter: ChannelAdapter,
     k: int,
     weight: float,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """MSE(adapter(teacher), student) over all N_v tokens + weight * MSE over the top-k focus tokens.
+    """MSE(adapter(teacher), student) over all N_v tokens + weight * MSE over the top-k focus tokens,
+    per sample; mean or sum over samples.
 
     attention: the teacher's slice per sample, for the text focus (the top-k depends on the text, so
     it is per sample even when samples share an image).
@@ -216,15 +265,20 @@ def vision_loss(
             top = top_visual_tokens(a, k)
             loss = loss + weight * F.mse_loss(mapped[top], s[top])
         losses.append(loss)
-    return torch.stack(losses).mean()
+    return _reduce(losses, reduction)
 
 
-def logit_loss(student_logits: list[torch.Tensor], targets: list, kind: str) -> torch.Tensor:
-    """Forward KL(teacher || student) in fp32 at the targets' positions, mean over positions.
+def logit_loss(
+    student_logits: list[torch.Tensor], targets: list, kind: str, reduction: str = "mean"
+) -> torch.Tensor:
+    """Forward KL(teacher || student) in fp32 at the targets' positions; mean or sum over positions.
 
     student_logits: per sample (S, vocab). targets: per sample a LogitTargets.
-    - topk-tail: the k teacher probabilities plus one tail bucket (the teacher's stored mass outside
-      the k ids; the student's is 1 - its own top-k mass), so the student's whole distribution counts.
+    - topk-tail: k + 1 buckets, the k teacher ids and the rest of the vocabulary. The student's tail
+      is computed in log space (logsumexp over the other ids minus the full logsumexp), so it keeps
+      its value and gradient however small it is. The decoded teacher's buckets (stored log-probs and
+      tail, quantised) are renormalised to sum to 1, so the loss and its gradient are 0 exactly when
+      the student's buckets equal them.
     - topk-renorm: teacher and student both renormalised over the k ids.
     - sampled: counts / draws as the target, against the student's full softmax at the sampled ids
       (the unbiased sampled-KD estimator; up to the targets' entropy, a cross-entropy).
@@ -233,14 +287,15 @@ def logit_loss(student_logits: list[torch.Tensor], targets: list, kind: str) -> 
     need = LOGIT_LOSS_TARGETS.get(kind)
     if need is None:
         raise ValueError(f"unknown logit loss {kind!r}; choose one of {LOGIT_LOSSES}")
-    total, count = 0.0, 0
+    kls = []
     for logits, t in zip(student_logits, targets, strict=True):
         if t.kind != need:
             raise ValueError(
                 f"--logit-loss {kind} needs {need!r} teacher targets but these are {t.kind!r}; "
                 f"use --logit-loss {DEFAULT_LOGIT_LOSS[t.kind]}"
             )
-        log_q = logits[t.positions].float().log_softmax(-1)
+        rows = logits[t.positions].float()
+        log_q = rows.log_softmax(-1)
         if kind == "full":
             p_log = t.values.float()
             kl = (p_log.exp() * (p_log - log_q)).sum(-1)
@@ -257,57 +312,76 @@ def logit_loss(student_logits: list[torch.Tensor], targets: list, kind: str) -> 
                 raise ValueError(
                     "--logit-loss topk-tail needs the teacher's tail mass; these targets have none"
                 )
-            p_log = t.values.float()
-            q_log = log_q.gather(-1, t.ids)
-            p_tail = t.tail.float()
-            q_tail = (1 - q_log.exp().sum(-1)).clamp_min(_TINY)
-            kl = (p_log.exp() * (p_log - q_log)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
-        total = total + kl.sum()
-        count += kl.numel()
-    if count == 0:
+            # The k ids are masked with the most negative finite value, not -inf: with k = vocab the
+            # tail is then ~-3e38 (exp 0) rather than NaN, and its zero teacher mass cancels it.
+            others = rows.scatter(-1, t.ids, torch.finfo(rows.dtype).min)
+            q_tail = others.logsumexp(-1) - rows.logsumexp(-1)
+            q_log = torch.cat([log_q.gather(-1, t.ids), q_tail[:, None]], -1)
+            p_log = torch.cat([t.values.float(), t.tail.float().clamp_min(0).log()[:, None]], -1)
+            p = p_log.log_softmax(-1).exp()
+            kl = (torch.xlogy(p, p) - p * q_log).sum(-1)
+        kls.append(kl)
+    kl = torch.cat(kls)
+    if kl.numel() == 0:
         raise ValueError("no supervised positions in this batch to distil logits at")
-    return total / count
+    return kl.mean() if reduction == "mean" else kl.sum()
 
 
 def total_loss(
-    student, batch, targets: list[TeacherTargets], cfg: LossConfig, adapters: nn.ModuleDict
-) -> tuple[torch.Tensor, dict[str, float | None]]:
+    student,
+    batch,
+    targets: list[TeacherTargets],
+    cfg: LossConfig,
+    adapters: nn.ModuleDict,
+    norm: Normalisers | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE + weighted Align-KD terms for one micro-batch; terms with weight 0 are not computed.
 
-    student: the student's Signals; batch: the student's Batch. Returns (loss, {term: value | None}).
+    student: the student's Signals; batch: the student's Batch. Each term is its sum over this
+    micro-batch divided by `norm` (default: this micro-batch's own counts, i.e. its mean). Returns
+    (loss, {term: value}) for the terms computed. A micro-batch with nothing to compute (text-only
+    samples with only the image terms on) gives a zero loss that has no graph: skip its backward.
     """
+    norm = norm or Normalisers.of(batch)
+    tokens, images = max(norm.tokens, 1), max(norm.images, 1)
     terms: dict[str, torch.Tensor] = {}
     if cfg.on("ce"):
-        terms["ce"] = cross_entropy(student.logits, batch.labels)
+        terms["ce"] = cross_entropy(student.logits, batch.labels, "sum") / tokens
     if cfg.on("logit"):
-        terms["logit"] = logit_loss(list(student.logits), [t.logits for t in targets], cfg.logit_loss)
+        logits = [t.logits for t in targets]
+        terms["logit"] = logit_loss(list(student.logits), logits, cfg.logit_loss, "sum") / tokens
     with_image = [i for i, j in enumerate(batch.image_index) if j is not None]
     if with_image and cfg.on("attn"):
-        terms["attn"] = attention_loss(
-            [student.attention[i] for i in with_image],
-            [_need(targets[i].attention, "attention", batch.ids[i]) for i in with_image],
-            cfg.attn_loss,
-            adapters["attn"] if cfg.attn_loss == "mse-adapter" else None,
+        terms["attn"] = (
+            attention_loss(
+                [student.attention[i] for i in with_image],
+                [_need(targets[i].attention, "attention", batch.ids[i]) for i in with_image],
+                cfg.attn_loss,
+                adapters["attn"] if cfg.attn_loss in ADAPTER_ATTN_LOSSES else None,
+                "sum",
+            )
+            / images
         )
     if with_image and cfg.on("vis"):
-        terms["vis"] = vision_loss(
-            [student.visual[batch.image_index[i]] for i in with_image],
-            [_need(targets[i].visual, "visual tokens", batch.ids[i]) for i in with_image],
-            [
-                _need(targets[i].attention, "attention (for the top-k focus)", batch.ids[i])
-                for i in with_image
-            ],
-            adapters["vis"],
-            cfg.vis_topk,
-            cfg.vis_topk_weight,
+        terms["vis"] = (
+            vision_loss(
+                [student.visual[batch.image_index[i]] for i in with_image],
+                [_need(targets[i].visual, "visual tokens", batch.ids[i]) for i in with_image],
+                [
+                    _need(targets[i].attention, "attention (for the top-k focus)", batch.ids[i])
+                    for i in with_image
+                ],
+                adapters["vis"],
+                cfg.vis_topk,
+                cfg.vis_topk_weight,
+                "sum",
+            )
+            / images
         )
-    loss = sum(cfg.weights[name] * value for name, value in terms.items())
-    logged = {name: (float(terms[name].detach()) if name in terms else None) for name in TERMS}
-    # A batch of text-only samples has no vis/attn term: log 0 for an enabled term, None for a disabled one.
-    for name in ("vis", "attn"):
-        if cfg.on(name) and name not in terms:
-            logged[name] = 0.0
-    return loss, logged
+    loss = torch.zeros((), device=student.logits.device)
+    for name, value in terms.items():
+        loss = loss + cfg.weights[name] * value
+    return loss, terms
 
 
 def _need(value, what: str, sample_id: str):

@@ -1,8 +1,8 @@
 """Sparse logit targets, and pooling teacher visual signals onto a student's visual-token grid.
 
 Logit targets keep the cache small without losing what a loss needs:
-- "topk": the k most likely ids with their log-probabilities under the FULL softmax, so the mass
-  outside them (the tail) is recoverable as 1 - sum(exp(values));
+- "topk": the k most likely ids with their log-probabilities under the FULL softmax, and the mass
+  outside them (the tail), summed in log space so that it stays exact however small;
 - "sampled": `draws` tokens drawn from the teacher's distribution, kept as unique ids with counts
   (random-sampling KD: counts / draws is an unbiased estimate of the distribution, top-k is not).
   Draws depend only on (seed, sample_id) and the sample's own logits, never on batch composition.
@@ -56,7 +56,10 @@ def logit_targets(
         if not 1 <= k <= log_probs.shape[-1]:
             raise ValueError(f"top-k needs 1 <= k <= vocab size {log_probs.shape[-1]}, got k={k}")
         values, ids = log_probs.topk(k, dim=-1)
-        tail = (1.0 - values.double().exp().sum(-1)).clamp(min=0).float()
+        # The tail as a logsumexp over the other ids: 1 - sum(top-k) loses every tail below the
+        # rounding error of that sum (~1e-7 in fp32), and the loss needs small tails exactly.
+        others = log_probs.scatter(-1, ids, float("-inf"))
+        tail = others.logsumexp(-1).exp() if k < log_probs.shape[-1] else torch.zeros_like(values[:, 0])
         return LogitTargets("topk", positions.cpu(), ids.cpu(), values.cpu(), tail.cpu())
     if draws < 1:
         raise ValueError(f"sampled targets need draws >= 1, got {draws}")

@@ -33,6 +33,7 @@ from alignkd_cache.data import (
 from alignkd_cache.images import load_image
 from alignkd_cache.losses import TeacherTargets
 from alignkd_cache.signals import LogitTargets, logit_targets, pool_attention, pool_visual
+from alignkd_cache.store.provenance import file_sha256
 
 
 class CompatibilityError(ValueError):
@@ -80,12 +81,13 @@ def student_positions(
             )
         shift = student.num_visual - teacher.num_visual
         mapped = torch.where(positions >= last_visual, positions + shift, positions)
-    supervised = set(student.supervised_positions)
-    if not set(mapped.tolist()) <= supervised:
+    # Exactly the supervised positions: logit KD is normalised by the supervised-token count.
+    if sorted(mapped.tolist()) != student.supervised_positions:
         raise CompatibilityError(
-            f"sample {teacher.id!r}: teacher logit targets at positions whose next token is not supervised "
-            "(prompt or image); logit KD runs over supervised positions only: rebuild the cache with the "
-            "default logit positions"
+            f"sample {teacher.id!r}: teacher logit targets are not exactly at the positions whose next "
+            "token is supervised (they include the prompt or image, or miss answer tokens); logit KD "
+            "runs over every supervised position and no other: rebuild the cache with the default "
+            "logit positions"
         )
     return mapped
 
@@ -181,6 +183,17 @@ class CacheSource(torch.utils.data.Dataset):
             "template": self.template,
         }
 
+    def identity(self) -> dict:
+        """The signals by content (a cache may move): what a --resume must find unchanged."""
+        attrs = self.reader.attrs
+        return {
+            "source": "cache",
+            "teacher": _content(attrs["teacher"]),
+            "dataset_sha256": attrs["dataset"]["sha256"],
+            "options": attrs["options"],
+            "manifest_sha256": attrs.get("manifest_sha256"),
+        }
+
 
 def check_cache_matches(attrs: dict, student, template: str | None, url: str) -> None:
     """Refuse, naming every mismatch, a student that cannot train on this cache."""
@@ -240,6 +253,7 @@ class OnlineSource(torch.utils.data.Dataset):
             teacher.tokenizer, template, teacher.image_token_id, teacher.num_visual_tokens, max_length
         )
         self.teacher_samples, self.skips = tokenize_all(read_records(data), tok)
+        self.data_sha256, self.max_length = file_sha256(data), max_length
         self.samples = [
             respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
         ]
@@ -271,7 +285,10 @@ class OnlineSource(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def targets(self, micro: MicroBatch, device, capture: bool = True) -> list[TeacherTargets]:
-        signals = self.teacher.forward(micro.teacher, capture=capture)
+        # The teacher runs as `alignkd-cache build` runs it: in its own dtype, never under a
+        # caller's (the student's) autocast, so online and cached signals are the same numbers.
+        with torch.autocast(torch.device(device).type, enabled=False):
+            signals = self.teacher.forward(micro.teacher, capture=capture)
         out = []
         for i, teacher in enumerate(micro.teacher.samples):
             row = micro.teacher.image_index[i]
@@ -309,6 +326,15 @@ class OnlineSource(torch.utils.data.Dataset):
             "skipped": [dataclasses.asdict(s) for s in self.skips],
         }
 
+    def identity(self) -> dict:
+        return {
+            "source": "online",
+            "teacher": _content(self.teacher.fingerprint()),
+            "data_sha256": self.data_sha256,
+            **{k: v for k, v in self.describe().items() if k not in ("source", "teacher", "skipped")},
+            "max_length": self.max_length,
+        }
+
 
 # ---------------------------------------------------------------------------------------------
 # Source 3: no teacher
@@ -327,6 +353,7 @@ class DataSource(SampleDataset):
         samples, self.skips = tokenize_all(read_records(data), tok)
         super().__init__(samples, image_root, model.preprocess, _pad_id(model.tokenizer))
         self.data, self.template = str(data), template
+        self.data_sha256, self.max_length = file_sha256(data), max_length
 
     def collate(self, items) -> MicroBatch:
         return MicroBatch(super().collate(items), None, None)
@@ -341,6 +368,19 @@ class DataSource(SampleDataset):
             "template": self.template,
             "skipped": [dataclasses.asdict(s) for s in self.skips],
         }
+
+    def identity(self) -> dict:
+        return {
+            "source": "data",
+            "data_sha256": self.data_sha256,
+            "template": self.template,
+            "max_length": self.max_length,
+        }
+
+
+def _content(fingerprint: dict) -> dict:
+    """A model fingerprint without its path or hub id: the same weights found elsewhere match."""
+    return {k: v for k, v in fingerprint.items() if k != "model_id"}
 
 
 def _pad_id(tokenizer) -> int:

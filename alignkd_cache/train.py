@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +23,23 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
 import alignkd_cache
-from alignkd_cache.losses import ChannelAdapter, HeadAdapter, LossConfig, total_loss
+from alignkd_cache.losses import (
+    ADAPTER_ATTN_LOSSES,
+    TERMS,
+    ChannelAdapter,
+    HeadAdapter,
+    LossConfig,
+    Normalisers,
+    total_loss,
+)
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
-# Options that must match between a run and its --resume (the rest, like --stop-after, may change).
+# Options that must match between a run and its --resume (the rest, like --stop-after, may change),
+# and `run`: the student and the teacher signals it trains on.
 RESUME_MUST_MATCH = (
+    "run",
     "lr",
     "batch_size",
     "grad_accum",
@@ -40,6 +50,7 @@ RESUME_MUST_MATCH = (
     "weight_decay",
     "max_grad_norm",
     "freeze_adapters",
+    "bf16",
     "loss",
 )
 
@@ -66,7 +77,9 @@ class TrainOptions:
     num_workers: int = 0
     device: str | None = None
     progress: bool = True
+    log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
     extra: dict = field(default_factory=dict)  # provenance recorded in the output
+    run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +151,7 @@ def build_adapters(
     """The adapters the enabled terms use, seeded so every run (and source) starts from the same init."""
     torch.manual_seed(seed)
     adapters = torch.nn.ModuleDict()
-    if cfg.on("attn") and cfg.attn_loss == "mse-adapter":
+    if cfg.on("attn") and cfg.attn_loss in ADAPTER_ATTN_LOSSES:
         adapters["attn"] = HeadAdapter(teacher_heads, student.num_heads)
     if cfg.on("vis"):
         adapters["vis"] = ChannelAdapter(teacher_dim, student.visual_dim)
@@ -182,10 +195,30 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 # The loop
 
 
+def step_normalisers(samples, step: list[list[int]]) -> Normalisers:
+    """The counts of a whole optimizer step (every micro-batch of every rank). They come from the batch
+    plan and the tokenized samples, which every rank holds, so they need no all_reduce."""
+    chosen = [samples[i] for micro in step for i in micro]
+    return Normalisers(
+        tokens=sum(len(s.supervised_positions) for s in chosen),
+        images=sum(s.image is not None for s in chosen),
+    )
+
+
+def run_identity(student, source) -> dict:
+    """What a run trains, by content (paths may move): the student checkpoint and the teacher signals."""
+    fp = student.fingerprint()
+    return {
+        "student": {k: fp[k] for k in ("config_sha256", "weights_sha256", "tokenizer_sha256")},
+        "signals": source.identity(),
+    }
+
+
 def train(student, source, opts: TrainOptions) -> dict:
     """Train `student` (a Backend) on `source` (CacheSource or OnlineSource). Returns a summary."""
     world = setup_world(opts.device)
     out = Path(opts.out)
+    opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
     student.model.to(world.device)
     torch.manual_seed(opts.seed)
 
@@ -224,6 +257,7 @@ def train(student, source, opts: TrainOptions) -> dict:
 
     capture = opts.loss.on("attn")
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext()
+    logged = ["loss", *(t for t in TERMS if opts.loss.on(t))]
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
     # One loader over this rank's micro-batches from the resume point on; workers read ahead.
     mine = [indices for s in range(step, end) for indices in plan[s][world.rank :: world.size]]
@@ -234,22 +268,39 @@ def train(student, source, opts: TrainOptions) -> dict:
     )
     bar = tqdm(total=total, initial=step, desc="train", disable=not (opts.progress and world.main))
     while step < end:
-        n_micro = len(plan[step])  # across all ranks: each micro-batch weighs the same
-        sums: dict[str, float] = {}
+        norm = step_normalisers(source.samples, plan[step])
+        sums = dict.fromkeys(logged, 0.0)
+        term_grads: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
         for _ in plan[step][world.rank :: world.size]:
             micro = next(loader)
+            # Outside the student's autocast: a resident teacher runs exactly as the build ran it.
+            targets = source.targets(micro, world.device)
             with autocast:
-                targets = source.targets(micro, world.device)
                 signals = student.forward(micro.student, capture=capture)
-            loss, terms = total_loss(signals, micro.student.to(world.device), targets, opts.loss, adapters)
-            (loss / n_micro).backward()
-            for name, value in {"loss": float(loss.detach()), **terms}.items():
-                if value is not None:
-                    sums[name] = sums.get(name, 0.0) + value / n_micro
+            loss, terms = total_loss(
+                signals, micro.student.to(world.device), targets, opts.loss, adapters, norm
+            )
+            if opts.log_grad_norms:
+                add_term_gradients(term_grads, terms, opts.loss.weights, model_params)
+            if loss.requires_grad:  # text-only samples with only the image terms on: nothing to learn
+                loss.backward()
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] += float(value.detach())
+        # Every parameter gets a gradient, zeros where no term reached it, so that the optimizer
+        # treats it the same whichever rank (or none) reached it.
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if world.size > 1:
-            average_gradients(params, world)
-            sums = sum_across_ranks(sums, world)
+            for p in params:  # each micro-batch loss is already divided by the step's global counts
+                dist.all_reduce(p.grad)
+            values = torch.tensor([sums[n] for n in logged], dtype=torch.float64, device=world.device)
+            dist.all_reduce(values)
+            sums = dict(zip(logged, values.tolist(), strict=True))
+        grad_norms = (
+            term_gradient_norms(term_grads, logged[1:], model_params, world) if opts.log_grad_norms else None
+        )
         if opts.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -261,10 +312,12 @@ def train(student, source, opts: TrainOptions) -> dict:
             record = {
                 "step": step,
                 "loss": sums["loss"],
-                **{t: sums.get(t) for t in ("ce", "logit", "vis", "attn")},
+                **{t: sums.get(t) for t in TERMS},
                 "lr": lr,
                 "seconds": time.perf_counter() - started,  # data, teacher signals, forward/backward, update
             }
+            if grad_norms is not None:
+                record["grad_norm"] = grad_norms
             with open(out / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
@@ -284,25 +337,32 @@ def train(student, source, opts: TrainOptions) -> dict:
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Sum gradients over ranks (each micro-batch loss is already divided by the global count).
+def add_term_gradients(
+    sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], weights: dict, params: list
+) -> None:
+    """Add each weighted term's gradient w.r.t. the student's parameters, flattened, to `sums`."""
+    for name, value in terms.items():
+        grads = torch.autograd.grad(
+            weights[name] * value, params, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        flat = torch.cat([g.flatten() for g in grads])
+        sums[name] = sums[name] + flat if name in sums else flat
 
-    A rank whose micro-batches never reached a parameter (say, text-only samples and the attention
-    adapter) still joins the reduction with zeros, so no rank waits forever.
-    """
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
 
-
-def sum_across_ranks(sums: dict[str, float], world: World) -> dict[str, float]:
-    names = ("loss", "ce", "logit", "vis", "attn")
-    values = torch.tensor([sums.get(n, float("nan")) for n in names], dtype=torch.float64)
-    present = torch.tensor([n in sums for n in names], dtype=torch.float64)
-    both = torch.stack([values.nan_to_num(0.0), present])
-    dist.all_reduce(both)
-    return {n: float(both[0, i]) for i, n in enumerate(names) if both[1, i] > 0}
+def term_gradient_norms(
+    sums: dict[str, torch.Tensor], names: list[str], params: list, world: World
+) -> dict[str, float]:
+    """Each term's share of the step's gradient (before clipping), summed over ranks: its L2 norm
+    over the student's trainable parameters (the adapters left out: they do not move the student)."""
+    norms = {}
+    for name in names:  # in the same order on every rank, zeros where a rank had no such term
+        g = sums.get(name)
+        if g is None:
+            g = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+        if world.size > 1:
+            dist.all_reduce(g)
+        norms[name] = float(g.norm())
+    return norms
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
@@ -318,6 +378,29 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: everything to resume exactly, and no pickle
+
+
+def resume_mismatches(saved: dict, now: dict) -> list[str]:
+    """Every RESUME_MUST_MATCH field (dotted, down into dicts) that differs: 'name (then -> now)'."""
+    found: list[str] = []
+
+    def visit(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                visit(a.get(key), b.get(key), f"{where}.{key}")
+        elif a != b:
+            found.append(f"{where} ({_brief(a)} -> {_brief(b)})")
+
+    for key in RESUME_MUST_MATCH:
+        visit(saved.get(key), now.get(key), key)
+    return found
+
+
+def _brief(value) -> str:
+    if value is None:
+        return "not recorded"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def _options_record(opts: TrainOptions) -> dict:
@@ -374,14 +457,13 @@ def load_checkpoint(
     path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, world: World
 ) -> int:
     record = json.loads((path / "state.json").read_text())
-    saved, now = record["options"], _options_record(opts)
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != now.get(k)]
+    changed = resume_mismatches(record["options"], _options_record(opts))
     if record["world_size"] != world.size:
         changed.append(f"world size ({record['world_size']} -> {world.size})")
     if changed:
         raise ValueError(
-            f"--resume: {path} was written with different {', '.join(changed)}; resume with the same options "
-            "or start a new --out"
+            f"--resume: {path} was written with different {', '.join(changed)}; resume with the same "
+            "student, teacher signals and options, or start a new --out"
         )
     load_model(model, str(path / "model.safetensors"), device=str(world.device))
     adapters.load_state_dict(load_file(str(path / "adapters.safetensors"), device=str(world.device)))

@@ -64,7 +64,14 @@ def training_options(command):
             is_flag=True,
             help="Keep the adapters at their random init (the public code's effective behaviour).",
         ),
-        click.option("--attn-loss", type=click.Choice(ATTN_LOSSES), default="mse-adapter", show_default=True),
+        click.option(
+            "--attn-loss",
+            type=click.Choice(ATTN_LOSSES),
+            default="mse-adapter",
+            show_default=True,
+            help="mse-adapter and kl-headmean: ours (docs/training.md); the -2025-01 and -2024-12 "
+            "variants: the public revisions' formulas as published.",
+        ),
         click.option(
             "--vis-preset",
             type=click.Choice(sorted(VIS_PRESETS)),
@@ -98,6 +105,11 @@ def training_options(command):
             "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
         ),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        click.option(
+            "--log-grad-norms",
+            is_flag=True,
+            help="Log each term's gradient norm per step in metrics.jsonl (one extra backward per term).",
+        ),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
