@@ -313,11 +313,12 @@ def logit_loss(
                     "--logit-loss topk-tail needs the teacher's tail mass; these targets have none"
                 )
             # The k ids are masked with the most negative finite value, not -inf: with k = vocab the
-            # tail is then ~-3e38 (exp 0) rather than NaN, and its zero teacher mass cancels it.
+            # tail bucket is empty (~-3e38, not NaN), and the teacher's (rounding) tail is set to 0.
             others = rows.scatter(-1, t.ids, torch.finfo(rows.dtype).min)
             q_tail = others.logsumexp(-1) - rows.logsumexp(-1)
             q_log = torch.cat([log_q.gather(-1, t.ids), q_tail[:, None]], -1)
-            p_log = torch.cat([t.values.float(), t.tail.float().clamp_min(0).log()[:, None]], -1)
+            p_tail = t.tail.float().clamp_min(0) * (t.ids.shape[-1] < rows.shape[-1])
+            p_log = torch.cat([t.values.float(), p_tail.log()[:, None]], -1)
             p = p_log.log_softmax(-1).exp()
             kl = (torch.xlogy(p, p) - p * q_log).sum(-1)
         kls.append(kl)

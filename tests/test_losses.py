@@ -80,15 +80,21 @@ def test_channel_adapter_is_a_1x1_conv_over_channels():
 # L_attn
 
 
-def test_mse_adapter_is_mse_of_the_mapped_teacher():
+def test_mse_adapter_is_mse_of_the_mapped_teacher_scaled_by_n_v_or_as_published():
     torch.manual_seed(0)
     adapter = HeadAdapter(4, 2)
     t, s = attention_slice(4, 3, 6, 1), attention_slice(2, 3, 6, 2)
-    expected = ((adapter(t) - s) ** 2).mean()
-    loss = attention_loss([s, s], [t, t], "mse-adapter", adapter)
-    torch.testing.assert_close(loss, expected)
+    published = ((adapter(t) - s) ** 2).mean()
+    loss = attention_loss([s, s], [t, t], "mse-adapter-2025-01", adapter)
+    torch.testing.assert_close(loss, published)
     loss.backward()
     assert adapter.conv.weight.grad.abs().sum() > 0
+    # Ours: both slices scaled by N_v = 6 (rows of O(1) entries) before the adapter and the MSE.
+    scaled = ((adapter(6 * t) - 6 * s) ** 2).mean()
+    torch.testing.assert_close(attention_loss([s], [t], "mse-adapter", adapter), scaled)
+    assert scaled > 10 * published
+    # Sum over samples instead of the mean.
+    torch.testing.assert_close(attention_loss([s, s], [t, t], "mse-adapter", adapter, "sum"), 2 * scaled)
 
 
 def test_mse_adapter_from_one_head_serves_a_head_mean_cache():
@@ -111,6 +117,43 @@ def test_kl_headmean_is_kl_of_row_normalised_head_means():
     assert attention_loss([t * 0.5], [t], "kl-headmean").item() == pytest.approx(0.0, abs=1e-6)
     # A head-mean cache (one head) gives the same value as the full slice it came from.
     torch.testing.assert_close(attention_loss([s], [t.mean(0, keepdim=True)], "kl-headmean"), loss)
+
+
+def published_vt_loss_2024_12(teacher_attn, student_attn, t_v_mask):
+    """fqhank/Align-KD 2024-12-05, trainer.py get_vt_loss, verbatim but for the fp16 cast of the result.
+    teacher_attn (B, H_t, L, L), student_attn (B, H_s, L, L), t_v_mask (B, H_s, L, L)."""
+    s = t_v_mask.shape[0] * t_v_mask.shape[1] * t_v_mask.shape[2] * t_v_mask.shape[3]
+    teacher_front_attn, front_attn = (
+        teacher_attn.mean(1).to(torch.float32),
+        student_attn.mean(1).to(torch.float32),
+    )
+    t_v_mask = t_v_mask[:, 0, :, :].to(torch.float32)
+    kl_tv = (teacher_front_attn * t_v_mask + 1e-8) * torch.log(
+        (teacher_front_attn * t_v_mask + 1e-8) / (front_attn * t_v_mask + 1e-8)
+    )
+    return kl_tv.mean() * (s / t_v_mask.sum())
+
+
+def test_kl_headmean_2024_12_is_the_published_unnormalised_kl():
+    # Full causal layer-0 attention over BOS, 6 visual tokens, 4 text tokens; the mask selects text
+    # queries x vision keys (the paper's orientation, not the public code's transposed mask).
+    g = torch.Generator().manual_seed(3)
+    length, vision, text = 11, slice(1, 7), slice(7, 11)
+    causal = torch.ones(length, length).tril().bool()
+
+    def full(heads):
+        return torch.randn(1, heads, length, length, generator=g).masked_fill(~causal, -1e9).softmax(-1)
+
+    teacher, student = full(4), full(2)
+    mask = torch.zeros(1, 2, length, length, dtype=torch.bool)
+    mask[:, :, text, vision] = True
+    expected = published_vt_loss_2024_12(teacher, student, mask)
+    t, s = teacher[0][:, text, vision], student[0][:, text, vision]
+    loss = attention_loss([s], [t], "kl-headmean-2024-12")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Not renormalised: it differs from our kl-headmean, and a head-mean cache gives the same value.
+    assert loss.item() != pytest.approx(attention_loss([s], [t], "kl-headmean").item(), rel=1e-2)
+    torch.testing.assert_close(attention_loss([s], [t.mean(0, keepdim=True)], "kl-headmean-2024-12"), loss)
 
 
 def test_attention_loss_refuses_mismatched_geometry():
@@ -155,10 +198,80 @@ def test_vision_loss_all_tokens_plus_weighted_topk():
 
 
 def topk_targets(teacher_logits, positions, k):
-    log_p = teacher_logits[positions].log_softmax(-1)
+    log_p = teacher_logits[positions].double().log_softmax(-1)
     values, ids = log_p.topk(k, dim=-1)
     tail = (1 - values.exp().sum(-1)).clamp_min(0)
-    return LogitTargets("topk", positions, ids, values, tail)
+    return LogitTargets("topk", positions, ids, values.float(), tail.float())
+
+
+def reference_topk_tail(student_rows, ids, values, tail):
+    """float64, bucket by bucket: the student's tail as the sum of its other probabilities, the
+    decoded teacher's k + 1 buckets divided by their sum; KL summed over buckets, mean over rows."""
+    q = student_rows.double().softmax(-1)
+    others = torch.ones_like(q, dtype=torch.bool).scatter(-1, ids, False)
+    q_buckets = torch.cat([q.gather(-1, ids), (q * others).sum(-1, keepdim=True)], -1)
+    p = torch.cat([values.double().exp(), tail.double()[:, None]], -1)
+    p = p / p.sum(-1, keepdim=True)
+    return (p * (p / q_buckets).log()).sum(-1).mean()
+
+
+@pytest.mark.parametrize("teacher_tail", ["1e-3", "3x the student's"])
+def test_topk_tail_value_and_gradient_match_float64_for_tails_down_to_1e_12(teacher_tail):
+    """A confident student (tail 1e-2 ... 1e-12, as for most positions of a 32k vocabulary with
+    k = 64) keeps its tail's value and gradient: 1 - sum(top-k) in fp32 would round it to 0."""
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 500, 8
+    tails = torch.tensor([1e-2, 1e-4, 1e-6, 1e-8, 1e-10, 1e-12], dtype=torch.float64)
+    n = len(tails)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    rows = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    top = torch.zeros(n, vocab, dtype=torch.bool).scatter(-1, ids, True)
+    # Lift the k ids by c so that the mass outside them is exactly the wanted tail.
+    outside = (rows.exp() * ~top).sum(-1)
+    inside = (rows.exp() * top).sum(-1)
+    c = (outside * (1 - tails) / tails / inside).log()
+    rows = rows + top * c[:, None]
+    q = rows.softmax(-1)
+    assert torch.allclose((q * ~top).sum(-1), tails, rtol=1e-9, atol=0)
+    # The teacher: its own log-probs on the same k ids, with the tail asked for.
+    p_tail = torch.full((n,), 1e-3, dtype=torch.float64) if teacher_tail == "1e-3" else 3 * tails
+    p_k = torch.rand(n, k, generator=g, dtype=torch.float64) + 0.1
+    p_k = p_k / p_k.sum(-1, keepdim=True) * (1 - p_tail[:, None])
+    targets = LogitTargets("topk", torch.arange(n), ids, p_k.log().float(), p_tail.float())
+
+    student = rows.float().requires_grad_()
+    loss = logit_loss([student], [targets], "topk-tail")
+    loss.backward()
+    reference_rows = rows.clone().requires_grad_()
+    expected = reference_topk_tail(reference_rows, ids, targets.values, targets.tail)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grad, ref = student.grad.double(), reference_rows.grad
+    torch.testing.assert_close(grad[top], ref[top], rtol=1e-4, atol=1e-7)
+    # The tail ids' gradients are as small as their probabilities: compare them relatively.
+    torch.testing.assert_close(grad[~top], ref[~top], rtol=1e-3, atol=0)
+
+
+def test_topk_tail_is_exactly_zero_when_the_student_equals_the_decoded_teacher():
+    """Quantised log-probs and tail need not sum to 1; the loss renormalises the decoded buckets, so it
+    and its gradient vanish when the student puts exactly those buckets' mass on them."""
+    g = torch.Generator().manual_seed(1)
+    vocab, k, n = 300, 16, 5
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    exact = topk_targets(teacher, torch.arange(n), k)
+    # Decoded from bf16, as a lossy cache would give them back.
+    values, tail = exact.values.bfloat16().float(), exact.tail.bfloat16().float()
+    assert (values.double().exp().sum(-1) + tail.double() - 1).abs().max() > 1e-4
+    decoded = LogitTargets("topk", exact.positions, exact.ids, values, tail)
+    p = torch.cat([values.double().exp(), tail.double()[:, None]], -1)
+    p = p / p.sum(-1, keepdim=True)
+    student = (p[:, -1:] / (vocab - k)).log().expand(n, vocab).clone()
+    student.scatter_(-1, exact.ids, p[:, :-1].log())
+    student = student.float().requires_grad_()
+    loss = logit_loss([student], [decoded], "topk-tail")
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert student.grad.abs().max() < 1e-6
 
 
 def full_kl(teacher_logits, student_logits, positions):

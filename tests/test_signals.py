@@ -30,6 +30,18 @@ def test_topk_log_probs_and_tail_match_full_softmax():
     assert float(everything.tail.max()) < 1e-6
 
 
+def test_topk_tail_keeps_its_value_when_tiny():
+    """A confident teacher's tail (1e-9 ... 1e-30) is summed in log space: 1 - sum(top-k) would give
+    rounding noise of ~1e-7 instead."""
+    logits = _logits(n=4, vocab=300)
+    logits[:, :8] += torch.tensor([25.0, 35.0, 50.0, 80.0])[:, None]
+    targets = logit_targets(logits, torch.arange(4), kind="topk", k=8)
+    full = torch.log_softmax(logits.double(), -1)
+    expected = full[:, 8:].exp().sum(-1)
+    assert float(expected.max()) < 1e-7 and float(expected.min()) > 1e-35
+    torch.testing.assert_close(targets.tail.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_sampled_targets_are_reproducible_and_unbiased():
     logits = _logits(n=3, vocab=50) / 3
     positions = torch.arange(3)
