@@ -43,34 +43,38 @@ def teacher(llava_teacher_dir):
     return backend
 
 
-def loss_and_grads(student, source, cfg, seed=0):
-    """Loss terms and the flat gradient (student + adapters) of one batch of every sample."""
+def loss_and_grads(student, source, cfg, seed=0, bf16=False):
+    """Loss terms and the flat gradient (student + adapters) of one batch of every sample.
+
+    bf16: the targets and the student's forward inside one bf16 autocast, as a caller that does not
+    know which source it has may well do: the teacher must still run as the build runs it."""
     student.model.train()
     params = trainable_model_parameters(student.model)
     adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed)
     student.model.zero_grad(set_to_none=True)
     micro = source.collate([source[i] for i in range(len(source))])
-    targets = source.targets(micro, "cpu")
-    loss, terms = total_loss(
-        student.forward(micro.student, capture=True), micro.student, targets, cfg, adapters
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        targets = source.targets(micro, "cpu")
+        signals = student.forward(micro.student, capture=True)
+    loss, terms = total_loss(signals, micro.student, targets, cfg, adapters)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
-    return {"loss": float(loss.detach()), **terms}, grads
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads
 
 
-def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64):
+def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False):
     data, root = digits_dataset
     offline = CacheSource(CacheReader(str(cache_dir)), student, root)
     online = OnlineSource(teacher, student, data, root, topk=topk)
     assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
-    return loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
+    return loss_and_grads(student, offline, cfg, bf16=bf16), loss_and_grads(student, online, cfg, bf16=bf16)
 
 
-def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, caches, digits_dataset):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, caches, digits_dataset, bf16):
     cfg = LossConfig(parse_weights(""))
-    (off, g_off), (on, g_on) = compare(student, teacher, caches / "lossless", digits_dataset, cfg)
-    print("\nlossless cache vs online:", {k: (off[k], on[k]) for k in off})
+    (off, g_off), (on, g_on) = compare(student, teacher, caches / "lossless", digits_dataset, cfg, bf16=bf16)
+    print(f"\nlossless cache vs online ({'bf16' if bf16 else 'fp32'}):", {k: (off[k], on[k]) for k in off})
     for term in ("loss", "ce", "logit", "vis", "attn"):
         assert off[term] > 0, term
         assert abs(off[term] - on[term]) <= 1e-5, (term, off[term], on[term])
