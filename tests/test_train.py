@@ -1,7 +1,11 @@
 """The trainer: batch plan, metrics, output, adapters, resume, refusals, pooling, options, eval."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,13 +101,17 @@ def test_frozen_adapters_stay_at_init_and_zero_weight_terms_are_skipped(
     assert metrics(out)[0]["attn"] is None
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_online_and_from_cache_log_the_same_losses_with_lr_0(
-    tmp_path, llava_teacher_dir, llava_student_dir, cache, digits_dataset
+    tmp_path, llava_teacher_dir, llava_student_dir, cache, digits_dataset, bf16
 ):
+    """With --bf16 too: the resident teacher runs outside the student's autocast, as the build ran it."""
     data, root = digits_dataset
     a, b = tmp_path / "online", tmp_path / "cache"
-    online(str(llava_teacher_dir), str(llava_student_dir), data, root, options(a, lr=0.0, max_steps=3))
-    from_cache(str(llava_student_dir), str(cache), root, options(b, lr=0.0, max_steps=3))
+    online(
+        str(llava_teacher_dir), str(llava_student_dir), data, root, options(a, lr=0.0, max_steps=3, bf16=bf16)
+    )
+    from_cache(str(llava_student_dir), str(cache), root, options(b, lr=0.0, max_steps=3, bf16=bf16))
     for x, y in zip(metrics(a), metrics(b), strict=True):
         for term in ("loss", "ce", "logit", "vis", "attn"):
             assert x[term] == pytest.approx(y[term], abs=1e-5)
@@ -129,6 +137,121 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, llava_student_dir, ca
         from_cache(
             str(llava_student_dir), str(cache), root, options(parts, resume=True, **{**common, "lr": 0.1})
         )
+
+
+def test_resume_refuses_another_student_cache_or_loss_naming_it(
+    tmp_path, tokenizer_dir, llava_teacher_dir, llava_student_dir, cache, digits_dataset
+):
+    data, root = digits_dataset
+    out = tmp_path / "run"
+    common = {"batch_size": 5, "epochs": 2}
+    from_cache(str(llava_student_dir), str(cache), root, options(out, stop_after=1, **common))
+    resume = options(out, resume=True, **common)
+    # The same architecture, other weights: only the content tells them apart.
+    other = build_tiny_llava(tmp_path / "other", tokenizer_dir, layers=2, hidden=32, heads=2, seed=9)
+    with pytest.raises(ValueError, match=r"different run\.student\.weights_sha256 \("):
+        from_cache(str(other), str(cache), root, resume)
+    balanced = tmp_path / "balanced"
+    build_cache(
+        str(llava_teacher_dir), data, root, str(balanced), BuildOptions(codecs="balanced"), progress=False
+    )
+    with pytest.raises(ValueError, match=r"run\.signals\.options\.codecs \(\"lossless\" -> \"balanced\"\)"):
+        from_cache(str(llava_student_dir), str(balanced), root, resume)
+    with pytest.raises(ValueError, match=r"run\.signals\.source \(\"cache\" -> \"online\"\)"):
+        online(str(llava_teacher_dir), str(llava_student_dir), data, root, resume)
+    changed = options(out, resume=True, loss={"attn_loss": "kl-headmean"}, bf16=True, **common)
+    with pytest.raises(
+        ValueError, match=r"bf16 \(false -> true\), loss\.attn_loss \(\"mse-adapter\" -> \"kl-headmean\"\)"
+    ):
+        from_cache(str(llava_student_dir), str(cache), root, changed)
+    # The same student and cache found at other paths resume.
+    moved = tmp_path / "moved"
+    shutil.copytree(cache, moved)
+    assert from_cache(str(llava_student_dir), str(moved), root, resume)["finished"]
+
+
+def test_text_only_micro_batches_train_with_only_the_image_terms_on(
+    tmp_path, llava_student_dir, cache, digits_dataset
+):
+    """ce=0,logit=0: a micro-batch of text-only samples has no term at all; it adds nothing."""
+    _, root = digits_dataset
+    out = tmp_path / "run"
+    plan = batch_plan(10, 1, 5, 1, 0, 1)
+    assert any(
+        i in (2, 9) for step in plan for (i,) in step
+    )  # text-0 and text-1 have micro-batches of their own
+    from_cache(
+        str(llava_student_dir),
+        str(cache),
+        root,
+        options(out, weights="ce=0,logit=0", batch_size=1, grad_accum=5),
+    )
+    rows = metrics(out)
+    assert len(rows) == 2 and all(r["ce"] is None and r["logit"] is None and r["attn"] > 0 for r in rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_one_step_is_the_same_however_the_batch_is_cut(tmp_path, llava_student_dir, cache, digits_dataset):
+    """batch 4 x accum 1, batch 2 x accum 2 and 2 gloo ranks (torchrun) x batch 2 take one optimizer
+    step over the same 4 samples and must land on the same parameters. With seed 3 the two
+    micro-batches differ in supervised tokens and in images (one holds a text-only sample), so a
+    per-micro-batch mean would weigh them differently."""
+    _, root = digits_dataset
+    step = batch_plan(10, 2, 2, 1, 3, 1)[0]
+    assert step == [[0, 4], [2, 8]]  # digit-3 (index 4) has two turns; text-0 (index 2) no image
+    common = {"max_steps": 1, "seed": 3, "lr": 1e-3}
+    whole, accumulated, ranks = tmp_path / "b4", tmp_path / "b2a2", tmp_path / "ranks"
+    from_cache(str(llava_student_dir), str(cache), root, options(whole, **{**common, "batch_size": 4}))
+    from_cache(str(llava_student_dir), str(cache), root, options(accumulated, grad_accum=2, **common))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    cli = [
+        "-m",
+        "alignkd_cache.cli.train",
+        "from-cache",
+        "--student",
+        str(llava_student_dir),
+        "--cache",
+        str(cache),
+    ]
+    args = [
+        "--image-root",
+        str(root),
+        "--out",
+        str(ranks),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--seed",
+        "3",
+        "--lr",
+        "1e-3",
+    ]
+    result = subprocess.run(torchrun + cli + args, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = {**load_file(str(whole / "model.safetensors")), **load_file(str(whole / ADAPTERS_FILE))}
+    before = load_file(str(llava_student_dir / "model.safetensors"))
+    assert any(not torch.equal(before[n], reference[n]) for n in before)
+    for out in (accumulated, ranks):
+        other = {**load_file(str(out / "model.safetensors")), **load_file(str(out / ADAPTERS_FILE))}
+        assert set(other) == set(reference)
+        for name, value in reference.items():
+            torch.testing.assert_close(other[name], value, rtol=0, atol=1e-6, msg=f"{out.name}: {name}")
 
 
 def test_a_changed_image_is_refused_naming_the_file(tmp_path, llava_student_dir, cache, digits_dataset):
