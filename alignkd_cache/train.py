@@ -2,8 +2,9 @@
 
 Read top to bottom: options; which parameters train; the batch plan (a seeded permutation over
 dataset order, so both sources see the same batches in the same order); the loop (forward, the
-shared losses, accumulation, data-parallel gradient averaging, AdamW, cosine schedule); logging;
-checkpoints that resume exactly, written without pickle (safetensors + JSON); the final output.
+shared losses normalised over the whole step, accumulation, data-parallel gradient sums, AdamW,
+cosine schedule); logging; checkpoints that resume exactly, written without pickle (safetensors +
+JSON); the final output.
 """
 
 from __future__ import annotations
