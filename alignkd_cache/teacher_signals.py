@@ -331,7 +331,11 @@ class OnlineSource(torch.utils.data.Dataset):
             "source": "online",
             "teacher": _content(self.teacher.fingerprint()),
             "data_sha256": self.data_sha256,
-            **{k: v for k, v in self.describe().items() if k not in ("source", "teacher", "skipped")},
+            "template": self.template,
+            "logit_targets": self.logit_kind,
+            "topk": self.topk,
+            "draws": self.draws,
+            "sample_seed": self.sample_seed,
             "max_length": self.max_length,
         }
 
