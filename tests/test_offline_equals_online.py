@@ -11,7 +11,7 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import CacheSource, CompatibilityError, OnlineSource
+from alignkd_cache.teacher_signals import CacheSource, CompatibilityError, OnlineSource, student_positions
 from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 
@@ -119,3 +119,16 @@ def test_mismatched_tokenizer_or_template_is_refused(student, caches, digits_dat
     ):
         CacheSource(reader, student, root, template="plain")
     CacheSource(reader, student, root, template="v1")
+
+
+def test_logit_targets_must_sit_exactly_at_the_supervised_positions(student, teacher, digits_dataset):
+    """Logit KD is normalised by the supervised-token count, so its targets must cover exactly those
+    positions: a cache with targets on the prompt, or missing an answer token, is refused."""
+    data, root = digits_dataset
+    source = OnlineSource(teacher, student, data, root)
+    t, s = source.teacher_samples[0], source.samples[0]
+    exact = torch.tensor(t.supervised_positions)
+    assert student_positions(exact, t, t).tolist() == t.supervised_positions
+    for wrong in (exact[1:], torch.cat([exact, torch.tensor([t.visual_start + t.num_visual])])):
+        with pytest.raises(CompatibilityError, match="not exactly at the positions"):
+            student_positions(wrong, t, s)
