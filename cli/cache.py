@@ -8,6 +8,8 @@ import sys
 import click
 
 import alignkd_cache
+from alignkd_cache.cli.errors import Commands
+from alignkd_cache.data import TEMPLATES
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -34,7 +36,7 @@ storage_option = click.option(
 )
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
 def main():
     """Offline Align-KD teacher-signal caches (zarr + Parquet)."""
@@ -53,7 +55,7 @@ def main():
 @click.option(
     "--out", required=True, help="Cache location: a directory or an fsspec URL (s3://bucket/cache)."
 )
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
 @click.option(
     "--topk", type=click.IntRange(1), default=64, show_default=True, help="Top-k ids per logit position."
 )
