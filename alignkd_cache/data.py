@@ -346,14 +346,19 @@ def resolve_image(image_root: str | Path, rel: str, sample_id: str) -> Path:
     root = Path(image_root).resolve()
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise DataError(
-            f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}"
+            f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}",
+            "image outside --image-root",
         )
     path = (root / rel).resolve()
     if root not in path.parents:
-        raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}")
+        raise DataError(
+            f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}",
+            "image outside --image-root",
+        )
     if not path.is_file():
         raise DataError(
-            f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field"
+            f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field",
+            "missing image",
         )
     return path
 

@@ -144,7 +144,7 @@ def main():
 
 
 @main.command("from-cache")
-@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option(
@@ -162,8 +162,8 @@ def from_cache_command(student, cache, image_root, template, **kw):
 
 
 @main.command("online")
-@click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id.")
-@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id org/name[@revision].")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option(
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
@@ -237,7 +237,9 @@ def online_command(
 
 
 @main.command("finetune")
-@click.option("--model", required=True, help="Model checkpoint directory or hub id to fine-tune.")
+@click.option(
+    "--model", required=True, help="Model to fine-tune: a checkpoint directory or hub id org/name[@revision]."
+)
 @click.option(
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
