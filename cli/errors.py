@@ -65,7 +65,7 @@ def explain(e: Exception) -> tuple[str, int] | None:
         return _one_line(e.args[0] if e.args else e), EXIT_BAD_INPUT
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         where = f" writing {e.filename}" if e.filename else ""
-        return f"no space left on the device{where}; free space or choose another --out", EXIT_SYSTEM
+        return f"no space left on the device{where}; free space there or write somewhere else", EXIT_SYSTEM
     if isinstance(e, FileNotFoundError):  # ours are worded already; the OS's name only the file
         return (
             f"{e.filename} does not exist; check the path" if e.filename else _one_line(e)
