@@ -39,8 +39,9 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()[:32]
 
 
-# PIL refuses larger images outright (its decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_PIXELS = 150_000_000
+# PIL refuses larger images outright (its decompression-bomb limit), whatever our limit says.
+PIL_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # Images whose long side is at least twice this are shrunk by an integer factor while decoding; the
 # vision towers resize to 224-384 anyway, and a 12000 x 10000 picture would otherwise take gigabytes.
 DECODE_SIDE = 2048
@@ -51,19 +52,26 @@ def _unreadable(path, sample_id: str, e: Exception) -> ImageError:
     return ImageError(f"sample {sample_id!r}: image {path} is unreadable or corrupt ({e}); replace the file")
 
 
+def _too_large(path, sample_id: str, size: str, limit: int) -> ImageError:
+    return ImageError(
+        f"sample {sample_id!r}: image {path} is {size}, over the limit of {limit / 1e6:.0f} Mpixels "
+        "(a decompression bomb?); replace it or raise --max-image-pixels",
+        "image too large",
+    )
+
+
 def check_image(path: str | Path, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Open the header only (no decode): the size, or ImageError for an unreadable or too large file."""
     try:
         with Image.open(path) as raw:
             width, height = raw.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise _too_large(path, sample_id, f"over {PIL_MAX_PIXELS / 1e6:.0f} Mpixels", PIL_MAX_PIXELS) from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise _unreadable(path, sample_id, e) from e
     if width * height > max_pixels:
-        raise ImageError(
-            f"sample {sample_id!r}: image {path} is {width}x{height} = {width * height / 1e6:.0f} Mpixels, over "
-            f"the limit of {max_pixels / 1e6:.0f} Mpixels (a decompression bomb?); replace it or raise "
-            "--max-image-pixels",
-            "image too large",
+        raise _too_large(
+            path, sample_id, f"{width}x{height} = {width * height / 1e6:.0f} Mpixels", max_pixels
         )
     return width, height
 

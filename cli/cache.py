@@ -10,7 +10,7 @@ import click
 import alignkd_cache
 from alignkd_cache.cli.errors import Commands
 from alignkd_cache.data import TEMPLATES
-from alignkd_cache.images import DEFAULT_MAX_PIXELS
+from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -104,10 +104,10 @@ def main():
 )
 @click.option(
     "--max-image-pixels",
-    type=click.IntRange(1),
+    type=click.IntRange(1, PIL_MAX_PIXELS),
     default=DEFAULT_MAX_PIXELS,
     show_default=True,
-    help="Refuse larger images (decompression bombs); PIL itself refuses above 179 million.",
+    help="Refuse images with more pixels (decompression bombs), each with its own error.",
 )
 @click.option(
     "--report",
