@@ -45,11 +45,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"model {path}: no such directory and not a hub id (org/name[@revision]); "
             "give a checkpoint folder or a hub id"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
+        # Offline, say so (as transformers does): given a commit hash, snapshot_download would still
+        # ask the hub for the file list.
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision or None, local_files_only=constants.is_offline_mode()
+            )
+        )
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"model {path}: not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE "
