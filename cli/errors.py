@@ -74,6 +74,11 @@ def explain(e: Exception) -> tuple[str, int] | None:
         return f"permission denied: {e.filename or e}; check the path's owner and mode", EXIT_SYSTEM
     if isinstance(e, OSError):
         return f"{_one_line(e)}; check the path and the device", EXIT_SYSTEM
+    if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):  # remote stores (fsspec)
+        return (
+            f"remote store: {_one_line(e)}; check the URL, your credentials and --storage-option",
+            EXIT_SYSTEM,
+        )
     return None
 
 
