@@ -52,6 +52,8 @@ def explain(e: Exception) -> tuple[str, int] | None:
     """(message, exit code) for an expected failure; None for a bug."""
     from zarr.errors import GroupNotFoundError, NodeNotFoundError
 
+    if isinstance(e, RuntimeError) and isinstance(e.__cause__, OSError):  # the background writer's wrap
+        return explain(e.__cause__)
     if isinstance(e, GroupNotFoundError | NodeNotFoundError):
         return _not_a_cache(e), EXIT_CACHE_REFUSED
     if isinstance(e, CacheError):

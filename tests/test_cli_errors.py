@@ -81,6 +81,8 @@ MISTAKES = [
     (cache, build(out="{cache}"), EXIT_CACHE_REFUSED, "is not empty; pass --resume"),
     (cache, build(data="{bad}"), EXIT_BAD_INPUT, "pre-flight found 1 bad sample(s) (1 missing image)"),
     (cache, build(data="{utf16}"), EXIT_BAD_INPUT, "the file is UTF-16"),
+    (cache, build("{bad}", "{new}", "{teacher}", "--report", "/dev/full"), EXIT_SYSTEM,
+     "no space left on the device"),
     (cache, build("{data}", "{new}", "{teacher}", "--batch-size", "0"), EXIT_USAGE, "0 is not in the range x>=1"),
     (cache, build("{data}", "{new}", "{teacher}", "--template", "llama"), EXIT_USAGE, "'plain', 'v1', 'chat'"),
     (cache, ["build", "--teacher", "{teacher}", "--data", "{data}", "--image-root", "/nonexistent", "--out",
@@ -177,3 +179,19 @@ def test_eval_defaults_to_the_template_the_model_was_trained_with(w, tmp_path):
     assert json.loads(result.stdout.splitlines()[-1])["template"] == "chat"
     plain = CliRunner().invoke(train.main, ["eval", "--model", w["student"], *args[3:]])
     assert json.loads(plain.stdout.splitlines()[-1])["template"] == "v1"
+
+
+def test_a_full_disk_under_the_background_writer_is_one_line_too(tmp_path):
+    """BackgroundWriter re-raises a failed write as RuntimeError from the OSError; the cause decides."""
+    from alignkd_cache.cli.errors import explain
+
+    try:
+        with open("/dev/full", "w") as f:
+            f.write("x")
+    except OSError as full:
+        wrapped = RuntimeError(f"writing to {tmp_path} failed: {full}")
+        wrapped.__cause__ = full
+    assert explain(wrapped) == (
+        "no space left on the device; free space there or write somewhere else",
+        EXIT_SYSTEM,
+    )
