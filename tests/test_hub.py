@@ -10,9 +10,12 @@ import shutil
 import subprocess
 
 import pytest
+from click.testing import CliRunner
 
 from alignkd_cache.backends import detect_family, load_backend
 from alignkd_cache.backends.provenance import hub_revision, resolve_checkpoint
+from alignkd_cache.cli import cache as cache_cli
+from alignkd_cache.cli import train as train_cli
 from alignkd_cache.store.reader import CacheReader
 
 
@@ -71,26 +74,26 @@ def test_vision_tower_by_hub_id_and_revision_in_the_fingerprint(offline, mobilev
 
 
 @pytest.mark.slow
-def test_build_train_and_eval_by_hub_id_offline(hf_home, digits_dataset, tmp_path):
-    """The console scripts, as a user runs them with HF_HOME and HF_HUB_OFFLINE=1."""
+def test_build_train_and_eval_by_hub_id_offline(offline, hf_home, digits_dataset, tmp_path):
+    """build and from-cache in-process with huggingface_hub offline; eval as a user runs it, with
+    HF_HOME and HF_HUB_OFFLINE=1 in the environment."""
     data, root = digits_dataset
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("HF_HUB_CACHE", None)
-
-    def run(*args):
-        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
     cache = tmp_path / "c.zarr"
-    run("alignkd-cache", "build", "--teacher", "org/teacher", "--data", str(data), "--image-root", str(root),
-        "--out", str(cache), "--topk", "4")  # fmt: skip
+    built = CliRunner().invoke(cache_cli.main, ["build", "--teacher", "org/teacher", "--data", str(data),
+                                                "--image-root", str(root), "--out", str(cache), "--topk", "4"])  # fmt: skip
+    assert built.exit_code == 0, built.output
     teacher = CacheReader(cache).attrs["teacher"]
     assert teacher["model_id"] == "org/teacher" and teacher["revision"] == commit("org/teacher")
     out = tmp_path / "run"
-    run("alignkd-train", "from-cache", "--student", f"org/student@{commit('org/student')}", "--cache", str(cache),
-        "--image-root", str(root), "--out", str(out), "--max-steps", "1")  # fmt: skip
-    assert (out / "alignkd_train.json").is_file()
-    report = json.loads(run("alignkd-train", "eval", "--model", "org/student", "--data", str(data), "--image-root",
-                            str(root), "--max-new-tokens", "1").splitlines()[-1])  # fmt: skip
+    trained = CliRunner().invoke(train_cli.main, ["from-cache", "--student", f"org/student@{commit('org/student')}",
+                                                  "--cache", str(cache), "--image-root", str(root), "--out", str(out),
+                                                  "--max-steps", "1"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run(["alignkd-train", "eval", "--model", "org/student", "--data", str(data), "--image-root",
+                           str(root), "--max-new-tokens", "1"], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
     assert report["model"] == "org/student" and report["n"] == 10
