@@ -108,7 +108,11 @@ def test_skip_builds_the_rest_and_records_each_skip_with_its_reason(messy, tmp_p
     assert by_id["bomb"].startswith("image too large: ")
     info = CliRunner().invoke(main, ["info", str(out), "--json"])
     assert json.loads(info.output)["skipped"] == EXPECTED
-    assert "skipped: " in CliRunner().invoke(main, ["info", str(out)]).output
+    assert (
+        "skipped: bad id 2, missing image 2, image too large 1"
+        in CliRunner().invoke(main, ["info", str(out)]).output
+    )
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
     assert not (out / "parts").exists()  # finalize leaves no empty parts/ behind
 
 
