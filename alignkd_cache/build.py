@@ -207,7 +207,8 @@ def build_cache(
     backend.model.eval()
     # Problems stay in dataset order as skipped rows, under their id (or file position when it has none).
     records = [
-        Record(e.id or e.where, None, [], e.where) if isinstance(e, Problem) else e for e in checked.entries
+        Record(e.id or e.where, e.image, [], e.where) if isinstance(e, Problem) else e
+        for e in checked.entries
     ]
     tok = Tokenization(
         backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length

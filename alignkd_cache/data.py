@@ -92,6 +92,7 @@ class Problem:
     where: str  # file:line (JSONL) or file[index] (JSON list)
     id: str | None  # None when the record has no usable, unique id
     message: str  # the one-line error, naming the sample and what to fix
+    image: str | None = None  # its image path, if it names one
 
 
 def _decode(path: Path) -> str:
@@ -146,9 +147,10 @@ def read_entries(path: str | Path) -> list[Record | Problem]:
                     "duplicate id",
                 )
         except DataError as e:
-            sid = item.get("id") if isinstance(item, dict) else None
+            sid, image = (item.get("id"), item.get("image")) if isinstance(item, dict) else (None, None)
             usable = isinstance(sid, str) and e.reason != "duplicate id"
-            entries.append(Problem(e.reason, where, sid if usable else None, str(e)))
+            image = image if isinstance(image, str) else None
+            entries.append(Problem(e.reason, where, sid if usable else None, str(e), image))
             continue
         seen[record.id] = where
         entries.append(record)

@@ -57,7 +57,7 @@ def _check_image(record: Record, image_root, max_pixels: int) -> Problem | None:
             )
         check_image(resolve_image(image_root, record.image, record.id), record.id, max_pixels)
     except (DataError, ImageError) as e:
-        return Problem(e.reason, record.where, record.id, f"{record.where}: {e}")
+        return Problem(e.reason, record.where, record.id, f"{record.where}: {e}", record.image)
     return None
 
 
