@@ -148,7 +148,10 @@ def main():
 @click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option(
-    "--template", default=None, help="Refuse unless the cache used this template (default: the cache's)."
+    "--template",
+    type=click.Choice(TEMPLATES),
+    default=None,
+    help="Refuse unless the cache used this template (default: the cache's).",
 )
 @training_options
 def from_cache_command(student, cache, image_root, template, **kw):

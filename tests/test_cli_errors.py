@@ -195,3 +195,19 @@ def test_a_full_disk_under_the_background_writer_is_one_line_too(tmp_path):
         "no space left on the device; free space there or write somewhere else",
         EXIT_SYSTEM,
     )
+
+
+def test_options_are_typed_and_templates_come_from_the_data_layer():
+    """--batch-size 0 and friends fail in click's parser, naming the option, not deep in a loop."""
+    import click
+
+    from alignkd_cache.data import TEMPLATES
+
+    for group in (cache, train):
+        for name, command in group.main.commands.items():
+            for param in command.params:
+                where = f"{group.__name__} {name} {param.name}"
+                if param.name == "template":
+                    assert list(param.type.choices) == list(TEMPLATES), where
+                if isinstance(param.type, click.types.IntParamType | click.types.FloatParamType):
+                    assert isinstance(param.type, click.IntRange | click.FloatRange), where
