@@ -8,7 +8,7 @@ import sys
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import Commands
+from alignkd_cache.cli.errors import Commands, Device
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
@@ -85,7 +85,7 @@ def main():
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=Device(), default="cpu", show_default=True)
 @click.option(
     "--vision-tower",
     default=None,

@@ -84,6 +84,36 @@ def explain(e: Exception) -> tuple[str, int] | None:
     return None
 
 
+class Device(click.ParamType):
+    """A torch device this machine has: `cpu`, `cuda`, `cuda:1`, `mps`; refused in the parser otherwise."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            self.fail(f"{value!r} is not a torch device; use cpu, cuda, cuda:N or mps", param, ctx)
+        if device.type == "cpu":
+            return value
+        module = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+        if not (hasattr(module, "is_available") and module.is_available()):
+            self.fail(
+                f"{value!r}: this machine or torch build has no {device.type} device; use --device cpu, or "
+                "install the torch build for your accelerator as pytorch.org describes",
+                param,
+                ctx,
+            )
+        count = module.device_count()
+        if device.index is not None and device.index >= count:
+            self.fail(
+                f"{value!r}: this machine has {count} {device.type} device(s), numbered from 0", param, ctx
+            )
+        return value
+
+
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:
     ctx.meta["alignkd.debug"] = value
 

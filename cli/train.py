@@ -8,7 +8,7 @@ import json
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import Commands
+from alignkd_cache.cli.errors import Commands, Device
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.losses import (
     ATTN_LOSSES,
@@ -118,7 +118,12 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             type=click.IntRange(0),
             help="DataLoader worker processes.",
         ),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        click.option(
+            "--device",
+            type=Device(),
+            default=None,
+            help="cpu, cuda, cuda:1 ... (default: cuda when available).",
+        ),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
@@ -278,7 +283,7 @@ def finetune_command(model, data, image_root, template, max_length, **kw):
     default=None,
     help="Write one JSON line per sample here.",
 )
-@click.option("--device", default=None)
+@click.option("--device", type=Device(), default=None, help="Default: cuda when available.")
 def eval_command(model, data, image_root, template, max_new_tokens, batch_size, predictions, device):
     """Greedy short answers and exact-match accuracy (lower-cased, whitespace collapsed)."""
     import torch

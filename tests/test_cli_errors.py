@@ -85,6 +85,7 @@ MISTAKES = [
      "no space left on the device"),
     (cache, build("{data}", "{new}", "{teacher}", "--batch-size", "0"), EXIT_USAGE, "0 is not in the range x>=1"),
     (cache, build("{data}", "{new}", "{teacher}", "--template", "llama"), EXIT_USAGE, "'plain', 'v1', 'chat'"),
+    (cache, build("{data}", "{new}", "{teacher}", "--device", "gpu0"), EXIT_USAGE, "'gpu0' is not a torch device"),
     (cache, ["build", "--teacher", "{teacher}", "--data", "{data}", "--image-root", "/nonexistent", "--out",
              "{new}"], EXIT_USAGE, "'/nonexistent' does not exist"),
     (train, from_cache(cache_="{empty}"), EXIT_CACHE_REFUSED, "is not an alignkd cache"),
@@ -211,3 +212,11 @@ def test_options_are_typed_and_templates_come_from_the_data_layer():
                     assert list(param.type.choices) == list(TEMPLATES), where
                 if isinstance(param.type, click.types.IntParamType | click.types.FloatParamType):
                     assert isinstance(param.type, click.IntRange | click.FloatRange), where
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_on_a_machine_without_it_is_a_usage_error(w):
+    result = CliRunner().invoke(
+        train.main, ["eval", "--model", w["student"], "--data", w["data"], "--device", "cuda"]
+    )
+    assert result.exit_code == EXIT_USAGE and "has no cuda device; use --device cpu" in result.output
