@@ -8,7 +8,7 @@ import sys
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import Commands, Device
+from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
@@ -177,7 +177,7 @@ def verify(store, storage):
         click.echo(
             f"FAILED: {len(report.problems)} problem(s), {len(report.bad_samples)} bad sample(s)", err=True
         )
-        sys.exit(1)
+        sys.exit(EXIT_VERIFY_FAILED)
     click.echo(f"ok: {report.samples_checked} samples verified")
 
 

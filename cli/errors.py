@@ -12,8 +12,6 @@ import re
 
 import click
 
-from alignkd_cache.data import DataError
-from alignkd_cache.images import ImageError
 from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.reader import CacheError
 
@@ -61,7 +59,7 @@ def explain(e: Exception) -> tuple[str, int] | None:
         return _one_line(e), EXIT_DAMAGED if damaged else EXIT_CACHE_REFUSED
     if isinstance(e, IncompatibleCache):
         return _one_line(e), EXIT_CACHE_REFUSED
-    if isinstance(e, DataError | ImageError | ValueError):
+    if isinstance(e, ValueError):  # DataError, ImageError, CompatibilityError and the other refusals
         return _one_line(e), EXIT_BAD_INPUT
     if isinstance(e, KeyError):  # an unknown sample id; KeyError's str() adds quotes
         return _one_line(e.args[0] if e.args else e), EXIT_BAD_INPUT
