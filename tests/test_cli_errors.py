@@ -152,12 +152,31 @@ def test_help_says_what_the_commands_do():
 
 
 def test_no_message_suggests_an_option_that_does_not_exist(tmp_path):
-    from alignkd_cache.backends import detect_family
+    """Every `--option` the package's code and messages name is an option of one of its commands (the
+    benchmarks' own `--tiny` aside)."""
+    import re
+    from pathlib import Path
 
+    import alignkd_cache
+    from alignkd_cache.backends import detect_family
+    from alignkd_cache.cli import demo
+
+    commands = [
+        cache.main,
+        train.main,
+        demo.main,
+        *cache.main.commands.values(),
+        *train.main.commands.values(),
+    ]
+    known = {name for command in commands for param in command.params for name in param.opts} | {"--tiny"}
+    package = Path(alignkd_cache.__file__).parent
+    for source in [*package.rglob("*.py"), *Path(cache.__file__).parent.glob("*.py")]:
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", source.read_text()))
+        assert named <= known, (source, named - known)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="neither an HF LLaVA nor a MobileVLM") as e:
         detect_family(tmp_path)
-    assert "--family" not in str(e.value)
+    assert "--" not in str(e.value)
 
 
 def test_eval_defaults_to_the_template_the_model_was_trained_with(w, tmp_path):
