@@ -97,9 +97,9 @@ class Problem:
 
 def _decode(path: Path) -> str:
     data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
         raise DataError(
-            f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+            f"{path}: the file is UTF-16 (a UTF-16 byte-order mark or NUL bytes); "
             "save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`",
             "encoding",
         )

@@ -126,6 +126,9 @@ def test_records_accept_a_bom_and_name_utf16_and_bad_ids(tmp_path):
     utf16.write_text(json.dumps(rows), encoding="utf-16")
     with pytest.raises(DataError, match="utf16.json: the file is UTF-16.*save it as UTF-8"):
         read_records(utf16)
+    utf16.write_bytes(json.dumps(rows).encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(DataError, match="utf16.json: the file is UTF-16"):
+        read_records(utf16)
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(json.dumps(rows[0]).encode() + b"\n" + '{"id": "é"}'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.jsonl:2: not valid UTF-8 \(byte 0xe9"):
