@@ -94,7 +94,7 @@ MISTAKES = [
     (train, from_cache(cache_="{damaged}"), EXIT_DAMAGED,
      "fails its checksum, so the cache is damaged; run `alignkd-cache verify"),
     (train, ["eval", "--model", "org/missing", "--data", "{data}"], EXIT_NOT_FOUND,
-     "not in the Hugging Face cache"),
+     "as a hub id not in the Hugging Face cache"),
     (train, ["eval", "--model", "{student}", "--data", "{data}", "--image-root", "{root}", "--predictions",
              "/dev/full"], EXIT_SYSTEM, "no space left on the device"),
     (train, ["finetune", "--model", "{student}", "--data", "{data}", "--image-root", "{root}", "--out", "{out}",

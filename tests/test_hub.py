@@ -57,9 +57,12 @@ def test_hub_ids_resolve_offline_with_an_optional_revision(offline):
         assert resolve_checkpoint(name) == snapshot, name
     assert hub_revision(snapshot) == commit("org/teacher")
     assert detect_family("org/teacher") == "llava"
-    with pytest.raises(FileNotFoundError, match="org/absent: not in the Hugging Face cache"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="org/absent: no such directory, and as a hub id not in the Hugging Face cache",
+    ):
         resolve_checkpoint("org/absent")
-    with pytest.raises(FileNotFoundError, match="org/teacher@v2: not in the Hugging Face cache"):
+    with pytest.raises(FileNotFoundError, match="org/teacher@v2: no such directory, and as a hub id not in"):
         resolve_checkpoint("org/teacher@v2")
     with pytest.raises(FileNotFoundError, match="no such directory and not a hub id"):
         resolve_checkpoint("./missing-model")

@@ -58,13 +58,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         )
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
-            f"model {path}: not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE "
-            "set or no network); download it once online, or give a checkpoint folder"
+            f"model {path}: no such directory, and as a hub id not in the Hugging Face cache while the hub "
+            "cannot be reached (HF_HUB_OFFLINE set or no network); download it once online, or fix the path"
         ) from e
     except HfHubHTTPError as e:
         raise FileNotFoundError(
-            f"model {path}: the hub refused it ({str(e).splitlines()[0]}); check the id, the revision "
-            "and your HF_TOKEN"
+            f"model {path}: no such directory, and the hub refused it as an id ({str(e).splitlines()[0]}); "
+            "fix the path, or check the id, the revision and your HF_TOKEN"
         ) from e
 
 
