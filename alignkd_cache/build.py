@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,15 +24,9 @@ import torch
 from tqdm import tqdm
 
 from alignkd_cache.backends import load_backend
-from alignkd_cache.data import (
-    DataError,
-    SampleDataset,
-    Skip,
-    Tokenization,
-    check_images,
-    read_records,
-    tokenize,
-)
+from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, tokenize
+from alignkd_cache.images import DEFAULT_MAX_PIXELS
+from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
@@ -59,6 +54,8 @@ class BuildOptions:
     draws: int = 50  # sampled targets: draws per position
     seed: int = 0
     vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
+    on_bad_sample: str = "error"  # or "skip": bad records and images become skipped manifest rows
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def _dist() -> tuple[int, int]:
@@ -191,30 +188,42 @@ def build_cache(
     resume: bool = False,
     storage_options: dict | None = None,
     progress: bool = True,
+    report: str | Path | None = None,
 ) -> dict:
-    """Build (or resume) a cache; returns its root attributes on rank 0 (None on other ranks)."""
+    """Build (or resume) a cache; returns its root attributes on rank 0 (None on other ranks).
+
+    Before the teacher loads, a pre-flight check reads every record and image header; its problems
+    go to stderr (counts and first cases) and to `report` (JSON, default next to `out`)."""
     opts = options or BuildOptions()
     rank, world = _dist()
+    checked = preflight(data, image_root, opts.limit, opts.max_image_pixels)
+    if checked.problems:
+        _report(checked, report or default_report_path(str(out)), opts.on_bad_sample, show=rank == 0)
     if world > 1 and opts.device == "cuda":
         # One GPU per rank: torchrun's LOCAL_RANK picks it, as for any torchrun job.
         opts = replace(opts, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     tower = {"vision_tower": opts.vision_tower} if opts.vision_tower else {}
     backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device, **tower)
     backend.model.eval()
-    records = read_records(data)[: opts.limit]
+    # Problems stay in dataset order as skipped rows, under their id (or file position when it has none).
+    records = [
+        Record(e.id or e.where, e.image, [], e.where) if isinstance(e, Problem) else e
+        for e in checked.entries
+    ]
     tok = Tokenization(
         backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length
     )
     outcomes = []
-    for record in records:
+    for record, entry in zip(records, checked.entries, strict=True):
+        if isinstance(entry, Problem):
+            outcomes.append(Skip(record.id, f"{entry.reason}: {entry.message}"))
+            continue
         out_ = tokenize(record, tok)
         if isinstance(out_, Skip) and opts.on_too_long == "error":
             raise DataError(
                 f"{record.where}: sample {record.id!r}: {out_.reason}; raise --max-length or shorten it"
             )
         outcomes.append(out_)
-    candidates = [o for o in outcomes if not isinstance(o, Skip)]
-    check_images(candidates, image_root)
     # The logit width: every family names its output projection lm_head (HF convention).
     vocab = next(
         m.out_features for name, m in backend.model.named_modules() if name.split(".")[-1] == "lm_head"
@@ -266,6 +275,22 @@ def build_cache(
     if world > 1:
         torch.distributed.barrier()
     return result
+
+
+def _report(checked: Preflight, path: str | Path, on_bad_sample: str, show: bool) -> None:
+    """Print the pre-flight problems and write their full list (if `show`); with on_bad_sample="error", stop."""
+    if show:
+        checked.write_json(path)
+        print("\n".join(checked.lines()), file=sys.stderr)
+    if on_bad_sample == "error":
+        counts = ", ".join(f"{n} {reason}" for reason, n in checked.counts().items())
+        raise DataError(
+            f"pre-flight found {len(checked.problems)} bad sample(s) ({counts}); every one is listed in {path}; "
+            "fix them, or pass --on-bad-sample skip to build without them",
+            "pre-flight",
+        )
+    if show:
+        print(f"pre-flight: skipping them (listed in {path})", file=sys.stderr)
 
 
 class _IndexedDataset(SampleDataset):

@@ -32,7 +32,12 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class DataError(ValueError):
-    """Bad input. The message names the file, line or sample and says what to fix."""
+    """Bad input. The message names the file, line or sample and says what to fix; `reason` is the
+    short kind of problem the pre-flight report counts."""
+
+    def __init__(self, message: str, reason: str = "bad record"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,41 @@ class TokenizedSample:
 # Reading records
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read a JSON list or JSONL file, validating structure and ids up front."""
+@dataclass(frozen=True)
+class Problem:
+    """A record the data cannot be used as: kept in dataset order, in place of its Record."""
+
+    reason: str  # the kind, as reports count it ("bad id", "missing image", ...)
+    where: str  # file:line (JSONL) or file[index] (JSON list)
+    id: str | None  # None when the record has no usable, unique id
+    message: str  # the one-line error, naming the sample and what to fix
+    image: str | None = None  # its image path, if it names one
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise DataError(
+            f"{path}: the file is UTF-16 (a UTF-16 byte-order mark or NUL bytes); "
+            "save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8`",
+            "encoding",
+        )
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); save the file as UTF-8",
+            "encoding",
+        ) from e
+
+
+def read_entries(path: str | Path) -> list[Record | Problem]:
+    """Every record of a JSON list or JSONL file, in file order: a Record, or a Problem in its place.
+
+    The file as a whole (its encoding, a malformed JSON list) either reads or raises DataError."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     raw: list[tuple[object, str]] = []
     if text.lstrip().startswith("["):
         try:
@@ -92,32 +128,56 @@ def read_records(path: str | Path) -> list[Record]:
         raw = [(item, f"{path}[{i}]") for i, item in enumerate(items)]
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as e:
+            if line.strip():
+                try:
+                    raw.append((json.loads(line), f"{path}:{lineno}"))
+                except json.JSONDecodeError as e:
+                    message = f"{path}:{lineno}: malformed JSON ({e.msg}); each JSONL line must be one object"
+                    raw.append((DataError(message, "malformed JSON"), f"{path}:{lineno}"))
+    entries: list[Record | Problem] = []
+    seen: dict[str, str] = {}
+    for index, (item, where) in enumerate(raw):
+        try:
+            if isinstance(item, DataError):
+                raise item
+            record = _parse_record(item, where, index)
+            if record.id in seen:
                 raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg}); each JSONL line must be one object"
-                ) from e
-    records, seen = [], {}
-    for item, where in raw:
-        record = _parse_record(item, where)
-        if record.id in seen:
-            raise DataError(
-                f"{where}: duplicate id {record.id!r} (first at {seen[record.id]}); ids must be unique"
-            )
+                    f"{where}: duplicate id {record.id!r} (first at {seen[record.id]}); ids must be unique",
+                    "duplicate id",
+                )
+        except DataError as e:
+            sid, image = (item.get("id"), item.get("image")) if isinstance(item, dict) else (None, None)
+            usable = isinstance(sid, str) and e.reason != "duplicate id"
+            image = image if isinstance(image, str) else None
+            entries.append(Problem(e.reason, where, sid if usable else None, str(e), image))
+            continue
         seen[record.id] = where
-        records.append(record)
-    return records
+        entries.append(record)
+    return entries
 
 
-def _parse_record(item: object, where: str) -> Record:
+def read_records(path: str | Path) -> list[Record]:
+    """Read a JSON list or JSONL file, validating structure and ids up front (the first problem raises)."""
+    entries = read_entries(path)
+    for entry in entries:
+        if isinstance(entry, Problem):
+            raise DataError(entry.message, entry.reason)
+    return entries
+
+
+def _parse_record(item: object, where: str, index: int) -> Record:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected an object with id and conversations, got {type(item).__name__}")
     if "id" not in item:
-        raise DataError(f"{where}: sample has no 'id'; give every sample a unique id")
-    sid = str(item["id"])
+        raise DataError(f"{where}: sample has no 'id'; give every sample a unique id", "bad id")
+    sid = item["id"]
+    if not isinstance(sid, str):
+        raise DataError(
+            f"{where}: sample #{index} has id {json.dumps(sid)} ({type(sid).__name__}); ids must be strings, "
+            'e.g. "id": "' + str(sid) + '"',
+            "bad id",
+        )
     convs = item.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: sample {sid!r} has an empty or missing conversation")
@@ -133,6 +193,15 @@ def _parse_record(item: object, where: str) -> Record:
             )
     image = item.get("image")
     markers = sum(t["value"].count(IMAGE_MARKER) for t in convs)
+    answer_markers = [
+        i for i, t in enumerate(convs) if ROLES[t["from"]] == "assistant" and IMAGE_MARKER in t["value"]
+    ]
+    if answer_markers:
+        raise DataError(
+            f"{where}: sample {sid!r} has {IMAGE_MARKER} in an answer (turn {answer_markers[0]}); "
+            f"the image belongs in a human turn: move or remove the marker",
+            "image marker in answer",
+        )
     if image is not None and markers == 0:
         raise DataError(
             f"{where}: sample {sid!r} has image {image!r} but no {IMAGE_MARKER} in its text; add one"
@@ -279,14 +348,19 @@ def resolve_image(image_root: str | Path, rel: str, sample_id: str) -> Path:
     root = Path(image_root).resolve()
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise DataError(
-            f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}"
+            f"sample {sample_id!r}: image path {rel!r} escapes the image root; give a path relative to {root}",
+            "image outside --image-root",
         )
     path = (root / rel).resolve()
     if root not in path.parents:
-        raise DataError(f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}")
+        raise DataError(
+            f"sample {sample_id!r}: image path {rel!r} escapes the image root {root}",
+            "image outside --image-root",
+        )
     if not path.is_file():
         raise DataError(
-            f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field"
+            f"sample {sample_id!r}: image file {path} is missing; fix --image-root or the 'image' field",
+            "missing image",
         )
     return path
 

@@ -51,6 +51,14 @@ def prompt_of(sample: TokenizedSample) -> TokenizedSample:
     )
 
 
+def trained_template(model_dir: Path | None) -> str | None:
+    """The template an `alignkd-train` output was trained with (its alignkd_train.json), if recorded."""
+    record = Path(model_dir) / "alignkd_train.json" if model_dir is not None else None
+    if record is None or not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("signals", {}).get("template")
+
+
 def reference_answer(record: Record) -> str:
     return [t["value"] for t in record.conversations if ROLES[t["from"]] == "assistant"][-1]
 

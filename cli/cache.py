@@ -8,6 +8,9 @@ import sys
 import click
 
 import alignkd_cache
+from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
+from alignkd_cache.data import TEMPLATES
+from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -34,14 +37,18 @@ storage_option = click.option(
 )
 
 
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
 def main():
     """Offline Align-KD teacher-signal caches (zarr + Parquet)."""
 
 
 @main.command()
-@click.option("--teacher", required=True, help="Teacher checkpoint directory (HF LLaVA or MobileVLM V2).")
+@click.option(
+    "--teacher",
+    required=True,
+    help="Teacher: a checkpoint directory or a hub id org/name[@revision] (HF LLaVA or MobileVLM V2).",
+)
 @click.option(
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON/JSONL."
 )
@@ -53,7 +60,7 @@ def main():
 @click.option(
     "--out", required=True, help="Cache location: a directory or an fsspec URL (s3://bucket/cache)."
 )
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
 @click.option(
     "--topk", type=click.IntRange(1), default=64, show_default=True, help="Top-k ids per logit position."
 )
@@ -78,18 +85,39 @@ def main():
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=Device(), default="cpu", show_default=True)
 @click.option(
     "--vision-tower",
     default=None,
-    help="MobileVLM teachers: CLIP tower path or hub id, instead of the config's mm_vision_tower.",
+    help="MobileVLM teachers: CLIP tower directory or hub id[@revision], instead of mm_vision_tower.",
 )
 @click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N records.")
 @click.option("--max-length", type=click.IntRange(1), default=2048, show_default=True)
 @click.option("--on-too-long", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option(
+    "--on-bad-sample",
+    type=click.Choice(["error", "skip"]),
+    default="error",
+    show_default=True,
+    help="A bad record or image (see the pre-flight report): stop before the teacher loads, or skip it "
+    "(recorded in the manifest with its reason).",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(1, PIL_MAX_PIXELS),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels (decompression bombs), each with its own error.",
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the pre-flight report's full problem list goes (default: OUT.preflight.json beside OUT).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @storage_option
-def build(teacher, data, image_root, out, resume, storage, **options):
+def build(teacher, data, image_root, out, resume, storage, report, **options):
     """Run the teacher once over a dataset and write its signals."""
     from alignkd_cache.build import BuildOptions, build_cache
 
@@ -101,6 +129,7 @@ def build(teacher, data, image_root, out, resume, storage, **options):
         BuildOptions(**options),
         resume=resume,
         storage_options=_options(storage),
+        report=report,
     )
     if attrs is not None:
         c = attrs["counts"]
@@ -121,6 +150,8 @@ def info(store, as_json, storage):
         return
     click.echo(f"cache {i['url']}")
     click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in i["counts"].items()))
+    if i["skipped"]:
+        click.echo("skipped: " + ", ".join(f"{reason} {n}" for reason, n in i["skipped"].items()))
     for key, value in i["provenance"].items():
         click.echo(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
     click.echo("options: " + json.dumps(i["options"]))
@@ -146,7 +177,7 @@ def verify(store, storage):
         click.echo(
             f"FAILED: {len(report.problems)} problem(s), {len(report.bad_samples)} bad sample(s)", err=True
         )
-        sys.exit(1)
+        sys.exit(EXIT_VERIFY_FAILED)
     click.echo(f"ok: {report.samples_checked} samples verified")
 
 

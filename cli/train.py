@@ -8,6 +8,8 @@ import json
 import click
 
 import alignkd_cache
+from alignkd_cache.cli.errors import Commands, Device
+from alignkd_cache.data import TEMPLATES
 from alignkd_cache.losses import (
     ATTN_LOSSES,
     DEFAULT_LOGIT_LOSS,
@@ -18,9 +20,11 @@ from alignkd_cache.losses import (
     vis_settings,
 )
 
+DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
 
-def training_options(command):
-    """The options both training commands share."""
+
+def training_options(command, weights: str = DISTILL_WEIGHTS):
+    """The options the training commands share; `weights` is the --weights default."""
     options = [
         click.option(
             "--out",
@@ -30,33 +34,43 @@ def training_options(command):
         ),
         click.option(
             "--weights",
-            default="ce=1,logit=1,vis=1,attn=1",
+            default=weights,
             show_default=True,
             help="Loss weights; 0 switches a term off.",
         ),
-        click.option("--lr", default=2e-5, show_default=True, type=float),
+        click.option("--lr", default=2e-5, show_default=True, type=click.FloatRange(0, min_open=True)),
         click.option(
             "--batch-size",
             default=4,
             show_default=True,
-            type=int,
+            type=click.IntRange(1),
             help="Samples per micro-batch per process.",
         ),
-        click.option("--grad-accum", default=1, show_default=True, type=int),
-        click.option("--epochs", default=1, show_default=True, type=int),
+        click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1)),
+        click.option("--epochs", default=1, show_default=True, type=click.IntRange(1)),
         click.option(
             "--max-steps",
             default=None,
-            type=int,
+            type=click.IntRange(1),
             help="Stop after this many optimizer steps (the schedule spans them).",
         ),
-        click.option("--seed", default=0, show_default=True, type=int, help="Batch order and adapter init."),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            type=click.IntRange(0),
+            help="Batch order and adapter init.",
+        ),
         click.option("--bf16", is_flag=True, help="bf16 autocast for the forward passes (losses stay fp32)."),
         click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
-        click.option("--warmup-ratio", default=0.03, show_default=True, type=float),
-        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option("--warmup-ratio", default=0.03, show_default=True, type=click.FloatRange(0, 1)),
+        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0)),
         click.option(
-            "--max-grad-norm", default=1.0, show_default=True, type=float, help="0 disables clipping."
+            "--max-grad-norm",
+            default=1.0,
+            show_default=True,
+            type=click.FloatRange(0),
+            help="0 disables clipping.",
         ),
         click.option("--grad-checkpointing", is_flag=True),
         click.option(
@@ -79,9 +93,12 @@ def training_options(command):
             show_default=True,
             help="k / top-k weight: 2025-01 = 16 / 1, 2024-12 = 32 / 0.1.",
         ),
-        click.option("--vis-topk", type=int, default=None, help="Override the preset's k."),
+        click.option("--vis-topk", type=click.IntRange(1), default=None, help="Override the preset's k."),
         click.option(
-            "--vis-topk-weight", type=float, default=None, help="Override the preset's top-k weight."
+            "--vis-topk-weight",
+            type=click.FloatRange(0),
+            default=None,
+            help="Override the preset's top-k weight.",
         ),
         click.option(
             "--logit-loss",
@@ -91,20 +108,29 @@ def training_options(command):
         ),
         click.option(
             "--save-every",
-            type=int,
+            type=click.IntRange(1),
             default=None,
             help="Checkpoint every N optimizer steps (one is always written at the end).",
         ),
         click.option(
             "--stop-after",
-            type=int,
+            type=click.IntRange(1),
             default=None,
             help="Stop this run after N steps with a checkpoint; --resume continues it.",
         ),
         click.option(
-            "--num-workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
+            "--num-workers",
+            default=0,
+            show_default=True,
+            type=click.IntRange(0),
+            help="DataLoader worker processes.",
         ),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        click.option(
+            "--device",
+            type=Device(),
+            default=None,
+            help="cpu, cuda, cuda:1 ... (default: cuda when available).",
+        ),
         click.option(
             "--log-grad-norms",
             is_flag=True,
@@ -128,22 +154,21 @@ def make_options(kw: dict, target_kind: str):
     return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, **kw)
 
 
-def _fail(e: Exception):
-    raise click.ClickException(str(e)) from e
-
-
-@click.group()
+@click.group(cls=Commands)
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-train")
 def main():
     """Distil a mobile VLM student with Align-KD."""
 
 
 @main.command("from-cache")
-@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option(
-    "--template", default=None, help="Refuse unless the cache used this template (default: the cache's)."
+    "--template",
+    type=click.Choice(TEMPLATES),
+    default=None,
+    help="Refuse unless the cache used this template (default: the cache's).",
 )
 @training_options
 def from_cache_command(student, cache, image_root, template, **kw):
@@ -151,34 +176,41 @@ def from_cache_command(student, cache, image_root, template, **kw):
     from alignkd_cache.store.reader import CacheReader
     from alignkd_cache.train import from_cache
 
-    try:
-        kind = CacheReader(cache).attrs["logit_targets"]
-        summary = from_cache(student, cache, image_root, make_options(kw, kind), template)
-    except (ValueError, OSError, KeyError) as e:
-        _fail(e)
+    kind = CacheReader(cache).attrs["logit_targets"]
+    summary = from_cache(student, cache, image_root, make_options(kw, kind), template)
     click.echo(json.dumps(summary))
 
 
 @main.command("online")
-@click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id.")
-@click.option("--student", required=True, help="Student checkpoint directory or hub id.")
+@click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id org/name[@revision].")
+@click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option(
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
+@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
 @click.option(
-    "--topk", default=64, show_default=True, type=int, help="Top-k logit targets (as `alignkd-cache build`)."
+    "--topk",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Top-k logit targets (as `alignkd-cache build`).",
 )
 @click.option(
     "--logit-targets", type=click.Choice(["topk", "sampled", "full"]), default="topk", show_default=True
 )
-@click.option("--draws", default=50, show_default=True, type=int, help="Sampled targets: draws per position.")
+@click.option(
+    "--draws",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sampled targets: draws per position.",
+)
 @click.option(
     "--sample-seed",
     default=0,
     show_default=True,
-    type=int,
+    type=click.IntRange(0),
     help="Sampled targets: the seed (as the build's --seed).",
 )
 @click.option(
@@ -187,7 +219,7 @@ def from_cache_command(student, cache, image_root, template, **kw):
     default="float32",
     show_default=True,
 )
-@click.option("--max-length", default=2048, show_default=True, type=int)
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
 @training_options
 def online_command(
     teacher,
@@ -206,78 +238,75 @@ def online_command(
     """Train the student with the teacher resident: the reference the cache is compared against."""
     from alignkd_cache.train import online
 
-    try:
-        opts = make_options(kw, logit_targets)
-        summary = online(
-            teacher,
-            student,
-            data,
-            image_root,
-            opts,
-            template,
-            topk,
-            logit_targets,
-            draws,
-            sample_seed,
-            teacher_dtype,
-            max_length,
-        )
-    except (ValueError, OSError) as e:
-        _fail(e)
+    opts = make_options(kw, logit_targets)
+    summary = online(
+        teacher,
+        student,
+        data,
+        image_root,
+        opts,
+        template,
+        topk,
+        logit_targets,
+        draws,
+        sample_seed,
+        teacher_dtype,
+        max_length,
+    )
     click.echo(json.dumps(summary))
 
 
 @main.command("finetune")
-@click.option("--model", required=True, help="Model checkpoint directory or hub id to fine-tune.")
+@click.option(
+    "--model", required=True, help="Model to fine-tune: a checkpoint directory or hub id org/name[@revision]."
+)
 @click.option(
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
-@click.option("--max-length", default=2048, show_default=True, type=int)
-@training_options
+@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
+@functools.partial(training_options, weights="ce=1,logit=0,vis=0,attn=0")
 def finetune_command(model, data, image_root, template, max_length, **kw):
     """Plain cross-entropy fine-tuning, no teacher (how the demo trains its teacher).
 
-    --weights defaults to ce=1,logit=0,vis=0,attn=0 here; any distillation term is refused."""
+    Only the ce weight may be non-zero here: there is no teacher to distil from."""
     from alignkd_cache.train import finetune
 
-    if click.get_current_context().get_parameter_source("weights") is click.core.ParameterSource.DEFAULT:
-        kw["weights"] = "ce=1,logit=0,vis=0,attn=0"
-    try:
-        summary = finetune(model, data, image_root, make_options(kw, "topk"), template, max_length)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    summary = finetune(model, data, image_root, make_options(kw, "topk"), template, max_length)
     click.echo(json.dumps(summary))
 
 
 @main.command("eval")
-@click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out).")
+@click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out) or hub id.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--template", type=click.Choice(["plain", "v1", "chat"]), default="v1", show_default=True)
-@click.option("--max-new-tokens", default=16, show_default=True, type=int)
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option(
+    "--template",
+    type=click.Choice(TEMPLATES),
+    default=None,
+    help="Default: the template the model was trained with (its alignkd_train.json), else v1.",
+)
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option(
     "--predictions",
     type=click.Path(dir_okay=False),
     default=None,
     help="Write one JSON line per sample here.",
 )
-@click.option("--device", default=None)
+@click.option("--device", type=Device(), default=None, help="Default: cuda when available.")
 def eval_command(model, data, image_root, template, max_new_tokens, batch_size, predictions, device):
     """Greedy short answers and exact-match accuracy (lower-cased, whitespace collapsed)."""
     import torch
 
     from alignkd_cache.backends import load_backend
-    from alignkd_cache.evaluate import evaluate
+    from alignkd_cache.evaluate import evaluate, trained_template
 
-    try:
-        backend = load_backend(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        result = evaluate(backend, data, image_root, template, max_new_tokens, batch_size, predictions)
-    except (ValueError, OSError) as e:
-        _fail(e)
-    click.echo(json.dumps({"model": model, **result}))
+    backend = load_backend(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    template = template or trained_template(backend.source) or "v1"
+    result = evaluate(backend, data, image_root, template, max_new_tokens, batch_size, predictions)
+    click.echo(json.dumps({"model": model, "template": template, **result}))
 
 
 if __name__ == "__main__":

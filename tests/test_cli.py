@@ -1,4 +1,8 @@
-"""Every console script answers --version, and every command --help."""
+"""Every console script answers --version, and every command --help; the docs' commands exist."""
+
+import importlib
+import re
+from pathlib import Path
 
 import click
 import pytest
@@ -33,3 +37,35 @@ def test_help(name, sub):
 def test_every_documented_command_exists():
     assert {"build", "info", "verify", "merge", "copy", "show"} <= set(cache.main.commands)
     assert {"from-cache", "online", "eval", "finetune"} <= set(train.main.commands)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_torchrun_line_in_the_docs_names_a_module_that_runs():
+    lines = [
+        line
+        for doc in ("README.md", "docs/cache-format.md", "docs/scaling.md", "docs/training.md")
+        for line in (ROOT / doc).read_text().splitlines()
+        if "torchrun " in line and "alignkd" in line
+    ]
+    assert lines
+    for line in lines:
+        module = re.search(r"-m (alignkd_cache\.cli\.\w+)", line)
+        assert module, f"{line!r} runs a console script under torchrun; use -m alignkd_cache.cli.<name>"
+        assert importlib.import_module(module.group(1)).main
+
+
+def test_docs_quote_the_measured_reader_figure():
+    measured = re.search(r"~(\d+) MB/s of decoded signal", (ROOT / "docs/benchmarks.md").read_text()).group(1)
+    scaling = (ROOT / "docs/scaling.md").read_text()
+    quoted = set(re.findall(r"about (\d+) MB/s (?:of decoded\s+signal|per two cores)", scaling))
+    assert quoted == {measured}
+
+
+def test_readme_says_where_the_demo_teacher_is_cached():
+    from alignkd_cache.demo.run import user_cache_dir
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"~/.cache/{user_cache_dir().name}/" in readme and "demo-teacher-" in readme
+    assert "install the CUDA build of torch for your driver" in readme

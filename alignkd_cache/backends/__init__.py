@@ -54,22 +54,31 @@ class Backend(Protocol):
 
 
 def detect_family(path: str | Path) -> str:
-    config = json.loads((Path(path) / "config.json").read_text())
+    """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id)."""
+    from alignkd_cache.backends.provenance import resolve_checkpoint
+
+    config_file = resolve_checkpoint(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"model {path}: {config_file} is missing, so this is not a Hugging Face checkpoint; "
+            "give the folder that holds config.json, the *.safetensors and the tokenizer"
+        )
+    config = json.loads(config_file.read_text())
     model_type = config.get("model_type", "")
     if model_type == "mobilevlm" or "mm_projector_type" in config:
         return "mobilevlm"
     if model_type == "llava" or "vision_config" in config:
         return "llava"
     raise ValueError(
-        f"{path}: model_type {model_type!r} is neither an HF LLaVA nor a MobileVLM V2 checkpoint; "
-        "pass --family to force one"
+        f"model {path}: model_type {model_type!r} is neither an HF LLaVA nor a MobileVLM V2 checkpoint; "
+        "give a LLaVA (llava-hf) or MobileVLM V2 checkpoint"
     )
 
 
 def load_backend(
     path: str | Path, *, dtype=torch.float32, device="cpu", family: str | None = None, **kwargs
 ) -> Backend:
-    """Load a teacher or student by local path (hub ids resolve through transformers' cache)."""
+    """Load a teacher or student by local path or hub id (`org/name[@revision]`, see resolve_checkpoint)."""
     family = family or detect_family(path)
     if family == "llava":
         from alignkd_cache.backends.llava import LlavaBackend

@@ -34,15 +34,43 @@ _VOLATILE_CONFIG_KEYS = {
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A local directory as is; anything else is a hub id fetched (or found in the cache) by huggingface_hub."""
+    """A local directory as is; anything else is a hub id, `org/name` or `org/name@revision`, found in
+    (or, unless HF_HUB_OFFLINE is set, downloaded into) huggingface_hub's cache, as transformers does."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
-    if local.exists() or str(path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path}: not a model directory; give a checkpoint folder or a hub id")
-    from huggingface_hub import snapshot_download
+    repo_id, _, revision = str(path).partition("@")
+    if local.exists() or str(path).startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        raise FileNotFoundError(
+            f"model {path}: no such directory and not a hub id (org/name[@revision]); "
+            "give a checkpoint folder or a hub id"
+        )
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(str(path)))
+    try:
+        # Offline, say so (as transformers does): given a commit hash, snapshot_download would still
+        # ask the hub for the file list.
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision or None, local_files_only=constants.is_offline_mode()
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"model {path}: no such directory, and as a hub id not in the Hugging Face cache while the hub "
+            "cannot be reached (HF_HUB_OFFLINE set or no network); download it once online, or fix the path"
+        ) from e
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(
+            f"model {path}: no such directory, and the hub refused it as an id ({str(e).splitlines()[0]}); "
+            "fix the path, or check the id, the revision and your HF_TOKEN"
+        ) from e
+
+
+def hub_revision(local: Path | None) -> str | None:
+    """The commit hash of a checkpoint resolved from the hub cache (`.../snapshots/<hash>`), else None."""
+    return local.name if local is not None and local.parent.name == "snapshots" else None
 
 
 def _strip(value):
@@ -98,6 +126,7 @@ def fingerprint(backend, config: dict) -> dict:
     weights, method = weights_sha256(backend.model, files, backend.model.dtype)
     return {
         "model_id": backend.model_id,
+        "revision": hub_revision(backend.source),
         "family": backend.family,
         "config_sha256": config_sha256(config),
         "weights_sha256": weights,

@@ -36,8 +36,7 @@ def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> d
                 "(was it replaced during the build?); fix the images and rebuild"
             )
     attrs = commit_manifest(loc, attrs, table, num_blocks)
-    for b in range(num_blocks):  # the manifest now holds them; one source of truth
-        loc.delete(part_key(b))
+    loc.delete_dir("parts")  # the manifest now holds them (one source of truth); no empty parts/ stays
     return attrs
 
 

@@ -8,6 +8,9 @@ files' bytes (metadata documents excluded) (shared visual rows are counted once)
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
 from alignkd_cache.store.provenance import check_readable
@@ -26,6 +29,9 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     check_readable(attrs, url)
     table = loc.read_parquet(MANIFEST_KEY)
     written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
+    reasons = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "skipped")
+    # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
+    skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.column("skip_reason").to_pylist())
     n = max(1, written.num_rows)
     stored = dict.fromkeys(SIGNALS, 0)
     for b in range(attrs["num_blocks"]):
@@ -54,6 +60,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     return {
         "url": str(url),
         "counts": attrs["counts"],
+        "skipped": dict(skipped.most_common()),
         "provenance": {
             k: attrs[k]
             for k in (

@@ -138,6 +138,17 @@ class CacheReader:
         return codecs.decode(encoding, stored, scale)
 
     def read(self, sample_id: str) -> CachedSample:
+        try:
+            return self._read(sample_id)
+        except ValueError as e:  # zarr's crc32c codec: a damaged chunk
+            if "checksum" not in str(e):
+                raise
+            raise CacheError(
+                f"{self.url}: sample {sample_id!r} (block {self.row(sample_id)['block']}) fails its checksum, "
+                f"so the cache is damaged; run `alignkd-cache verify {self.url}` to list every damaged sample"
+            ) from e
+
+    def _read(self, sample_id: str) -> CachedSample:
         row = self.row(sample_id)
         sample = tokenized_from_row(row)
         b = row["block"]
