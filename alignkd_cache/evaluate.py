@@ -79,7 +79,7 @@ def greedy_answers(
             if s.image is None:
                 images.append(None)
             else:
-                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id)
+                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id, backend.pad_color)
                 images.append((backend.preprocess(picture), key))
         ids = [list(s.input_ids) for s in group]
         new: list[list[int]] = [[] for _ in group]

@@ -61,7 +61,9 @@ def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher
         reader.attrs["num_heads"] == backend.num_heads
         and reader.attrs["tokenizer_sha256"] == backend.fingerprint()["tokenizer_sha256"]
     )
-    dataset = SampleDataset(samples, root, backend.preprocess, backend.tokenizer.pad_token_id)
+    dataset = SampleDataset(
+        samples, root, backend.preprocess, backend.tokenizer.pad_token_id, backend.pad_color
+    )
     for i in (0, 2, 4):  # an image sample, the text-only one, the multi-turn one
         batch = dataset.collate([dataset[i]])
         with torch.inference_mode():
