@@ -130,7 +130,9 @@ def spliced_forward(
         positions = batch.visual_positions[b]
         if image_row is None:
             if len(positions) or image_ids_per_row[b]:
-                raise ValueError(f"sample {batch.ids[b]!r} has visual positions or image ids but no image row")
+                raise ValueError(
+                    f"sample {batch.ids[b]!r} has visual positions or image ids but no image row"
+                )
             continue
         if visual is None or len(positions) != visual.shape[1]:
             have = None if visual is None else visual.shape[1]

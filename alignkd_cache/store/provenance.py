@@ -11,6 +11,7 @@ image processor's mean. `preprocessing` records those choices so readers can che
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,17 +66,6 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _plain(value):
-    """A processor setting as JSON (PIL resample enums become their int)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | str | float):
-        return value
-    return int(value)
-
-
 def preprocessing(backend, template: str) -> dict:
     """Everything besides the weights that decides the ids and pixels a cache was built from."""
     processor = backend.image_processor
@@ -94,7 +84,7 @@ def preprocessing(backend, template: str) -> dict:
         "image": {
             "pad_color": list(backend.pad_color),
             "processor": type(processor).__name__,
-            **{k: _plain(getattr(processor, k, None)) for k in settings},
+            **{k: v for k, v in json.loads(processor.to_json_string()).items() if k in settings},
         },
         "image_key": "sha256-of-padded-rgb",
     }
