@@ -196,7 +196,7 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
     theirs, ours = attrs["tokenizer_sha256"], tokenizer_sha256(student.tokenizer)
     if theirs != ours:
         problems.append(
-            f"tokenizer: the cache's teacher vocabulary (pieces and ids) has sha256 {theirs[:16]}..., the student's "
+            f"tokenizer: the cache's teacher tokenizer's vocabulary (pieces and ids) has sha256 {theirs[:16]}..., the student's "
             f"{ours[:16]}...; the logit targets are over the teacher's vocabulary: use a student with the teacher's vocabulary"
         )
     stored = attrs["preprocessing"]["tokenizer"]

@@ -111,7 +111,10 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
         str(mobilevlm_teacher_dir), path, root, str(tmp_path / "m.zarr"), opts, progress=False
     )
     # `plain` takes one question and one answer (preprocess_plain): the multi-turn digit-3 is skipped.
-    assert attrs["family"] == "mobilevlm" and (attrs["counts"]["written"], attrs["counts"]["skipped"]) == (9, 1)
+    assert attrs["family"] == "mobilevlm" and (attrs["counts"]["written"], attrs["counts"]["skipped"]) == (
+        9,
+        1,
+    )
     reader = CacheReader(str(tmp_path / "m.zarr"))
     got = reader.read("digit-0")
     assert got.attention.shape[0] == 1 and got.visual.shape == (
