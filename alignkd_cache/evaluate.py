@@ -90,6 +90,9 @@ def greedy_answers(
                 for s, i in zip(group, ids, strict=True)
             ]
             logits = backend.forward(collate(samples, images, pad), capture=False).logits
+            if 0 <= backend.image_token_id < logits.shape[-1]:
+                # The image placeholder is not text: generating it would feed an unspliced image id back.
+                logits[..., backend.image_token_id] = float("-inf")
             for b, seq in enumerate(ids):
                 if done[b]:
                     continue
