@@ -80,9 +80,12 @@ class SentencePieceTokenizer:
         path = Path(path)
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        template = path / "chat_template.jinja"
-        if template.is_file() and "chat_template" not in config:
-            config["chat_template"] = template.read_text()
+        # Newer checkpoints keep the chat template beside the config (llava-hf: chat_template.json).
+        jinja, in_json = path / "chat_template.jinja", path / "chat_template.json"
+        if "chat_template" not in config and jinja.is_file():
+            config["chat_template"] = jinja.read_text()
+        elif "chat_template" not in config and in_json.is_file():
+            config["chat_template"] = json.loads(in_json.read_text())["chat_template"]
         return cls(path / "tokenizer.model", config)
 
     def save_pretrained(self, out: str | Path) -> None:
