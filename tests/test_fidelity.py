@@ -26,7 +26,13 @@ from alignkd_cache.backends.provenance import tokenizer_sha256
 from alignkd_cache.backends.tokenizer import TokenizerLoadError, load_tokenizer
 from alignkd_cache.data import IGNORE_INDEX, SampleDataset, Tokenization, read_records, tokenize
 from alignkd_cache.images import image_key, load_image
-from alignkd_cache.store.provenance import IncompatibleCache, check_readable, preprocessing
+from alignkd_cache.store.provenance import (
+    IncompatibleCache,
+    check_mergeable,
+    check_readable,
+    check_resume,
+    preprocessing,
+)
 from alignkd_cache.teacher_signals import CompatibilityError, check_cache_matches
 from alignkd_cache.tiny import build_tiny_mobilevlm
 
@@ -267,8 +273,47 @@ def test_the_papers_pair_is_accepted_with_a_plain_warning(sp_mobilevlms, llava_s
         check_cache_matches(attrs, load_backend(llava_student_dir), None, "cache")
 
 
+def test_a_legacy_false_teachers_cache_trains_a_legacy_student(sp_mobilevlms, images, tmp_path, capsys):
+    """The paper's pair end to end: a cache built by the `legacy: false` teacher, read by the legacy
+    student, which gets the teacher's ids and the teacher's padded pixels (keys checked)."""
+    from alignkd_cache.build import BuildOptions, build_cache
+    from alignkd_cache.store.reader import CacheReader
+    from alignkd_cache.teacher_signals import CacheSource
+
+    teacher, student = sp_mobilevlms["teacher"], sp_mobilevlms["student"]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": n, **c} for n, c in CASES.items()], ensure_ascii=False))
+    attrs = build_cache(
+        str(teacher.source), data, images, str(tmp_path / "c.zarr"), BuildOptions(topk=4), progress=False
+    )
+    assert attrs["schema_version"] == "2.0" and attrs["counts"]["written"] == len(CASES)
+    assert attrs["preprocessing"]["tokenizer"]["legacy"] is False
+    assert attrs["preprocessing"]["image"]["pad_color"] == [127, 63, 191]
+    source = CacheSource(CacheReader(str(tmp_path / "c.zarr")), student, images)
+    assert "the student trains on the cache's token ids" in capsys.readouterr().out
+    ours = {s.id: s.input_ids for s in source.samples}
+    # "USER" after "</s>" without its "▁": the teacher's (legacy: false) tokenization, not the student's.
+    official = GOLDENS["False"]["v1"]["multi_turn"]["input_ids"]
+    n = teacher.num_visual_tokens
+    at = official.index(IMAGE_TOKEN_INDEX)
+    assert ours["multi_turn"] == official[:at] + [IMAGE_TOKEN_INDEX] * n + official[at + 1 :]
+    student_sample, image, _ = source[list(CASES).index("multi_turn")]
+    assert image is not None and student_sample.id == "multi_turn"
+
+
 def test_a_cache_from_before_the_fix_is_refused_naming_what_changed():
     with pytest.raises(
         IncompatibleCache, match="1.x caches tokenized the system prompt and each turn separately"
     ):
         check_readable({"schema_version": "1.0", "complete": True}, "old-cache")
+
+
+def test_resume_and_merge_refuse_a_change_of_preprocessing(sp_mobilevlms):
+    teacher = sp_mobilevlms["teacher"]
+    stored = {"preprocessing": preprocessing(teacher, "v1"), "options": {}}
+    changed = json.loads(json.dumps(stored))
+    changed["preprocessing"]["image"]["pad_color"] = [0, 0, 0]
+    with pytest.raises(IncompatibleCache, match=r"preprocessing\.image\.pad_color"):
+        check_resume(stored, changed, "c")
+    with pytest.raises(IncompatibleCache, match=r"preprocessing\.image\.pad_color"):
+        check_mergeable(stored, changed, "c")
