@@ -205,6 +205,23 @@ def test_chat_equals_the_llava_processor_and_apply_chat_template(llava_teacher_d
         torch.testing.assert_close(backend.preprocess(picture), out["pixel_values"][0], atol=0, rtol=0)
 
 
+def test_chat_on_a_sentencepiece_tokenizer_is_one_call_of_its_template(sp_dirs, tmp_path):
+    from alignkd_cache.backends.tokenizer import SentencePieceTokenizer
+    from alignkd_cache.tiny import CHAT_TEMPLATE
+
+    tok = SentencePieceTokenizer(SP_MODEL, {**tokenizer_config(False), "chat_template": CHAT_TEMPLATE})
+    record = records(tmp_path, CASES)["text_only"]
+    s = tokenize(record, Tokenization(tok, "chat", IMAGE_TOKEN_INDEX, 1))
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in record.conversations]  # fmt: skip
+    text = tok.apply_chat_template(messages)
+    assert text.startswith("<s>USER: Say  two words:") and text.endswith("ASSISTANT: a  b</s>")
+    assert s.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert (
+        tok.decode([t for t in s.labels if t != IGNORE_INDEX]) == " a  b</s>"
+    )  # from the space after "ASSISTANT:"
+
+
 # --------------------------------------------------------------------------- images
 
 
