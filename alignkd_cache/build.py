@@ -243,7 +243,7 @@ def build_cache(
         return attrs if rank == 0 else None
     refs, owners = _plan_visual(outcomes, opts.block_size)
     pad_id = backend.tokenizer.pad_token_id or 0
-    dataset = _IndexedDataset(outcomes, image_root, backend.preprocess, pad_id)
+    dataset = _IndexedDataset(outcomes, image_root, backend.preprocess, pad_id, backend.pad_color)
     mine = [b for b in range(rank, num_blocks, world)]
     todo = [b for b in mine if not loc.exists(part_key(b))]
     size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731
@@ -296,5 +296,6 @@ def _report(checked: Preflight, path: str | Path, on_bad_sample: str, show: bool
 class _IndexedDataset(SampleDataset):
     """SampleDataset addressed by dataset index (skipped entries are never asked for)."""
 
-    def __init__(self, outcomes, image_root, preprocess, pad_id):
+    def __init__(self, outcomes, image_root, preprocess, pad_id, pad):
         self.samples, self.image_root, self.preprocess, self.pad_id = outcomes, image_root, preprocess, pad_id
+        self.pad = tuple(pad)

@@ -1,8 +1,10 @@
 """LLaVA-format datasets -> the exact token sequences and positions teacher and student both see.
 
 A record is `{id, image?, conversations: [{from: human|gpt, value}]}` (JSON list or JSONL). A
-template renders it to text segments, each supervised or not; `<image>` marks where the model
-family splices its visual tokens. Tokenizing segment by segment keeps the answer boundaries exact.
+template renders the whole conversation to ONE string, as the official code does
+(`conv.get_prompt()`), plus the character spans of the answers; `<image>` marks where the model
+family splices its visual tokens. The string is tokenized once per `<image>` chunk and a token is
+supervised when its first character lies in an answer span, so no piece is tokenized on its own.
 
 Positions, per sample (all later stages key on them):
 - V: the visual-token positions (a contiguous run, empty for text-only samples);
@@ -225,53 +227,88 @@ def _parse_record(item: object, where: str, index: int) -> Record:
 
 
 # ---------------------------------------------------------------------------------------------
-# Templates: record -> [(text, supervised)]
+# Templates: record -> one string plus the character spans that are supervised
 
 
-def render(record: Record, template: str, tokenizer=None) -> list[tuple[str, bool]]:
-    turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations]
-    if record.image is not None:
-        # The image goes first in the first human turn, as LLaVA and MobileVLM place it.
-        role, text = turns[0]
-        text = text.replace(IMAGE_MARKER, "").strip()
-        turns[0] = (role, f"{IMAGE_MARKER}\n{text}" if template != "plain" else IMAGE_MARKER)
+def move_image_to_front(text: str) -> str:
+    """LLaVA's / MobileVLM's `preprocess_multimodal`: the marker goes to the front of its own turn."""
+    if IMAGE_MARKER not in text:
+        return text
+    return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
+
+
+def render(record: Record, template: str, tokenizer=None) -> tuple[str, list[tuple[int, int]]] | Skip:
+    """(text, answer spans): the whole conversation as the official code renders it, and the
+    [start, end) character ranges whose tokens are supervised. A Skip says why a sample cannot be."""
+    if template not in TEMPLATES:
+        raise DataError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    turns = [(ROLES[t["from"]], move_image_to_front(t["value"])) for t in record.conversations]
+    expected = ["user", "assistant"] * len(turns)
+    if [role for role, _ in turns] != expected[: len(turns)]:
+        return Skip(
+            record.id, "turns do not alternate human, gpt, human, ... (the official templates require it)"
+        )
+    if any(role == "assistant" and IMAGE_MARKER in text for role, text in turns):
+        return Skip(record.id, f"the {IMAGE_MARKER} marker is in an answer; put it in a human turn")
     if template == "plain":
-        # Pretraining: image, then the caption (the first answer), then a newline.
-        answer = next(text for role, text in turns if role == "assistant")
-        first = turns[0][1] if record.image is not None else ""
-        return [(first, False), (answer + "\n", True)]
+        return _render_plain(record, turns)
     if template == "v1":
-        segments = [(V1_SYSTEM + " ", False)]
-        for role, text in turns:
-            if role == "user":
-                segments.append((f"USER: {text} ASSISTANT:", False))
-            else:
-                segments.append((f" {text}</s>", True))
-        return segments
-    if template == "chat":
-        return _render_chat(turns, tokenizer, record)
-    raise DataError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+        return _render_v1(turns)
+    return _render_chat(turns, tokenizer, record)
 
 
-def _render_chat(turns, tokenizer, record: Record) -> list[tuple[str, bool]]:
+def _render_plain(record: Record, turns) -> tuple[str, list[tuple[int, int]]] | Skip:
+    # MobileVLM's preprocess_plain: "<image>" + caption + "\n"; the question text is dropped.
+    if len(turns) != 2:
+        return Skip(
+            record.id,
+            f"template 'plain' takes one question and one answer, this sample has {len(turns)} turns",
+        )
+    if record.image is not None and IMAGE_MARKER not in turns[0][1]:
+        return Skip(record.id, f"template 'plain' needs the {IMAGE_MARKER} marker in the first turn")
+    prefix = IMAGE_MARKER if record.image is not None else ""
+    text = prefix + turns[1][1] + "\n"
+    return text, [(len(prefix), len(text))]
+
+
+def _render_v1(turns) -> tuple[str, list[tuple[int, int]]]:
+    # Vicuna v1 `conv.get_prompt()`: system + " ", then "USER: q " and "ASSISTANT: a</s>" per turn;
+    # an empty message renders as "ROLE:" alone. Supervised: from the space after "ASSISTANT:"
+    # through "</s>", which is what preprocess_v1's masking leaves when its arithmetic holds.
+    text, spans = V1_SYSTEM + " ", []
+    for role, message in turns:
+        name = "USER" if role == "user" else "ASSISTANT"
+        text += name + ":"
+        if not message:
+            continue
+        if role == "user":
+            text += " " + message + " "
+        else:
+            start = len(text)
+            text += " " + message + "</s>"
+            spans.append((start, len(text)))
+    return text, spans
+
+
+def _render_chat(turns, tokenizer, record: Record) -> tuple[str, list[tuple[int, int]]]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{record.where}: template 'chat' needs a tokenizer with a chat_template; use 'v1' or 'plain'"
         )
     messages = [{"role": role, "content": text} for role, text in turns]
-    segments, done = [], ""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
     for i, (role, _) in enumerate(turns):
         if role == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
+            if not (full.startswith(prompt) and text.startswith(full)):
                 raise DataError(
                     f"{record.where}: the tokenizer's chat template does not render turns as a prefix "
                     "sequence, so answers cannot be located; use template 'v1'"
                 )
-            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
-            done = full
-    return [s for s in segments if s[0]]
+            spans.append((len(prompt), len(full)))
+    return text, spans
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,29 +333,66 @@ class Tokenization:
             self.add_bos = False
 
 
+def _encode(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(ids, start character of each token) for one string, in one tokenizer call."""
+    try:
+        out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise DataError(
+            f"{type(tokenizer).__name__} gives no character offsets, so answers cannot be located in one "
+            "tokenization; use a fast tokenizer (tokenizer.json) or a SentencePiece tokenizer.model"
+        ) from e
+    return list(out["input_ids"]), [start for start, _ in out["offset_mapping"]]
+
+
+def _encode_with_images(text: str, tok: Tokenization) -> tuple[list[int], list[int]]:
+    """(ids, starts) with N_v image ids for the marker; starts are -1 for BOS and image ids.
+
+    A tokenizer that knows the marker as the model's image token tokenizes the whole string, as
+    transformers' LLaVA processor and apply_chat_template(tokenize=True) do. Otherwise the string
+    is split at the marker only and each chunk tokenized whole, as `tokenizer_image_token` does
+    (its BOS comes first, the later chunks' BOS is dropped: here none is added).
+    """
+    tokenizer, n = tok.tokenizer, tok.num_visual_tokens
+    ids, starts = [], []
+    if tok.add_bos and tokenizer.bos_token_id is not None:
+        ids, starts = [tokenizer.bos_token_id], [-1]
+    if tok.template == "chat" and tokenizer.convert_tokens_to_ids(IMAGE_MARKER) == tok.image_token_id:
+        for token, start in zip(*_encode(tokenizer, text), strict=True):
+            image = token == tok.image_token_id
+            ids += [token] * (n if image else 1)
+            starts += [-1] * n if image else [start]
+        return ids, starts
+    position = 0
+    for j, chunk in enumerate(text.split(IMAGE_MARKER)):
+        if j > 0:
+            ids += [tok.image_token_id] * n
+            starts += [-1] * n
+        if chunk:
+            chunk_ids, chunk_starts = _encode(tokenizer, chunk)
+            ids += chunk_ids
+            starts += [position + s for s in chunk_starts]
+        position += len(chunk) + len(IMAGE_MARKER)
+    return ids, starts
+
+
 def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
-    ids: list[int] = []
-    labels: list[int] = []
-    visual_start = -1
-    if tok.add_bos and tok.tokenizer.bos_token_id is not None:
-        ids.append(tok.tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    for text, supervised in render(record, tok.template, tok.tokenizer):
-        pieces = text.split(IMAGE_MARKER)
-        for j, piece in enumerate(pieces):
-            if j > 0:
-                visual_start = len(ids)
-                ids += [tok.image_token_id] * tok.num_visual_tokens
-                labels += [IGNORE_INDEX] * tok.num_visual_tokens
-            if piece:
-                piece_ids = tok.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
+    rendered = render(record, tok.template, tok.tokenizer)
+    if isinstance(rendered, Skip):
+        return rendered
+    text, spans = rendered
+    ids, starts = _encode_with_images(text, tok)
+    labels = [
+        t if any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, s in zip(ids, starts, strict=True)
+    ]
+    image_at = [i for i, t in enumerate(ids) if t == tok.image_token_id]
+    visual_start = image_at[0] if image_at else -1
+    contiguous = image_at == list(range(visual_start, visual_start + len(image_at)))
+    if len(image_at) not in (0, tok.num_visual_tokens) or not contiguous:
+        return Skip(record.id, f"the text itself holds the image token id {tok.image_token_id}; remove it")
     if len(ids) > tok.max_length:
         return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
-    sample = TokenizedSample(
-        record.id, record.image, ids, labels, visual_start, tok.num_visual_tokens if visual_start >= 0 else 0
-    )
+    sample = TokenizedSample(record.id, record.image, ids, labels, visual_start, len(image_at))
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
     return sample
@@ -443,11 +517,15 @@ def collate(
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Tokenized samples plus their preprocessed images; a torch Dataset for DataLoader workers."""
+    """Tokenized samples plus their preprocessed images; a torch Dataset for DataLoader workers.
 
-    def __init__(self, samples: list[TokenizedSample], image_root, preprocess, pad_id: int):
+    `pad` is the square-padding colour the image keys are defined with (the model's `pad_color`).
+    """
+
+    def __init__(self, samples: list[TokenizedSample], image_root, preprocess, pad_id: int, pad):
         check_images(samples, image_root)
         self.samples, self.image_root, self.preprocess, self.pad_id = samples, image_root, preprocess, pad_id
+        self.pad = tuple(pad)
 
     def __len__(self):
         return len(self.samples)
@@ -456,7 +534,7 @@ class SampleDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         if s.image is None:
             return s, None
-        image, key = load_image(resolve_image(self.image_root, s.image, s.id), s.id)
+        image, key = load_image(resolve_image(self.image_root, s.image, s.id), s.id, self.pad)
         return s, (self.preprocess(image), key)
 
     def collate(self, items) -> Batch:

@@ -87,7 +87,7 @@ def greedy_answers(
             if s.image is None:
                 images.append(None)
             else:
-                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id)
+                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id, backend.pad_color)
                 images.append((backend.preprocess(picture), key))
         ids = [list(s.input_ids) for s in group]
         new: list[list[int]] = [[] for _ in group]
@@ -98,6 +98,9 @@ def greedy_answers(
                 for s, i in zip(group, ids, strict=True)
             ]
             logits = backend.forward(collate(samples, images, pad), capture=False).logits
+            if 0 <= backend.image_token_id < logits.shape[-1]:
+                # The image placeholder is not text: generating it would feed an unspliced image id back.
+                logits[..., backend.image_token_id] = float("-inf")
             for b, seq in enumerate(ids):
                 if done[b]:
                     continue

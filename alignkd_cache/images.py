@@ -1,7 +1,9 @@
-"""Image loading as LLaVA and MobileVLM do it: RGB, padded to a centred square with the mean colour.
+"""Image loading as LLaVA and MobileVLM do it: RGB, padded to a centred square.
 
-The content key of an image is a hash of its decoded, padded pixels, so the same picture saved
-twice shares one key, and a different file under the same name does not.
+The padding colour is the image processor's mean, `tuple(int(x * 255) for x in image_mean)`, as
+MobileVLM's and LLaVA's `expand2square` use it and transformers' LlavaImageProcessor(do_pad=True)
+does. The content key of an image is a hash of its padded pixels (see image_key), so the same
+picture saved twice shares one key, and a different file under the same name does not.
 """
 
 from __future__ import annotations
@@ -21,18 +23,25 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def pad_to_square(image: Image.Image) -> Image.Image:
+def pad_color(image_mean) -> tuple[int, int, int]:
+    """The processor's mean as an RGB fill, truncated as the official code truncates it."""
+    return tuple(int(x * 255) for x in image_mean)
+
+
+def pad_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """`expand2square`: a centred square of the longer side, the rest filled with `color`."""
     w, h = image.size
     if w == h:
         return image
-    mean = tuple(int(c) for c in np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0))
     side = max(w, h)
-    canvas = Image.new("RGB", (side, side), mean)
+    canvas = Image.new(image.mode, (side, side), tuple(color))
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
 
 def image_key(image: Image.Image) -> str:
+    """sha256 of the padded RGB pixels: the text of the array shape, e.g. "(32, 32, 3)", then the
+    uint8 bytes in (height, width, RGB) order; the first 32 hex digits."""
     pixels = np.asarray(image, dtype=np.uint8)
     digest = hashlib.sha256(f"{pixels.shape}".encode())
     digest.update(pixels.tobytes())
@@ -84,8 +93,8 @@ def _to_rgb(raw: Image.Image) -> Image.Image:
     return raw.convert("RGB")
 
 
-def load_image(path: str | Path, sample_id: str) -> tuple[Image.Image, str]:
-    """Return the padded RGB image and its content key; a clear error for unreadable files.
+def load_image(path: str | Path, sample_id: str, pad: tuple[int, int, int]) -> tuple[Image.Image, str]:
+    """Return the RGB image padded with `pad` and its content key; a clear error for unreadable files.
 
     Images up to 2 x DECODE_SIDE on their long side decode exactly as in LLaVA; larger ones are
     shrunk by an integer factor (JPEG while decoding, via draft) so that memory stays bounded."""
@@ -100,5 +109,5 @@ def load_image(path: str | Path, sample_id: str) -> tuple[Image.Image, str]:
     factor = max(image.size) // DECODE_SIDE
     if factor >= 2:
         image = image.reduce(factor)
-    image = pad_to_square(image)
+    image = pad_to_square(image, pad)
     return image, image_key(image)

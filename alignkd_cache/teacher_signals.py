@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkd_cache.backends.provenance import tokenizer_sha256
+from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import (
     IGNORE_INDEX,
     Batch,
@@ -33,7 +34,7 @@ from alignkd_cache.data import (
 from alignkd_cache.images import load_image
 from alignkd_cache.losses import TeacherTargets
 from alignkd_cache.signals import LogitTargets, logit_targets, pool_attention, pool_visual
-from alignkd_cache.store.provenance import file_sha256
+from alignkd_cache.store.provenance import attrs_pad_color, file_sha256
 
 
 class CompatibilityError(ValueError):
@@ -159,7 +160,7 @@ class CacheSource(torch.utils.data.Dataset):
         image = None
         if student.image is not None:
             path = resolve_image(self.image_root, student.image, student.id)
-            picture, key = load_image(path, student.id)
+            picture, key = load_image(path, student.id, attrs_pad_color(self.reader.attrs))
             if key != cached.image_key:
                 raise DataError(
                     f"sample {student.id!r}: image {path} is not the image the cache was built from "
@@ -195,14 +196,32 @@ class CacheSource(torch.utils.data.Dataset):
         }
 
 
-def check_cache_matches(attrs: dict, student, template: str | None, url: str) -> None:
-    """Refuse, naming every mismatch, a student that cannot train on this cache."""
-    problems = []
+def check_cache_matches(attrs: dict, student, template: str | None, url: str) -> list[str]:
+    """Refuse, naming every mismatch, a student that cannot train on this cache; return warnings.
+
+    The logit targets index the teacher's vocabulary, so the vocabularies (every piece and its id,
+    plus the special ids: tokenizer_sha256) must be equal. Settings that change how text becomes
+    ids (`legacy`) may differ, as in the paper's own pair (7B `legacy: false`, 1.7B legacy): the
+    student trains on the cache's ids, i.e. the teacher's tokenization, and is warned.
+    """
+    problems, warnings = [], []
     theirs, ours = attrs["tokenizer_sha256"], tokenizer_sha256(student.tokenizer)
     if theirs != ours:
         problems.append(
-            f"tokenizer: the cache's teacher tokenizer has sha256 {theirs[:16]}..., the student's {ours[:16]}...; "
-            "the logit targets are over the teacher's vocabulary: use a student with the teacher's tokenizer"
+            f"tokenizer: the cache's teacher tokenizer's vocabulary (pieces and ids) has sha256 {theirs[:16]}..., the student's "
+            f"{ours[:16]}...; the logit targets are over the teacher's vocabulary: use a student with the teacher's vocabulary"
+        )
+    stored = attrs["preprocessing"]["tokenizer"]
+    if theirs == ours and stored != tokenizer_settings(student.tokenizer):
+        warnings.append(
+            f"tokenizer settings differ over the same vocabulary (cache {stored}, student "
+            f"{tokenizer_settings(student.tokenizer)}): the student trains on the cache's token ids, i.e. the "
+            "teacher's tokenization, not the one its own tokenizer would produce"
+        )
+    if tuple(student.pad_color) != attrs_pad_color(attrs):
+        warnings.append(
+            f"image padding: the cache's images are padded with {attrs_pad_color(attrs)}, the student's processor "
+            f"mean is {tuple(student.pad_color)}; the student sees the teacher's padding"
         )
     if template is not None and template != attrs["template"]:
         problems.append(
@@ -215,6 +234,9 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
         problems.append(str(e))
     if problems:
         raise CompatibilityError(f"the student cannot train on cache {url}:\n  - " + "\n  - ".join(problems))
+    for warning in warnings:
+        print(f"warning: cache {url}: {warning}")
+    return warnings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +292,9 @@ class OnlineSource(torch.utils.data.Dataset):
         student, teacher = self.samples[i], self.teacher_samples[i]
         if student.image is None:
             return student, None, teacher, None
-        picture, key = load_image(resolve_image(self.image_root, student.image, student.id), student.id)
+        picture, key = load_image(
+            resolve_image(self.image_root, student.image, student.id), student.id, self.teacher.pad_color
+        )
         return (
             student,
             (self.student_preprocess(picture), key),
@@ -355,7 +379,7 @@ class DataSource(SampleDataset):
             model.tokenizer, template, model.image_token_id, model.num_visual_tokens, max_length
         )
         samples, self.skips = tokenize_all(read_records(data), tok)
-        super().__init__(samples, image_root, model.preprocess, _pad_id(model.tokenizer))
+        super().__init__(samples, image_root, model.preprocess, _pad_id(model.tokenizer), model.pad_color)
         self.data, self.template = str(data), template
         self.data_sha256, self.max_length = file_sha256(data), max_length
 

@@ -54,9 +54,9 @@ def build_tokenizer(
 
 
 def _load_tokenizer(tokenizer):
-    from transformers import AutoTokenizer
+    from alignkd_cache.backends.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, str | Path) else tokenizer
 
 
 def _llama_sizes(tokenizer, layers, hidden, heads, kv_heads, init_std) -> dict:
@@ -163,7 +163,7 @@ def build_tiny_mobilevlm(
     released checkpoints reference openai/clip-vit-large-patch14-336.
     """
     import torch
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
 
     from alignkd_cache.backends.mobilevlm import (
         MOBILEVLM_V2_VISION,
@@ -196,9 +196,14 @@ def build_tiny_mobilevlm(
     model = MobileVLM(
         LlamaForCausalLM(llama_config(config)), LDPv2Projector(vision_hidden, hidden, grid), vision
     )
+    # The processor settings travel with the tower, as openai/clip-vit-large-patch14-336 ships them.
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     tower_ref = None
     if tower == "separate":
         vision.save_pretrained(config["mm_vision_tower"])
+        processor.save_pretrained(config["mm_vision_tower"])
         tower_ref = config["mm_vision_tower"]
-    MobileVLMBackend(model, config, tok, str(out), None, tower_ref).save_pretrained(out)
+    MobileVLMBackend(model, config, tok, str(out), None, tower_ref, processor).save_pretrained(out)
     return out

@@ -439,6 +439,7 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
         data["image_root"],
         backend.preprocess,
         backend.tokenizer.pad_token_id or 0,
+        backend.pad_color,
     )
     batch = dataset.collate([dataset[i] for i in range(len(dataset))]).to(device)
     result["batch"] = {"samples": len(batch.ids), "padded_length": int(batch.input_ids.shape[1])}

@@ -12,6 +12,10 @@ from alignkd_cache.store.provenance import SCHEMA_VERSION
 from alignkd_cache.store.writer import SampleResult, write_block
 
 H, NV, D, VOCAB, K = 2, 9, 16, 300, 5
+PREPROCESSING = {
+    "template": "plain", "tokenizer": {"kind": "transformers", "class": "synthetic", "legacy": None},
+    "image": {"pad_color": [122, 116, 104]}, "image_key": "sha256-of-padded-rgb",
+}  # fmt: skip
 
 
 def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size: int = 4) -> dict:
@@ -23,7 +27,7 @@ def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size:
     return {
         "schema_version": SCHEMA_VERSION, "tool_version": "0.1.0", "created": "2025-01-01T00:00:00+00:00",
         "complete": False, "teacher": {"model_id": "synthetic", "config_sha256": "a" * 64, "weights_sha256": "b" * 64},
-        "tokenizer_sha256": "c" * 64, "template": "plain", "dataset": {"file": "d.json", "sha256": "d" * 64},
+        "tokenizer_sha256": "c" * 64, "template": "plain", "preprocessing": PREPROCESSING, "dataset": {"file": "d.json", "sha256": "d" * 64},
         "options": options, "family": "llava", "num_visual_tokens": NV, "image_token_id": 5, "num_heads": H,
         "visual_dim": D, "vocab_size": VOCAB, "attn_heads": "all", "logit_targets": logit_targets, "topk": K,
         "logit_positions": "answer", "codecs": codecs, "encodings": resolve_preset(codecs),

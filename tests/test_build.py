@@ -61,7 +61,9 @@ def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher
         reader.attrs["num_heads"] == backend.num_heads
         and reader.attrs["tokenizer_sha256"] == backend.fingerprint()["tokenizer_sha256"]
     )
-    dataset = SampleDataset(samples, root, backend.preprocess, backend.tokenizer.pad_token_id)
+    dataset = SampleDataset(
+        samples, root, backend.preprocess, backend.tokenizer.pad_token_id, backend.pad_color
+    )
     for i in (0, 2, 4):  # an image sample, the text-only one, the multi-turn one
         batch = dataset.collate([dataset[i]])
         with torch.inference_mode():
@@ -108,7 +110,11 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
     attrs = build_cache(
         str(mobilevlm_teacher_dir), path, root, str(tmp_path / "m.zarr"), opts, progress=False
     )
-    assert attrs["family"] == "mobilevlm" and attrs["counts"]["written"] == 10
+    # `plain` takes one question and one answer (preprocess_plain): the multi-turn digit-3 is skipped.
+    assert attrs["family"] == "mobilevlm" and (attrs["counts"]["written"], attrs["counts"]["skipped"]) == (
+        9,
+        1,
+    )
     reader = CacheReader(str(tmp_path / "m.zarr"))
     got = reader.read("digit-0")
     assert got.attention.shape[0] == 1 and got.visual.shape == (

@@ -125,16 +125,21 @@ def digit_png(path, value=7, size=(24, 16)):
     return path
 
 
-def test_images_are_padded_to_a_centred_square_with_the_mean_colour(tmp_path):
-    image, key = load_image(digit_png(tmp_path / "d.png"), "s1")
+CLIP_PAD = (122, 116, 104)  # int(255 * x) for CLIP's image_mean (0.4815, 0.4578, 0.4082)
+
+
+def test_images_are_padded_to_a_centred_square_with_the_given_colour(tmp_path):
+    image, key = load_image(digit_png(tmp_path / "d.png"), "s1", CLIP_PAD)
     assert image.size == (24, 24) and image.mode == "RGB"
     arr = np.asarray(image)
-    assert (arr[0, 0] == arr[-1, -1]).all()  # padding rows share the mean colour
+    assert (arr[:4] == CLIP_PAD).all() and (arr[20:] == CLIP_PAD).all()  # not the image's own mean
     original = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))
     assert np.array_equal(arr[4:20], original)
-    assert key == image_key(pad_to_square(Image.open(tmp_path / "d.png").convert("RGB")))
-    _, other_key = load_image(digit_png(tmp_path / "e.png", value=3), "s2")
+    assert key == image_key(pad_to_square(Image.open(tmp_path / "d.png").convert("RGB"), CLIP_PAD))
+    _, other_key = load_image(digit_png(tmp_path / "e.png", value=3), "s2", CLIP_PAD)
     assert other_key != key
+    # The key is defined on the padded pixels, so it names the padding colour too.
+    assert load_image(tmp_path / "d.png", "s1", (0, 0, 0))[1] != key
 
 
 def test_batches_equal_samples_one_at_a_time(tmp_path, tokenizer):
@@ -144,7 +149,7 @@ def test_batches_equal_samples_one_at_a_time(tmp_path, tokenizer):
     )
     samples, _ = tokenize_all(records, tok_for(tokenizer, "v1"))
     preprocess = lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)  # noqa: E731
-    ds = SampleDataset(samples, tmp_path, preprocess, pad_id=tokenizer.pad_token_id)
+    ds = SampleDataset(samples, tmp_path, preprocess, tokenizer.pad_token_id, CLIP_PAD)
     batch = ds.collate([ds[i] for i in range(3)])
     assert batch.image_index == [0, None, 1]
     for i in range(3):
@@ -228,7 +233,7 @@ def test_symlink_out_of_the_root_is_refused(tmp_path):
 def test_corrupt_image_is_refused_naming_the_sample(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ImageError, match="sample 's9': image .*bad.png is unreadable or corrupt"):
-        load_image(tmp_path / "bad.png", "s9")
+        load_image(tmp_path / "bad.png", "s9", CLIP_PAD)
 
 
 def test_chat_template_needs_a_tokenizer_template(tmp_path, tokenizer):

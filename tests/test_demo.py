@@ -68,7 +68,7 @@ def test_images_are_the_real_scans_in_reading_order(digit_set):
     out, paths = digit_set
     scans, _ = digits.load_scans()
     record = json.loads(paths["test"].read_text())[0]
-    image, _ = load_image(out / record["image"], record["id"])
+    image, _ = load_image(out / record["image"], record["id"], (0, 0, 0))  # square: no padding
     pixels = np.asarray(image.convert("L"), dtype=np.float32)
     cell = pixels.shape[0] // 2
     for i, s in enumerate(record["scans"]):

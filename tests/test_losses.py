@@ -394,7 +394,9 @@ def test_attention_loss_is_nonzero_and_trains_layer0_queries_and_keys(llava_stud
     student = load_backend(llava_student_dir)
     tok = Tokenization(student.tokenizer, "v1", student.image_token_id, student.num_visual_tokens)
     samples, _ = tokenize_all(read_records(data), tok)
-    dataset = SampleDataset([s for s in samples if s.image][:3], root, student.preprocess, 0)
+    dataset = SampleDataset(
+        [s for s in samples if s.image][:3], root, student.preprocess, 0, student.pad_color
+    )
     batch = dataset.collate([dataset[i] for i in range(3)])
     signals = student.forward(batch, capture=True)
     # A teacher slice with more heads: the student's own slice, perturbed and repeated.
@@ -423,7 +425,9 @@ def test_top_k_focus_indices_fall_inside_the_visual_positions(llava_student_dir,
     for template in ("plain", "v1"):  # image right after BOS, and after ~35 system-prompt tokens
         tok = Tokenization(student.tokenizer, template, student.image_token_id, student.num_visual_tokens)
         samples, _ = tokenize_all(read_records(data), tok)
-        dataset = SampleDataset([s for s in samples if s.image], root, student.preprocess, 0)
+        dataset = SampleDataset(
+            [s for s in samples if s.image], root, student.preprocess, 0, student.pad_color
+        )
         batch = dataset.collate([dataset[i] for i in range(len(dataset))])
         with torch.no_grad():
             signals = student.forward(batch, capture=True)

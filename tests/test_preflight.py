@@ -16,6 +16,8 @@ from alignkd_cache.cli.cache import main
 from alignkd_cache.data import DataError, Problem, read_entries, read_records
 from alignkd_cache.images import DECODE_SIDE, ImageError, check_image, load_image
 
+CLIP_PAD = (122, 116, 104)  # the CLIP processor's mean as a fill colour; any colour serves these tests
+
 
 def turn(question="<image>\nWhich digit?", answer="It is 3"):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -158,7 +160,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
         check_image(bomb, "b", max_pixels=100_000_000)
     assert check_image(bomb, "b") == (12000, 10000)  # the header alone was read: there are no pixels
     with pytest.raises(ImageError, match="sample 'b': image .*bomb.png is unreadable"):
-        load_image(bomb, "b")  # decoding it is a per-sample error, not a PIL traceback
+        load_image(bomb, "b", CLIP_PAD)  # decoding it is a per-sample error, not a PIL traceback
     png_header_only(bomb, 20000, 20000)
     with pytest.raises(ImageError, match="bomb.png is over 179 Mpixels") as e:
         check_image(bomb, "b", max_pixels=10**12)
@@ -170,7 +172,7 @@ def test_sixteen_bit_png_keeps_its_grey_levels(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "g.png")
     with Image.open(tmp_path / "g.png") as raw:
         assert raw.mode == "I;16"
-    image, _ = load_image(tmp_path / "g.png", "g")
+    image, _ = load_image(tmp_path / "g.png", "g", CLIP_PAD)
     pixels = np.asarray(image)[:, :, 0]
     centre = pixels[(256 - 4) // 2]  # a row of the original inside the square padding
     assert (centre == np.arange(256)).all()
@@ -180,8 +182,8 @@ def test_huge_images_are_shrunk_while_decoding(tmp_path):
     side = 2 * DECODE_SIDE + 100
     Image.new("RGB", (side, side // 2), (200, 30, 60)).save(tmp_path / "wide.png")
     Image.new("RGB", (side, side), (10, 200, 30)).save(tmp_path / "big.jpg", quality=95)
-    wide, _ = load_image(tmp_path / "wide.png", "w")
+    wide, _ = load_image(tmp_path / "wide.png", "w", CLIP_PAD)
     assert wide.size == (side // 2, side // 2)  # reduced by 2, then padded to a square
-    big, _ = load_image(tmp_path / "big.jpg", "j")
+    big, _ = load_image(tmp_path / "big.jpg", "j", CLIP_PAD)
     assert big.size == (side // 2, side // 2)  # JPEG: decoded at half scale (draft)
     assert np.abs(np.asarray(big).astype(int) - (10, 200, 30)).max() <= 3

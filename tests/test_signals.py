@@ -75,7 +75,9 @@ def test_sampled_targets_do_not_depend_on_batching(llava_teacher_dir, digits_dat
     json_path, image_root = digits_dataset
     tok = Tokenization(teacher.tokenizer, "v1", teacher.image_token_id, teacher.num_visual_tokens)
     samples, _ = tokenize_all(read_records(json_path)[:4], tok)
-    dataset = SampleDataset(samples, image_root, teacher.preprocess, teacher.tokenizer.pad_token_id)
+    dataset = SampleDataset(
+        samples, image_root, teacher.preprocess, teacher.tokenizer.pad_token_id, teacher.pad_color
+    )
     with torch.no_grad():
         batch = dataset.collate([dataset[i] for i in range(len(dataset))])
         together = teacher.forward(batch, capture=False).logits

@@ -37,11 +37,13 @@ class Backend(Protocol):
     tokenizer: object
     image_token_id: int  # the id the data layer writes at visual positions
     num_visual_tokens: int  # N_v
+    image_processor: object  # its settings are recorded in a cache's `preprocessing`
+    pad_color: tuple[int, int, int]  # square-padding fill: int(255 * image_processor.image_mean)
     num_heads: int  # layer-0 query heads (H)
     visual_dim: int  # D of the projected visual tokens (= LLM hidden size)
 
     def preprocess(self, image) -> torch.Tensor:
-        """A padded RGB PIL image -> (3, H, W) pixel values for this model's vision tower."""
+        """An RGB PIL image -> (3, H, W) pixel values: padded to a square with pad_color, then processed."""
 
     def forward(self, batch, capture: bool = True) -> Signals:
         """Run the model. capture=False skips the attention slice (plain sdpa everywhere)."""

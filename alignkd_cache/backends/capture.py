@@ -122,14 +122,17 @@ def spliced_forward(
     model taking inputs_embeds and a 2-D attention mask and using CAPTURE_ATTENTION in its layers.
     """
     input_ids = batch.input_ids
+    image_ids_per_row = (input_ids == image_token_id).sum(1).tolist()
     # MobileVLM marks image positions with -200, which has no embedding row; they are overwritten.
     embeds = embed_tokens(input_ids.clamp(min=0))
     rows, cols, feats = [], [], []
     for b, image_row in enumerate(batch.image_index):
         positions = batch.visual_positions[b]
         if image_row is None:
-            if len(positions):
-                raise ValueError(f"sample {batch.ids[b]!r} has visual positions but no image row")
+            if len(positions) or image_ids_per_row[b]:
+                raise ValueError(
+                    f"sample {batch.ids[b]!r} has visual positions or image ids but no image row"
+                )
             continue
         if visual is None or len(positions) != visual.shape[1]:
             have = None if visual is None else visual.shape[1]
@@ -141,6 +144,12 @@ def spliced_forward(
             raise ValueError(
                 f"sample {batch.ids[b]!r}: the ids at its visual positions are not the image token "
                 f"{image_token_id}; tokenize with this backend's image_token_id"
+            )
+        if image_ids_per_row[b] != len(positions):
+            # An image id outside V would reach the LLM as an embedding row (or <unk>), silently.
+            raise ValueError(
+                f"sample {batch.ids[b]!r} holds {image_ids_per_row[b]} image-token ids but {len(positions)} "
+                "visual positions; every image id must be replaced by a visual token"
             )
         rows.append(torch.full_like(positions, b))
         cols.append(positions)

@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from alignkd_cache.backends import Signals
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.tokenizer import load_tokenizer
+from alignkd_cache.images import pad_color, pad_to_square
 
 
 class LlavaBackend:
@@ -30,6 +32,8 @@ class LlavaBackend:
     ):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.model_id, self.source = model_id, source
+        # LlavaImageProcessor(do_pad=True)'s fill: tuple(int(x*255) for x in image_mean).
+        self.pad_color = pad_color(image_processor.image_mean)
         config = model.config
         self.image_token_id = int(config.image_token_id)
         self.num_heads = int(config.text_config.num_attention_heads)
@@ -59,11 +63,13 @@ class LlavaBackend:
             use_safetensors=True,
         )
         model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(local)
+        tokenizer = load_tokenizer(local)
         image_processor = AutoImageProcessor.from_pretrained(local)
         return cls(model, tokenizer, image_processor, str(path), local)
 
     def preprocess(self, image) -> torch.Tensor:
+        """Pad to a square with the processor's mean, as LlavaImageProcessor(do_pad=True), then process."""
+        image = pad_to_square(image, self.pad_color)
         return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -35,6 +34,8 @@ from transformers import (
 from alignkd_cache.backends import Signals
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.tokenizer import load_tokenizer
+from alignkd_cache.images import pad_color, pad_to_square
 
 IMAGE_TOKEN_ID = -200  # MobileVLM's placeholder id, as in the original code
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -182,6 +183,15 @@ def _load_tower(config: dict, weights: dict, override, dtype) -> tuple[CLIPVisio
     return tower, str(reference)
 
 
+def _image_processor(places) -> CLIPImageProcessorPil | None:
+    """The CLIP processor settings the official code reads: the tower's preprocessor_config.json
+    (MobileVLM loads CLIPImageProcessor from mm_vision_tower), else the checkpoint's."""
+    for place in places:
+        if place is not None and (resolve_checkpoint(place) / "preprocessor_config.json").is_file():
+            return CLIPImageProcessorPil.from_pretrained(str(resolve_checkpoint(place)))
+    return None
+
+
 @contextmanager
 def _quiet_transformers():
     """Silence warnings that are expected here: LlamaForCausalLM does not use the projector and tower
@@ -207,13 +217,18 @@ class MobileVLMBackend:
         model_id: str,
         source: Path | None,
         tower_ref: str | None,
+        image_processor: CLIPImageProcessorPil | None = None,
     ):
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.model_id, self.source, self.tower_ref = model_id, source, tower_ref
         side = model.vision_tower.config.image_size
-        self.image_processor = CLIPImageProcessorPil(
+        # transformers' CLIP defaults (the values clip-vit-large-patch14-336 ships) only when neither
+        # the tower nor the checkpoint has a preprocessor_config.json.
+        self.image_processor = image_processor or CLIPImageProcessorPil(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}
         )
+        # MobileVLM's expand2square fill: tuple(int(x*255) for x in image_processor.image_mean).
+        self.pad_color = pad_color(self.image_processor.image_mean)
         self.num_visual_tokens = model.mm_projector.grid**2
         self.num_heads = int(config["num_attention_heads"])
         self.visual_dim = int(config["hidden_size"])
@@ -239,7 +254,7 @@ class MobileVLMBackend:
             llm = LlamaForCausalLM.from_pretrained(
                 local, config=llm_config, dtype=dtype, use_safetensors=True
             )
-            tokenizer = AutoTokenizer.from_pretrained(local)
+        tokenizer = load_tokenizer(local)  # outside the log filter: a failure shows its real reason
         projector = LDPv2Projector(
             config["mm_hidden_size"], config["hidden_size"], config.get("mm_ldp_grid", DEFAULT_GRID)
         )
@@ -247,9 +262,12 @@ class MobileVLMBackend:
         tower, tower_ref = _load_tower(config, _read_prefix(files, TOWER_PREFIX), vision_tower, dtype)
         select_layer = config.get("mm_vision_select_layer", -2)
         model = MobileVLM(llm, projector.to(dtype), tower, select_layer).to(device).eval()
-        return cls(model, config, tokenizer, str(path), local, tower_ref)
+        processor = _image_processor([tower_ref, local])
+        return cls(model, config, tokenizer, str(path), local, tower_ref, processor)
 
     def preprocess(self, image) -> torch.Tensor:
+        """expand2square with the processor's mean, then the CLIP processor (a square passes as is)."""
+        image = pad_to_square(image, self.pad_color)
         return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -289,6 +307,7 @@ class MobileVLMBackend:
             self.model.original_state_dict(inside), str(out / "model.safetensors"), metadata={"format": "pt"}
         )
         self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
 
     def fingerprint(self) -> dict:
         return fingerprint(self, self.config)

@@ -2,22 +2,41 @@
 
 schema_version is "MAJOR.MINOR". A reader accepts any cache with its own MAJOR and any MINOR
 (minor versions only add optional attributes or manifest columns); a different MAJOR is refused.
+
+2.0 changed what the ids and pixels are (issue 10): one tokenization of the whole prompt with
+SentencePiece semantics, `<image>` moved to the front of its turn, and square padding with the
+image processor's mean. `preprocessing` records those choices so readers can check them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import alignkd_cache
+from alignkd_cache.backends.tokenizer import tokenizer_settings
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+# What each older MAJOR did differently, for the refusal message.
+OLDER_MAJORS = {
+    "1": "1.x caches tokenized the system prompt and each turn separately, duplicated a later-turn "
+    "<image>, and padded images with their own mean colour; their ids and visual signals differ"
+}
 
 # Options that may differ between a build and its --resume: they cannot change what is stored.
 RESUME_FREE_OPTIONS = ("device",)
 # What must agree for caches to be merged: the same teacher producing the same kind of signals.
-MERGE_FIELDS = ("teacher", "tokenizer_sha256", "template", "num_visual_tokens", "num_heads", "visual_dim")
+MERGE_FIELDS = (
+    "teacher",
+    "tokenizer_sha256",
+    "template",
+    "preprocessing",
+    "num_visual_tokens",
+    "num_heads",
+    "visual_dim",
+)
 MERGE_OPTIONS = (
     "topk",
     "logit_targets",
@@ -47,6 +66,35 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def preprocessing(backend, template: str) -> dict:
+    """Everything besides the weights that decides the ids and pixels a cache was built from."""
+    processor = backend.image_processor
+    settings = (
+        "image_mean",
+        "image_std",
+        "size",
+        "crop_size",
+        "resample",
+        "do_center_crop",
+        "rescale_factor",
+    )
+    return {
+        "template": template,
+        "tokenizer": tokenizer_settings(backend.tokenizer),
+        "image": {
+            "pad_color": list(backend.pad_color),
+            "processor": type(processor).__name__,
+            **{k: v for k, v in json.loads(processor.to_json_string()).items() if k in settings},
+        },
+        "image_key": "sha256-of-padded-rgb",
+    }
+
+
+def attrs_pad_color(attrs: dict) -> tuple[int, int, int]:
+    """The padding colour a cache's image keys are defined with."""
+    return tuple(attrs["preprocessing"]["image"]["pad_color"])
+
+
 def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
     fp = backend.fingerprint()
     return {
@@ -57,6 +105,7 @@ def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, 
         "teacher": {k: fp[k] for k in ("model_id", "revision", "config_sha256", "weights_sha256")},
         "tokenizer_sha256": fp["tokenizer_sha256"],
         "template": options["template"],
+        "preprocessing": preprocessing(backend, options["template"]),
         "dataset": {"file": Path(data_path).name, "sha256": file_sha256(data_path)},
         "options": dict(options),
         "family": backend.family,
@@ -88,7 +137,15 @@ def _first_difference(stored, new, where: str) -> str | None:
 
 def check_resume(stored: dict, new: dict, url: str) -> None:
     """Refuse to resume a build whose teacher, data or options differ, naming the field."""
-    keys = ("schema_version", "teacher", "tokenizer_sha256", "template", "dataset", "encodings")
+    keys = (
+        "schema_version",
+        "teacher",
+        "tokenizer_sha256",
+        "template",
+        "preprocessing",
+        "dataset",
+        "encodings",
+    )
     for key in keys:
         diff = _first_difference(stored.get(key), new.get(key), key)
         if diff:
@@ -119,10 +176,12 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
 
 def check_readable(attrs: dict, url: str) -> None:
     version = str(attrs.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    major = version.split(".")[0]
+    if major != SCHEMA_VERSION.split(".")[0]:
+        why = f" ({OLDER_MAJORS[major]})" if major in OLDER_MAJORS else ""
         raise IncompatibleCache(
-            f"{url}: schema_version {version!r} is not readable by this tool (reads {SCHEMA_VERSION.split('.')[0]}.x); "
-            "use a matching alignkd-cache version"
+            f"{url}: schema_version {version!r} is not readable by this tool (reads {SCHEMA_VERSION.split('.')[0]}.x)"
+            f"{why}; rebuild the cache with this version or use a matching alignkd-cache version"
         )
     if not attrs.get("complete"):
         raise IncompatibleCache(f"{url}: the build is not finished; run the same build command with --resume")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from alignkd_cache.data import resolve_image
 from alignkd_cache.images import load_image
+from alignkd_cache.store.provenance import attrs_pad_color
 from alignkd_cache.store.reader import CacheReader
 
 
@@ -66,7 +67,8 @@ def show_attention(
         raise ValueError(
             f"{grid.size} visual tokens do not form a square grid; cannot place them on the image"
         )
-    image, _ = load_image(resolve_image(image_root, cached.sample.image, sample_id), sample_id)
+    path = resolve_image(image_root, cached.sample.image, sample_id)
+    image, _ = load_image(path, sample_id, attrs_pad_color(reader.attrs))
     ids = cached.sample.input_ids[cached.sample.visual_start + cached.sample.num_visual :][queries]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
     axes[0].imshow(image)
