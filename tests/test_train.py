@@ -251,7 +251,9 @@ def test_one_step_is_the_same_however_the_batch_is_cut(tmp_path, llava_student_d
         other = {**load_file(str(out / "model.safetensors")), **load_file(str(out / ADAPTERS_FILE))}
         assert set(other) == set(reference)
         for name, value in reference.items():
-            torch.testing.assert_close(other[name], value, rtol=0, atol=1e-6, msg=f"{out.name}: {name}")
+            # Adam's first step is lr * g / (|g| + eps): for gradients near eps (lm_head rows of tokens
+            # the batch never uses) summation-order rounding moves the update by ~1e-6 at lr 1e-3.
+            torch.testing.assert_close(other[name], value, rtol=0, atol=1e-5, msg=f"{out.name}: {name}")
 
 
 def test_a_changed_image_is_refused_naming_the_file(tmp_path, llava_student_dir, cache, digits_dataset):
