@@ -8,6 +8,7 @@ import sys
 import click
 
 import alignkd_cache
+from alignkd_cache.progress import quiet_libraries
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -38,6 +39,7 @@ storage_option = click.option(
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
 def main():
     """Offline Align-KD teacher-signal caches (zarr + Parquet)."""
+    quiet_libraries()  # our commands show one progress display each
 
 
 @main.command()

@@ -17,6 +17,7 @@ from alignkd_cache.losses import (
     parse_weights,
     vis_settings,
 )
+from alignkd_cache.progress import quiet_libraries
 
 
 def training_options(command):
@@ -124,6 +125,7 @@ def _fail(e: Exception):
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-train")
 def main():
     """Distil a mobile VLM student with Align-KD."""
+    quiet_libraries()  # our commands show one progress display each
 
 
 @main.command("from-cache")
