@@ -135,9 +135,8 @@ def plot(results, path: Path) -> Path:
         fontsize=7,
         color="grey",
     )
-    low = min(results.baseline["all"], *(r["all"] for runs in results.students.values() for r in runs))
-    high = max(r["all"] for runs in results.students.values() for r in runs)
-    left.set_ylim(low - 2, high + 2)
+    shown = [results.baseline["all"], *(r["all"] for runs in results.students.values() for r in runs)]
+    left.set_ylim(max(0, min(shown) - 3), min(100, max(shown) + 3))  # zoomed: the differences are small
     left.set_title(
         f"Students (teacher: {results.teacher['all']:.1f}%), dots = seeds, bars = 95% CI", fontsize=9
     )

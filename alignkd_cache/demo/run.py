@@ -108,6 +108,14 @@ QUICK = Recipe(
 )
 
 
+# Files that cannot change the teacher (report, plots, progress display), so editing them keeps it.
+PRESENTATION_ONLY = {
+    "alignkd_cache/demo/report.py",
+    "alignkd_cache/progress.py",
+    "alignkd_cache/store/show.py",
+}
+
+
 def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignkd-cache"
 
@@ -180,6 +188,7 @@ def get_teacher(recipe: Recipe, data: dict[str, Path], image_root: Path, run: Ru
         entry / "init", tokenizer, **recipe.vision, **recipe.teacher, seed=recipe.data_seed
     )
     (entry / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    (entry / "environment.json").write_text(json.dumps(environment(), indent=1))
     run(
         "alignkd-train",
         train_cli(),
@@ -439,11 +448,16 @@ def _count_params(model_dir: Path) -> int:
 
 
 def code_sha256() -> str:
-    """Hash of the package's Python source: a change to any of it retrains the teacher."""
-    root = Path(alignkd_cache.__file__).parent
+    """Hash of the package's Python source, commands included: a change to any of it retrains the
+    teacher, except in the files that only present results."""
+    from alignkd_cache import cli
+
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    for root in (Path(alignkd_cache.__file__).parent, Path(cli.__file__).parent):
+        for path in sorted(root.rglob("*.py")):
+            name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            if name not in PRESENTATION_ONLY:
+                digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
