@@ -46,14 +46,15 @@ class StageProgress:
                 desc=desc,
                 file=self.stream,
                 smoothing=0,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left {postfix}",
+                mininterval=0,  # one update per stage: show each
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left{postfix}",
             )
 
     def stage_done(self, name: str) -> None:
         cost = self.costs[self.done]
         self.done += 1
         if self.bar is not None:
-            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.set_postfix_str(f"{name} done", refresh=False)
             self.bar.update(cost)
             return
         elapsed = time.perf_counter() - self.start

@@ -211,6 +211,25 @@ def test_stage_progress_weighs_the_eta_by_cost_and_prints_plain_lines(monkeypatc
     assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
 
 
+def test_stage_progress_on_a_terminal_is_one_bar_advanced_by_cost():
+    import io
+
+    from alignkd_cache.progress import StageProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = StageProgress([1.0, 9.0], "demo", stream)
+    bar.stage_done("small")
+    shown = stream.getvalue().split("\r")[-1]
+    assert shown.startswith("demo  10%|") and shown.endswith("small done")
+    bar.stage_done("big")
+    bar.close()
+    assert stream.getvalue().split("\r")[-1].startswith("demo 100%|") and "\n" not in stream.getvalue()[:-1]
+
+
 def test_teacher_key_changes_with_code_and_environment(monkeypatch):
     from alignkd_cache.demo import run as demo_run
 
