@@ -155,6 +155,11 @@ def write_report(results, out: Path) -> Path:
     r = results.recipe
     minutes = results.seconds["total"] / 60
     stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items() if k != "total")
+    load = (
+        ""
+        if results.load is None
+        else f"; 5-minute load average {results.load:.1f} at the end (above the core count, other jobs shared the CPU)"
+    )
     environment = "\n".join(f"| {k} | {v} |" for k, v in results.environment.items())
     text = f"""# Demo results: Align-KD in miniature, on real scanned digits
 
@@ -197,7 +202,7 @@ Each variant minus CE only, paired by seed (mean, 95% Student-t interval):
   {r.student_batch}, lr {r.student_lr}, seeds {results.seeds[0]}..{results.seeds[-1]} (the seed sets the
   student init, the batch order and the adapter init; all variants share them).
 - Vision: {r.vision}.
-- Time: {minutes:.1f} min in all ({stage_times}).
+- Time: {minutes:.1f} min in all ({stage_times}){load}.
 
 ## Environment
 

@@ -289,6 +289,7 @@ class Results:
     students: dict[str, list[dict[str, float]]]  # variant -> one score dict per seed
     params: dict[str, int]
     seconds: dict[str, float]
+    load: float | None  # 5-minute load average at the end: above the core count, other jobs shared the CPU
     commands: list[str]
     teacher_cached: bool
     environment: dict[str, str]
@@ -418,6 +419,7 @@ def run_demo(
         students=students,
         params={"teacher": _count_params(teacher), "student": _count_params(out / "students" / "init-s0")},
         seconds=seconds,
+        load=os.getloadavg()[1] if hasattr(os, "getloadavg") else None,
         commands=run.commands,
         teacher_cached=cached,
         environment=environment(),
