@@ -41,6 +41,7 @@ def build_tokenizer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator((corpus or DEFAULT_CORPUS) * 20, trainer)
     fast = PreTrainedTokenizerFast(

@@ -11,6 +11,7 @@ import alignkd_cache
 from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
+from alignkd_cache.progress import quiet_libraries
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -41,6 +42,7 @@ storage_option = click.option(
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
 def main():
     """Offline Align-KD teacher-signal caches (zarr + Parquet)."""
+    quiet_libraries()  # our commands show one progress display each
 
 
 @main.command()

@@ -19,6 +19,7 @@ from alignkd_cache.losses import (
     parse_weights,
     vis_settings,
 )
+from alignkd_cache.progress import quiet_libraries
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
 
@@ -158,6 +159,7 @@ def make_options(kw: dict, target_kind: str):
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-train")
 def main():
     """Distil a mobile VLM student with Align-KD."""
+    quiet_libraries()  # our commands show one progress display each
 
 
 @main.command("from-cache")

@@ -3,14 +3,16 @@
 1. Build the digit-grid question set (alignkd_cache.demo.digits) from real scans.
 2. Get the teacher: a LLaVA clearly larger than the student, fine-tuned by `alignkd-train
    finetune` (plain cross-entropy, no teacher of its own) on the whole train split. It is cached
-   under the user cache directory, keyed by a hash of its recipe, so a rerun skips this stage.
+   under the user cache directory, keyed by a hash of its recipe, the package's code and the
+   numerical environment, so a rerun skips this stage and nothing else ever reuses it.
 3. `alignkd-cache build` over the student's (smaller) share of the train split.
 4. `alignkd-train from-cache` for each student variant and seed: same data, steps and seeds.
 5. `alignkd-train eval` on the held-out test split, for the teacher and every student.
-6. A table (mean ± std over seeds), a plot, and one attention heatmap from `alignkd-cache show`.
+6. A table, the Align-KD - CE-only difference paired by seed with its confidence interval, a plot,
+   and one attention heatmap from `alignkd-cache show`.
 
 Every command runs in this process through its click entry point with the arguments a user would
-type, and `results.md` lists each of them.
+type (their output goes to OUT/commands.log), and `results.md` lists each of them.
 """
 
 from __future__ import annotations
@@ -23,23 +25,36 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import alignkd_cache
-from alignkd_cache.demo import digits
+from alignkd_cache.demo import PINNED_NUMERICS, digits
+from alignkd_cache.progress import StageProgress, quiet_libraries
 
-# Student variants: each Align-KD term added to cross-entropy on its own, then all of them.
+# Student variants: CE only and full Align-KD by default; --ablation adds each term on its own.
 VARIANTS = {
     "CE only": "ce=1,logit=0,vis=0,attn=0",
     "+ logit KD": "ce=1,logit=1,vis=0,attn=0",
     "+ attention": "ce=1,logit=0,vis=0,attn=1",
     "+ visual tokens": "ce=1,logit=0,vis=1,attn=0",
     "Align-KD (all)": "ce=1,logit=1,vis=1,attn=1",
+}
+HEADLINE = ("CE only", "Align-KD (all)")
+
+# Seconds per unit of work on the reference machine (2 quiet cores, one torch thread): the stages'
+# expected costs, for the opening estimate and the weighted ETA.
+REFERENCE_SECONDS = {
+    "data per image": 0.003,
+    "teacher per step": 0.125,
+    "eval per question": 0.003,
+    "build per sample": 0.007,
+    "student init": 0.4,
+    "student per step": 0.064,
+    "figures": 1.0,
 }
 
 
@@ -70,11 +85,13 @@ class Recipe:
     vis_topk: int = 1  # of the 4 visual tokens (one per digit); the paper keeps 16 of 144
 
     def teacher_key(self) -> str:
-        """Hash of what the teacher depends on (not the student's share or steps)."""
+        """Hash of what the teacher depends on: its part of the recipe, the package's code (a
+        teacher trained by older code is never reused) and the numerical environment."""
         part = {
             k: v for k, v in asdict(self).items() if not k.startswith("student") and k not in ("test_images",)
         }
-        part["tool_version"] = alignkd_cache.__version__
+        part["code"] = code_sha256()
+        part["environment"] = environment()
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,6 +108,14 @@ QUICK = Recipe(
 )
 
 
+# Files that cannot change the teacher (report, plots, progress display), so editing them keeps it.
+PRESENTATION_ONLY = {
+    "alignkd_cache/demo/report.py",
+    "alignkd_cache/progress.py",
+    "alignkd_cache/store/show.py",
+}
+
+
 def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "alignkd-cache"
 
@@ -101,14 +126,16 @@ def user_cache_dir() -> Path:
 
 @dataclass
 class Runner:
-    """Runs click commands in-process, logs their stdout, and remembers each command line."""
+    """Runs click commands in-process, logs their output, and remembers each command line (paths
+    under the home directory written with ~, as a user would type them)."""
 
     log: Path
     commands: list[str] = field(default_factory=list)
 
     def __call__(self, console_script: str, command, args: list[str]) -> None:
-        self.commands.append(" ".join([console_script, *args]))
-        with open(self.log, "a") as f, redirect_stdout(f):
+        home = str(Path.home())
+        self.commands.append(" ".join([console_script, *args]).replace(home + "/", "~/"))
+        with open(self.log, "a") as f, redirect_stdout(f), redirect_stderr(f):
             print(f"$ {self.commands[-1]}", flush=True)
             command.main(args=args, prog_name=console_script, standalone_mode=False)
 
@@ -141,19 +168,27 @@ def build_data(recipe: Recipe, out: Path) -> dict[str, Path]:
     return paths
 
 
+def teacher_dir(recipe: Recipe) -> Path:
+    """The teacher's cache entry: `init/` (the random start) and `model/` (the trained teacher) stay
+    side by side, so the finetune command in results.md can be replayed."""
+    return user_cache_dir() / f"demo-teacher-{recipe.teacher_key()}"
+
+
 def get_teacher(recipe: Recipe, data: dict[str, Path], image_root: Path, run: Runner) -> Path:
-    """The cached teacher for this recipe, trained on first use (written aside, then renamed)."""
+    """The cached teacher for this recipe, trained on first use. `alignkd_train.json` is written
+    last, so an interrupted training is redone, never used."""
     from alignkd_cache.tiny import build_tiny_llava, build_tokenizer
 
-    final = user_cache_dir() / f"demo-teacher-{recipe.teacher_key()}"
-    if (final / "alignkd_train.json").exists():
-        return final
-    work = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    tokenizer = build_tokenizer(work / "tokenizer", recipe.tokenizer_vocab, corpus=_tokenizer_corpus())
+    entry = teacher_dir(recipe)
+    if (entry / "model" / "alignkd_train.json").exists():
+        return entry / "model"
+    shutil.rmtree(entry, ignore_errors=True)
+    tokenizer = build_tokenizer(entry / "tokenizer", recipe.tokenizer_vocab, corpus=_tokenizer_corpus())
     init = build_tiny_llava(
-        work / "init", tokenizer, **recipe.vision, **recipe.teacher, seed=recipe.data_seed
+        entry / "init", tokenizer, **recipe.vision, **recipe.teacher, seed=recipe.data_seed
     )
+    (entry / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
+    (entry / "environment.json").write_text(json.dumps(environment(), indent=1))
     run(
         "alignkd-train",
         train_cli(),
@@ -162,7 +197,7 @@ def get_teacher(recipe: Recipe, data: dict[str, Path], image_root: Path, run: Ru
             "--model", str(init),
             "--data", str(data["train"]),
             "--image-root", str(image_root),
-            "--out", str(work / "model"),
+            "--out", str(entry / "model"),
             "--max-steps", str(recipe.teacher_steps),
             "--epochs", "1000",
             "--lr", str(recipe.teacher_lr),
@@ -172,11 +207,7 @@ def get_teacher(recipe: Recipe, data: dict[str, Path], image_root: Path, run: Ru
             "--template", recipe.template,
         ],
     )  # fmt: skip
-    (work / "model" / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    (work / "model").rename(final)
-    shutil.rmtree(work, ignore_errors=True)
-    return final
+    return entry / "model"
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -258,34 +289,64 @@ class Results:
     students: dict[str, list[dict[str, float]]]  # variant -> one score dict per seed
     params: dict[str, int]
     seconds: dict[str, float]
+    load: float | None  # 5-minute load average at the end: above the core count, other jobs shared the CPU
     commands: list[str]
     teacher_cached: bool
-    machine: str
+    environment: dict[str, str]
 
 
-def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str = "") -> Results:
+def stage_costs(recipe: Recipe, teacher_cached: bool) -> dict[str, float]:
+    """Expected seconds per stage kind on the reference machine."""
+    ref = REFERENCE_SECONDS
+    questions = 3 * recipe.test_images
+    student_steps = recipe.student_epochs * math.ceil(3 * recipe.student_images / recipe.student_batch)
+    return {
+        "data": ref["data per image"] * (recipe.train_images + recipe.test_images),
+        "teacher": 0.0 if teacher_cached else ref["teacher per step"] * recipe.teacher_steps,
+        "eval": ref["eval per question"] * questions,
+        "build": ref["build per sample"] * 3 * recipe.student_images,
+        "init": ref["student init"],
+        "train": ref["student per step"] * student_steps,
+        "figures": ref["figures"],
+    }
+
+
+def run_demo(
+    out: str | Path, seeds: int = 10, quick: bool = False, ablation: bool = False, command: str = ""
+) -> Results:
+    torch.set_num_threads(1)  # see PINNED_NUMERICS; the CPU-kind pins only act before torch loads
+    quiet_libraries()
     recipe = QUICK if quick else Recipe()
+    variants = dict(VARIANTS) if ablation else {name: VARIANTS[name] for name in HEADLINE}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "commands.log").unlink(missing_ok=True)
     run = Runner(out / "commands.log")
     seed_list = list(range(seeds))
+    cached = (teacher_dir(recipe) / "model" / "alignkd_train.json").exists()
+    cost = stage_costs(recipe, cached)
+    plan = ["data", "teacher", "eval", "build"]
+    plan += (["init"] + ["train", "eval"] * len(variants)) * seeds + ["figures"]
+    print(
+        f"alignkd-demo: {'reuse the cached' if cached else 'train a'} teacher, build its cache, train "
+        f"{len(variants)} student variant(s) x {seeds} seed(s) and evaluate them; about "
+        f"{math.ceil(sum(cost[k] for k in plan) / 60)} min on 2 cores. Commands' output: {out}/commands.log",
+        flush=True,
+    )
+    progress = StageProgress([cost[k] for k in plan], "alignkd-demo")
     seconds: dict[str, float] = {}
-    n_jobs = 4 + len(seed_list) * (1 + len(VARIANTS) * 2) + 1
-    bar = tqdm(total=n_jobs, desc="alignkd-demo", unit="stage", position=0)
 
     def stage(name: str, fn: Callable, *args):
-        bar.set_postfix_str(name)
         start = time.perf_counter()
         result = fn(*args)
         key = name.split(" ")[0]
         seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-        bar.update(1)
+        progress.stage_done(name)
         return result
 
     start = time.perf_counter()
     data_dir = out / "data"
     data = stage("data", build_data, recipe, data_dir)
-    cached = (user_cache_dir() / f"demo-teacher-{recipe.teacher_key()}" / "alignkd_train.json").exists()
     teacher = stage("teacher", get_teacher, recipe, data, data_dir, run)
     teacher_scores = stage(
         "eval teacher",
@@ -307,12 +368,12 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
         ["build", "--teacher", str(teacher), "--data", str(data["student"]), "--image-root", str(data_dir),
          "--out", str(cache), "--batch-size", "32", "--template", recipe.template],
     )  # fmt: skip
-    students: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    students: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for seed in seed_list:
         init = stage(
-            "students init", build_student_init, recipe, teacher, out / "students" / f"init-s{seed}", seed
+            f"init s{seed}", build_student_init, recipe, teacher, out / "students" / f"init-s{seed}", seed
         )
-        for name, weights in VARIANTS.items():
+        for name, weights in variants.items():
             run_dir = out / "students" / f"{_slug(name)}-s{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             stage(
@@ -347,7 +408,7 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
         ["show", str(cache), "--sample", heat_sample, "--image-root", str(data_dir),
          "--out", str(figures / "demo-attention.png")],
     )  # fmt: skip
-    bar.close()
+    progress.close()
     seconds["total"] = time.perf_counter() - start
     results = Results(
         command=command or f"alignkd-demo --out {out} --seeds {seeds}" + (" --quick" if quick else ""),
@@ -358,9 +419,10 @@ def run_demo(out: str | Path, seeds: int = 3, quick: bool = False, command: str 
         students=students,
         params={"teacher": _count_params(teacher), "student": _count_params(out / "students" / "init-s0")},
         seconds=seconds,
+        load=os.getloadavg()[1] if hasattr(os, "getloadavg") else None,
         commands=run.commands,
         teacher_cached=cached,
-        machine=machine(),
+        environment=environment(),
     )
     from alignkd_cache.demo.report import write_report
 
@@ -387,6 +449,42 @@ def _count_params(model_dir: Path) -> int:
     return total
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+def code_sha256() -> str:
+    """Hash of the package's Python source, commands included: a change to any of it retrains the
+    teacher, except in the files that only present results."""
+    from alignkd_cache import cli
+
+    digest = hashlib.sha256()
+    for root in (Path(alignkd_cache.__file__).parent, Path(cli.__file__).parent):
+        for path in sorted(root.rglob("*.py")):
+            name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            if name not in PRESENTATION_ONLY:
+                digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    """What the numbers depend on beyond the code: library versions and how CPU math runs."""
+    import importlib.metadata
+
+    versions = {
+        name: importlib.metadata.version(name)
+        for name in ("transformers", "tokenizers", "numpy", "zarr", "scikit-learn")
+    }
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **versions,
+        "cpu": f"{_cpu_model()} ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch threads": str(torch.get_num_threads()),
+        "torch cpu kernels": torch.backends.cpu.get_cpu_capability(),
+        **{name: os.environ.get(name, "unset") for name in PINNED_NUMERICS},
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"

@@ -32,6 +32,17 @@ def parse_span(span: str | None, n: int) -> slice:
         ) from e
 
 
+def query_text(reader: CacheReader, ids) -> str:
+    """The queries as text, through the teacher's tokenizer when it is on this machine; else their ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reader.attrs["teacher"]["model_id"], local_files_only=True)
+    except (OSError, ValueError):
+        return f"token ids {ids[:6].tolist()}{'...' if len(ids) > 6 else ''}"
+    return repr(tokenizer.decode(ids, skip_special_tokens=True).strip())
+
+
 def show_attention(
     url,
     sample_id: str,
@@ -83,7 +94,7 @@ def show_attention(
     )
     who = "mean over heads" if head is None else f"head {head}"
     axes[1].set_title(
-        f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop} (token ids {ids[:6]}{'...' if len(ids) > 6 else ''})",
+        f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop}: {query_text(reader, ids)}",
         fontsize=9,
     )
     fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")

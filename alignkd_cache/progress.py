@@ -1,0 +1,72 @@
+"""One progress display per long command.
+
+Libraries keep their own bars and info logs (transformers prints "Loading weights" on every
+`from_pretrained` and "Writing model shards" on every `save_pretrained`); inside our commands they
+are noise under our own display, so `quiet_libraries` turns them off through the libraries' own
+switches. `StageProgress` is the display of a command made of unequal stages: its ETA weighs each
+stage by its expected cost, and it prints plain lines (no carriage returns or escape codes) when
+its stream is not a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and huggingface_hub's progress bars and below-error logging."""
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+class StageProgress:
+    """Stages with expected costs (any unit, e.g. seconds on a reference machine). The ETA is the
+    remaining expected cost at the rate measured so far, so one long stage does not throw it off."""
+
+    def __init__(self, costs: list[float], desc: str, stream=None):
+        self.costs, self.desc, self.stream = costs, desc, stream or sys.stderr
+        self.done = 0
+        self.start = time.perf_counter()
+        self.bar = None
+        if self.stream.isatty():
+            self.bar = tqdm(
+                total=sum(costs),
+                desc=desc,
+                file=self.stream,
+                smoothing=0,
+                mininterval=0,  # one update per stage: show each
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left{postfix}",
+            )
+
+    def stage_done(self, name: str) -> None:
+        cost = self.costs[self.done]
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{name} done", refresh=False)
+            self.bar.update(cost)
+            return
+        elapsed = time.perf_counter() - self.start
+        done = sum(self.costs[: self.done])
+        left = elapsed / done * (sum(self.costs) - done) if done else 0.0
+        print(
+            f"{self.desc} [{self.done}/{len(self.costs)}] {name} done; "
+            f"{clock(elapsed)} elapsed, ~{clock(left)} left",
+            file=self.stream,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
