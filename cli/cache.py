@@ -34,7 +34,20 @@ storage_option = click.option(
 )
 
 
-@click.group()
+class _Refusals(click.Group):
+    """A refused cache or a locked --out is one line on stderr, never a traceback."""
+
+    def invoke(self, ctx):
+        from alignkd_cache.store.provenance import IncompatibleCache
+
+        try:
+            return super().invoke(ctx)
+        except IncompatibleCache as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Refusals)
 @click.version_option(alignkd_cache.__version__, prog_name="alignkd-cache")
 def main():
     """Offline Align-KD teacher-signal caches (zarr + Parquet)."""

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from alignkd_cache.store import codecs
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.lock import LOCK_NAME
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, block_path, sha256
 from alignkd_cache.store.provenance import IncompatibleCache, check_readable
 
@@ -128,6 +129,7 @@ def inspect(
 def _check_tree(loc: Location, found: Inspection) -> None:
     root = loc.local_root
     keys = _local_files(root, root, found) if root is not None else loc.list_keys()
+    keys = [k for k in keys if k != LOCK_NAME]  # a writer's lock (or a killed writer's): never read
     for key in keys:
         if not _KEY.fullmatch(key):
             found.add(
