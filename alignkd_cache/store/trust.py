@@ -113,7 +113,7 @@ def inspect(
     root zarr.json to check in place of the stored one (a copy writes it only once verified)."""
     loc = Location(url, storage_options, read_only=True)
     found = Inspection(str(url), loc, root)
-    steps = (_check_tree, _check_attrs, _check_manifest, _check_rows, _check_arrays)
+    steps = (_check_tree, _check_attrs, _check_keys, _check_manifest, _check_rows, _check_arrays)
     for step in steps:
         step(loc, found)
         if found.problems:  # later steps trust what earlier ones checked
@@ -129,13 +129,15 @@ def inspect(
 def _check_tree(loc: Location, found: Inspection) -> None:
     root = loc.local_root
     keys = _local_files(root, root, found) if root is not None else loc.list_keys()
-    keys = [k for k in keys if k != LOCK_NAME]  # a writer's lock (or a killed writer's): never read
-    for key in keys:
+    found.keys = [k for k in keys if k != LOCK_NAME]  # a writer's lock (or a killed writer's): never read
+
+
+def _check_keys(loc: Location, found: Inspection) -> None:
+    for key in found.keys:
         if not _KEY.fullmatch(key):
             found.add(
                 f"unexpected file {key!r} (a cache holds only zarr v3 metadata, chunks and the manifest)"
             )
-    found.keys = keys
 
 
 def _local_files(root: Path, folder: Path, found: Inspection) -> list[str]:
