@@ -72,10 +72,15 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
 
 
 def write_synthetic_store(
-    url, n: int = 14, codecs: str = "balanced", logit_targets: str = "topk", storage_options=None
+    url,
+    n: int = 14,
+    codecs: str = "balanced",
+    logit_targets: str = "topk",
+    storage_options=None,
+    block_size: int = 4,
 ):
     """Write n synthetic samples in blocks, like a build does, and finalize. Returns the results."""
-    attrs = attrs_for(codecs, logit_targets)
+    attrs = attrs_for(codecs, logit_targets, block_size)
     loc = Location(url, storage_options)
     loc.group("w").attrs.update(attrs)
     results = synthetic_results(n, logit_targets=logit_targets)
