@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
@@ -64,7 +66,7 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
             values = rng.integers(0, 10, size=top.shape).astype(np.float32)
             tail = None
         results.append(
-            SampleResult(i, sid, image=image, sample=sample, image_key=f"key-{image}" if image else None,
+            SampleResult(i, sid, image=image, sample=sample, image_key=hashlib.sha256(image.encode()).hexdigest()[:32] if image else None,
                          attention=attention, visual=visual, logit_positions=positions, logit_ids=top,
                          logit_values=values, logit_tail=tail)
         )  # fmt: skip

@@ -22,7 +22,7 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME, WriterLocked, lock_dir
 from alignkd_cache.store.manifest import MANIFEST_KEY, sha256, to_table
 from alignkd_cache.store.merge import merge_caches
-from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.store.reader import CacheError, CacheReader
 from alignkd_cache.store.trust import UntrustedCache
 from alignkd_cache.store.verify import verify
 from alignkd_cache.train import latest_checkpoint
@@ -217,7 +217,7 @@ def test_logit_targets_sampled_on_a_topk_cache_is_refused_even_when_options_agre
             lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[1, 1]),
             "chunk",
         ),
-        ("blocks/b000000/attention", lambda m: m["codecs"][0]["configuration"]["codecs"].pop(2), "crc32c"),
+        ("blocks/b000000/attention", lambda m: m["codecs"][0]["configuration"]["codecs"].pop(2), "layout"),
     ],
 )
 def test_array_metadata_must_match_the_attributes_before_anything_is_allocated(
@@ -330,3 +330,17 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert latest_checkpoint(path) == tmp_path / "checkpoint.tmp"
     (tmp_path / "checkpoint.tmp" / "state.json").write_text('{"step": 8')  # torn write: incomplete
     assert latest_checkpoint(path) == tmp_path / "checkpoint.old"
+
+
+def test_a_damaged_chunk_met_while_reading_names_the_sample_and_merge_refuses_it(store, tmp_path):
+    chunk = store / "blocks/b000001/attention/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    reader = CacheReader(str(store))  # the metadata is intact: only reading the chunk shows it
+    sid = next(r["id"] for r in reader.rows if r["block"] == 1 and r["attention_rows"])
+    with pytest.raises(CacheError, match=f"sample '{sid}'.*damaged chunk"):
+        reader.read(sid)
+    with pytest.raises(UntrustedCache, match="unreadable"):
+        merge_caches([str(store), str(store)], str(tmp_path / "merged.zarr"))
+    assert not (tmp_path / "merged.zarr").exists()

@@ -1,7 +1,8 @@
 """`alignkd-cache merge A B ... --out C`: one cache from several built with the same teacher.
 
 Refused, naming the field, unless teacher, tokenizer, template and signal options agree, and unless
-sample ids are disjoint. Blocks are copied byte for byte and renumbered; the manifest is the
+sample ids are disjoint, and unless every source passes `verify` (every chunk read: a merge must
+not launder a damaged or edited source into a cache that verifies). Blocks are copied byte for byte and renumbered; the manifest is the
 sources' manifests in order (A's samples, then B's, ...), with block references shifted.
 """
 
@@ -16,13 +17,13 @@ from alignkd_cache.store.finalize import commit_manifest
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.provenance import IncompatibleCache, check_mergeable, now
-from alignkd_cache.store.trust import open_cache
+from alignkd_cache.store.verify import open_verified
 
 
 def merge_caches(sources: list[str], out: str, storage_options: dict | None = None) -> dict:
     if len(sources) < 2:
         raise ValueError("merge needs at least two caches")
-    found = [open_cache(s, storage_options) for s in sources]
+    found = [open_verified(s, storage_options) for s in sources]  # never launder a damaged chunk
     attrs = [f.attrs for f in found]
     for url, a in zip(sources[1:], attrs[1:], strict=True):
         check_mergeable(attrs[0], a, url)

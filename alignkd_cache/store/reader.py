@@ -23,7 +23,7 @@ from alignkd_cache.signals import LogitTargets
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import open_cache
+from alignkd_cache.store.trust import UntrustedCache, open_cache
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -32,8 +32,8 @@ from alignkd_cache.store.trust import open_cache
 WHOLE_ARRAY_BYTES = 4 * 2**20
 
 
-class CacheError(ValueError):
-    pass
+class CacheError(UntrustedCache):
+    """A damaged chunk met while reading (open_cache checks metadata only; `verify` reads chunks)."""
 
 
 @dataclass
@@ -130,6 +130,17 @@ class CacheReader:
 
     def read(self, sample_id: str) -> CachedSample:
         row = self.row(sample_id)
+        try:
+            return self._read(row)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zarr's checksum or decode failure: a damaged chunk
+            raise CacheError(
+                f"{self.url}: sample {sample_id!r}: its signals are in a damaged chunk ({type(e).__name__}: {e}); "
+                "run `alignkd-cache verify` on it and get a good copy"
+            ) from e
+
+    def _read(self, row: dict) -> CachedSample:
         sample = tokenized_from_row(row)
         b = row["block"]
         attention = visual = None

@@ -18,6 +18,7 @@ problem, naming the sample and the field:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -29,13 +30,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 from alignkd_cache.store import codecs
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, block_path, sha256
-from alignkd_cache.store.provenance import IncompatibleCache, check_readable
+from alignkd_cache.store.provenance import IncompatibleCache, _first_difference, check_readable
+from alignkd_cache.store.writer import create_array
 
 
 class UntrustedCache(IncompatibleCache):
@@ -64,7 +70,7 @@ _KEY = re.compile(
 )
 _STORED_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "uint16", "fixed_u16": "uint16"}
 _STORED_DTYPE |= {"sqrt_u8": "uint8", "fp8_row": "uint8"}
-_FIX = "the cache is damaged or was edited: get a good copy from its producer, or rebuild it"
+FIX = "the cache is damaged or was edited: get a good copy from its producer, or rebuild it"
 
 
 @dataclass
@@ -102,7 +108,7 @@ def open_cache(url: str, storage_options: dict | None = None) -> Inspection:
         sample, what = found.problems[0]
         where = f"sample {sample!r}: " if sample is not None else ""
         more = f" (and {len(found.problems) - 1} more problem(s))" if len(found.problems) > 1 else ""
-        raise UntrustedCache(f"{url}: {where}{what}{more}; {_FIX}")
+        raise UntrustedCache(f"{url}: {where}{what}{more}; {FIX}")
     return found
 
 
@@ -193,8 +199,8 @@ def _check_attrs(loc: Location, found: Inspection) -> None:
     if root is None:
         return
     attrs = root.get("attributes")
-    if root.get("node_type") != "group" or not isinstance(attrs, dict):
-        found.add("zarr.json: the root is not a group with attributes")
+    if {**root, "attributes": {}} != _group_layout() or not isinstance(attrs, dict):
+        found.add("zarr.json: the root is not a zarr group with attributes")
         return
     try:
         check_readable(attrs, loc.url)
@@ -266,8 +272,8 @@ def _check_rows(loc: Location, found: Inspection) -> None:
     counts, seen = defaultdict(int), set()
     for i, r in enumerate(rows):
         sid = r["id"]
-        if sid in seen:
-            found.add(f"manifest row {i}: id is a duplicate", sid)
+        if sid in seen or not sid:
+            found.add(f"manifest row {i}: id is {'a duplicate' if sid else 'empty'}", sid)
         seen.add(sid)
         if r["index"] != i:
             found.add(f"manifest row {i}: index is {r['index']}, rows must be in dataset order", sid)
@@ -330,6 +336,13 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
     if not image and (vs != -1 or nv != 0):
         found.add(f"visual_start {vs} / num_visual {nv}: a text-only sample has -1 / 0", sid)
         return
+    if image != isinstance(r["image"], str) or image != bool(
+        re.fullmatch("[0-9a-f]{32}", r["image_key"] or "")
+    ):
+        found.add(
+            "image / image_key do not match the sample's visual tokens (a 32-hex-digit key per image)", sid
+        )
+        return
     visual = range(vs, vs + nv) if image else range(0)
     image_id, vocab = attrs["image_token_id"], attrs["vocab_size"]
     tokens, is_visual = np.asarray(ids, dtype=np.int64), np.zeros(n, bool)
@@ -370,7 +383,7 @@ def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
     nv, dim, enc = attrs["num_visual_tokens"], attrs["visual_dim"], attrs["encodings"]
     width = attrs["topk"] if attrs["logit_targets"] == "topk" else attrs["options"]["draws"]
     ends = defaultdict(lambda: {"attention": 0, "logit": 0})
-    visual_rows = defaultdict(set)
+    visual_rows, image_keys = defaultdict(set), {}
     for r in rows:
         if r["status"] != "written":
             continue
@@ -384,6 +397,9 @@ def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
             found.spans.setdefault(b, []).append((sid, kind, end[kind], end[kind] + r[f"{kind}_rows"]))
             end[kind] += r[f"{kind}_rows"]
         if r["visual_block"] >= 0:
+            ref = (r["visual_block"], r["visual_row"])
+            if image_keys.setdefault(ref, r["image_key"]) != r["image_key"]:
+                found.add(f"shares visual row {ref} with a sample of another image_key", sid)
             visual_rows[r["visual_block"]].add(r["visual_row"])
             found.visual_users[(r["visual_block"], r["visual_row"])].append(sid)
     per_block = defaultdict(int)
@@ -431,8 +447,8 @@ def _check_arrays(loc: Location, found: Inspection) -> None:
         )
     for path in ["blocks"] + [block_path(b) for b in range(found.attrs["num_blocks"])]:
         doc = _read_json(loc, f"{path}/zarr.json", found)
-        if doc is not None and doc.get("node_type") != "group":
-            found.add(f"{path}/zarr.json is not a group")
+        if doc is not None and doc != _group_layout():
+            found.add(f"{path}/zarr.json is not a zarr group without attributes")
     for key in found.specs:
         _check_array(loc, key, found)
         if len(found.problems) >= 50:
@@ -459,10 +475,7 @@ def _check_array(loc: Location, key: tuple[int, str], found: Inspection) -> None
     if shape != expected:
         found.add(f"{path}: shape {shape}, expected {expected} from the manifest and attributes")
         return
-    if doc.get("attributes", {}) != ({"encoding": spec.encoding} if spec.encoding else {}):
-        found.add(f"{path}: attributes {doc.get('attributes')} do not say encoding {spec.encoding!r}")
-        return
-    problem = _chunking_problem(doc, shape)
+    problem = _chunking_problem(doc, shape) or _layout_difference(doc, spec)
     if problem:
         found.add(f"{path}: {problem}")
         return
@@ -472,29 +485,18 @@ def _check_array(loc: Location, key: tuple[int, str], found: Inspection) -> None
 
 
 def _chunking_problem(doc: dict, shape: list) -> str | None:
-    """The writer's layout: one shard of CRC32C-checked zstd chunks, no chunk larger than the array."""
+    """One shard per array, no chunk larger than the array (so a read allocates what the manifest
+    accounts for)."""
     try:
-        (shard,) = doc["codecs"]
-        config = shard["configuration"]
-        names = (
-            shard["name"],
-            [c["name"] for c in config["codecs"]],
-            [c["name"] for c in config["index_codecs"]],
-        )
         outer = doc["chunk_grid"]["configuration"]["chunk_shape"]
-        inner = config["chunk_shape"]
-        grid, keys = doc["chunk_grid"]["name"], doc["chunk_key_encoding"]
-    except (KeyError, TypeError, ValueError):
+        inner = doc["codecs"][0]["configuration"]["chunk_shape"]
+    except (KeyError, TypeError, IndexError):
         return "codecs or chunk grid are not the cache's layout"
-    if names != ("sharding_indexed", ["bytes", "zstd", "crc32c"], ["bytes", "crc32c"]) or doc.get(
-        "storage_transformers"
-    ):
-        return f"codecs {names} are not the cache's (sharded zstd + crc32c)"
-    if grid != "regular" or keys != {"name": "default", "configuration": {"separator": "/"}}:
-        return "chunk grid or chunk key encoding is not the cache's"
     dims = [max(1, d) for d in shape]
     ok = (
-        all(isinstance(c, int) and c >= 1 for c in [*outer, *inner])
+        isinstance(outer, list)
+        and isinstance(inner, list)
+        and all(type(c) is int and c >= 1 for c in [*outer, *inner])
         and len(outer) == len(inner) == len(shape)
         and outer[1:] == inner[1:] == dims[1:]
         and inner[0] <= dims[0]
@@ -504,3 +506,33 @@ def _chunking_problem(doc: dict, shape: list) -> str | None:
     return (
         None if ok else f"chunk shapes {outer} / {inner} do not fit the shape {shape} (one shard per array)"
     )
+
+
+def _layout_difference(doc: dict, spec: ArraySpec) -> str | None:
+    """Everything else in the document (codecs and their settings, fill value, attributes...) must be
+    exactly what the writer makes: nothing else is ever handed to a zarr codec."""
+    want = json.loads(json.dumps(_layout(spec.dtype, len(spec.shape), spec.encoding)))
+    want["shape"] = doc["shape"]
+    want["chunk_grid"]["configuration"]["chunk_shape"] = doc["chunk_grid"]["configuration"]["chunk_shape"]
+    want["codecs"][0]["configuration"]["chunk_shape"] = doc["codecs"][0]["configuration"]["chunk_shape"]
+    difference = _first_difference(doc, want, "")
+    return None if difference is None else f"metadata is not the cache's layout ({difference[:200]})"
+
+
+@functools.cache
+def _group_layout() -> dict:
+    store = MemoryStore()
+    zarr.open_group(store, mode="w")
+    return _document(store, "zarr.json")
+
+
+def _document(store: MemoryStore, key: str) -> dict:
+    return json.loads(sync(store.get(key, prototype=default_buffer_prototype())).to_bytes())
+
+
+@functools.cache
+def _layout(dtype: str, ndim: int, encoding: str | None) -> dict:
+    """The zarr.json the writer makes for such an array."""
+    store = MemoryStore()
+    create_array(zarr.open_group(store, mode="w"), "a", (1,) * ndim, dtype, encoding)
+    return _document(store, "a/zarr.json")

@@ -16,7 +16,7 @@ import zarr
 
 from alignkd_cache.store import codecs
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import Inspection, inspect
+from alignkd_cache.store.trust import FIX, Inspection, UntrustedCache, inspect, open_cache
 
 # Which manifest span each array's rows belong to.
 _KIND = {"attention": "attention", "attention_scale": "attention", "logit_ids": "logit"}
@@ -54,6 +54,18 @@ def verify(url: str, storage_options: dict | None = None, root: bytes | None = N
     _stream(found, report)
     report.samples_checked = sum(1 for s in found.table.column("status").to_pylist() if s == "written")
     return report
+
+
+def open_verified(url: str, storage_options: dict | None = None) -> Inspection:
+    """open_cache plus every chunk, for commands that copy a cache's bytes into a new one (merge)."""
+    found = open_cache(url, storage_options)
+    report = VerifyReport(str(url))
+    _stream(found, report)
+    if not report.ok:
+        lines = report.lines()
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise UntrustedCache(f"{url}: {lines[0]}{more}; {FIX}")
+    return found
 
 
 def _stream(found: Inspection, report: VerifyReport) -> None:
