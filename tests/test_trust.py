@@ -186,6 +186,7 @@ def test_a_tampered_manifest_with_a_recomputed_hash_is_refused_naming_sample_and
         (lambda a: a.update(num_heads="2"), "num_heads"),
         (lambda a: a.update(num_visual_tokens=10**6), "num_visual_tokens"),
         (lambda a: a["counts"].update(written=3), "counts"),
+        (lambda a: a["counts"].update(images=1), "counts.images"),
         (lambda a: a.update(manifest_sha256="0" * 64), "sha256"),
     ],
 )

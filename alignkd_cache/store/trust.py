@@ -424,6 +424,10 @@ def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
         else:
             specs["logit_values"] = ArraySpec("uint16", (lg, width))
         found.specs.update({(b, name): spec for name, spec in specs.items()})
+    if attrs["counts"]["images"] != len(image_keys):
+        found.add(
+            f"attribute counts.images is {attrs['counts']['images']}, the manifest has {len(image_keys)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
