@@ -75,7 +75,7 @@ FIX = "the cache is damaged or was edited: get a good copy from its producer, or
 
 @dataclass
 class ArraySpec:
-    """What one block array must be: its dtype, shape (None: any width) and encoding attribute."""
+    """What one block array must be: its dtype, shape (for logits, the widest allowed) and encoding."""
 
     dtype: str
     shape: tuple
@@ -88,13 +88,12 @@ class Inspection:
     loc: Location
     root: bytes | None = None  # the root zarr.json to check instead of the stored one (copy)
     problems: list[tuple[str | None, str]] = field(default_factory=list)  # (sample id or None, what)
-    keys: list[str] = field(default_factory=list)  # the store's files, every one checked
+    keys: dict[str, None] = field(default_factory=dict)  # the store's files (ordered set), all checked
     attrs: dict = field(default_factory=dict)
     table: pa.Table | None = None
     specs: dict[tuple[int, str], ArraySpec] = field(default_factory=dict)
-    spans: dict[int, list[tuple[str, str, int, int]]] = field(
-        default_factory=dict
-    )  # block -> (id, kind, lo, hi)
+    # block -> (sample id, "attention" | "logit", first row, end row): whose rows are where
+    spans: dict[int, list[tuple[str, str, int, int]]] = field(default_factory=dict)
     visual_users: dict[tuple[int, int], list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, what: str, sample: str | None = None) -> None:
@@ -135,7 +134,7 @@ def inspect(
 def _check_tree(loc: Location, found: Inspection) -> None:
     root = loc.local_root
     keys = _local_files(root, root, found) if root is not None else loc.list_keys()
-    found.keys = [k for k in keys if k != LOCK_NAME]  # a writer's lock (or a killed writer's): never read
+    found.keys = dict.fromkeys(k for k in keys if k != LOCK_NAME)  # a writer's lock: never read
 
 
 def _check_keys(loc: Location, found: Inspection) -> None:
