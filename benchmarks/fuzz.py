@@ -331,7 +331,7 @@ def outcome(result, same) -> str:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         return f"other: {type(result.exception).__name__}: {str(result.exception)[:200]}"
     if "Traceback" in text:
-        return "other: a traceback in the output"
+        return f"other: a traceback in the output: {text[text.index('Traceback') :][-300:]!r}"
     if result.exit_code == 0:
         try:
             return "identical" if same() else "other: exit 0 with a different result"

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
 from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.store.lock import lock_dir
 from alignkd_cache.store.manifest import sha256, to_table
+from cli.train import main as train_cli
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
 
@@ -35,12 +38,18 @@ def renamed(good: Path, out: Path) -> None:
     (out / "zarr.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.slow
-def test_fuzz_every_reading_command(tmp_path, llava_teacher_dir, llava_student_dir, digits_dataset):
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
     data, root = digits_dataset
-    good = tmp_path / "good.zarr"
+    good = tmp_path_factory.mktemp("fuzz") / "good.zarr"
     opts = BuildOptions(template="v1", topk=8, batch_size=4, block_size=4)
     build_cache(str(llava_teacher_dir), data, root, str(good), opts, progress=False)
+    return good
+
+
+@pytest.mark.slow
+def test_fuzz_every_reading_command(tmp_path, good, llava_student_dir, digits_dataset):
+    root = digits_dataset[1]
     renamed(good, tmp_path / "good2.zarr")
     mutations = int(os.environ.get("ALIGNKD_FUZZ_MUTATIONS", "200"))
     report = load_fuzz().fuzz(
@@ -52,3 +61,15 @@ def test_fuzz_every_reading_command(tmp_path, llava_teacher_dir, llava_student_d
     assert report["mutations"] == mutations
     assert not report["others"], "\n".join(report["others"][:40])
     assert report["runs"]["refused"] > mutations  # most mutations are refused by several commands
+
+
+def test_a_second_training_run_on_one_out_is_refused_naming_the_holder(
+    tmp_path, good, llava_student_dir, digits_dataset
+):
+    args = ["from-cache", "--student", str(llava_student_dir), "--cache", str(good), "--image-root",
+            str(digits_dataset[1]), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu"]  # fmt: skip
+    with lock_dir(tmp_path / "run", "a training run"):  # the first run, still going
+        result = CliRunner().invoke(train_cli, args)
+        assert result.exit_code == 1 and f"pid {os.getpid()}" in result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert CliRunner().invoke(train_cli, args).exit_code == 0  # released: the next run goes ahead

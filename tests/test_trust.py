@@ -163,6 +163,7 @@ def test_zarr_v2_metadata_is_never_parsed(store, tmp_path):
         (set_field("visual_block", 99), "visual_block"),
         (set_field("visual_row", 7), "visual rows"),
         (set_field("status", "done"), "status"),
+        (lambda rows: next(r for r in rows if r["visual_start"] == -1).update(image_key="x"), "image_key"),
         (set_field("attention_rows", 2), "attention_rows"),
         (set_field("logit_positions", [0]), "logit_positions"),
         (lambda rows: rows[1].update(id=rows[0]["id"]), "duplicate"),

@@ -335,9 +335,9 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
     if not image and (vs != -1 or nv != 0):
         found.add(f"visual_start {vs} / num_visual {nv}: a text-only sample has -1 / 0", sid)
         return
-    if image != isinstance(r["image"], str) or image != bool(
-        re.fullmatch("[0-9a-f]{32}", r["image_key"] or "")
-    ):
+    keyed = isinstance(r["image"], str) and re.fullmatch("[0-9a-f]{32}", r["image_key"] or "")
+    unkeyed = r["image"] is None and r["image_key"] is None
+    if not (keyed if image else unkeyed):
         found.add(
             "image / image_key do not match the sample's visual tokens (a 32-hex-digit key per image)", sid
         )
