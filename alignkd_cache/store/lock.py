@@ -11,6 +11,7 @@ that run is known to be gone. Stores that cannot create an object conditionally 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -79,7 +80,10 @@ def lock_dir(directory: str | Path, what: str) -> WriterLock:
     os.write(fd, _holder().encode())
 
     def release():
-        os.unlink(path)  # before closing: nobody can lock this file once it is gone
+        # Unlink before closing: nobody can lock this file once it is gone. It may be gone already
+        # (the directory deleted while a failed run's lock waited for garbage collection).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)
 
     return WriterLock(release)
