@@ -31,6 +31,7 @@ from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.lock import LOCK_NAME, WriterLock, lock_store
 from alignkd_cache.store.manifest import block_path, part_key
 from alignkd_cache.store.provenance import IncompatibleCache, build_attrs, check_resume
 from alignkd_cache.store.writer import BackgroundWriter, SampleResult
@@ -85,11 +86,15 @@ def logit_positions_of(sample, which: str) -> list[int]:
     raise ValueError(f"unknown --logit-positions {which!r}; choose 'answer' or 'text'")
 
 
-def _prepare_store(loc: Location, attrs: dict, resume: bool) -> dict:
-    """Create the root group, or check that --resume continues the same build. Returns its attrs."""
-    if loc.is_empty():
-        loc.group("w").attrs.update(attrs)
-        return attrs
+def _prepare_store(loc: Location, attrs: dict, resume: bool) -> tuple[dict, WriterLock]:
+    """Lock --out for this build, then create the root group or check that --resume continues the
+    same build. Returns its attrs and the lock (held until dropped). Deletes nothing it did not create:
+    any entry in a new --out, even an empty directory, a symlink or a fifo, refuses the build."""
+    lock = lock_store(loc, "a cache build")
+    entries = [e for e in _entries(loc) if e != LOCK_NAME]
+    if not entries:
+        loc.group("a").attrs.update(attrs)
+        return attrs, lock
     if not resume:
         raise IncompatibleCache(
             f"{loc.url} is not empty; pass --resume to continue that build, or choose a new --out"
@@ -98,7 +103,12 @@ def _prepare_store(loc: Location, attrs: dict, resume: bool) -> dict:
         raise IncompatibleCache(f"{loc.url} is not empty and is not an alignkd cache; choose a new --out")
     stored = dict(loc.group("r").attrs)
     check_resume(stored, attrs, loc.url)
-    return stored
+    return stored, lock
+
+
+def _entries(loc: Location) -> list[str]:
+    root = loc.local_root
+    return os.listdir(root) if root is not None else loc.list_keys()
 
 
 def _plan_visual(outcomes, block_size: int) -> tuple[dict[int, tuple[int, int]], dict[str, int]]:
@@ -233,7 +243,7 @@ def build_cache(
     error = None
     if rank == 0:
         try:
-            attrs = _prepare_store(loc, attrs, resume)
+            attrs, lock = _prepare_store(loc, attrs, resume)  # noqa: F841 - held until the build returns
         except Exception as e:
             error = e
     if not _agree(error is None, world):

@@ -33,6 +33,7 @@ from alignkd_cache.losses import (
     Normalisers,
     total_loss,
 )
+from alignkd_cache.store.lock import lock_dir
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -220,6 +221,7 @@ def train(student, source, opts: TrainOptions) -> dict:
     world = setup_world(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
+    lock = lock_dir(out, "a training run") if world.main else None  # noqa: F841 - held until train() returns
     student.model.to(world.device)
     torch.manual_seed(opts.seed)
 
@@ -246,7 +248,7 @@ def train(student, source, opts: TrainOptions) -> dict:
     )
 
     step = 0
-    if opts.resume and (out / CHECKPOINT_DIR / "state.json").exists():
+    if opts.resume and latest_checkpoint(out / CHECKPOINT_DIR):
         step = load_checkpoint(
             out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, world
         )
@@ -413,9 +415,14 @@ def _options_record(opts: TrainOptions) -> dict:
 def save_checkpoint(
     path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, step: int, world: World
 ) -> None:
-    """Write path.tmp fully, then swap it in, so a crash mid-write leaves the previous checkpoint."""
+    """Write path.tmp fully (state.json last), then swap it in, so a crash mid-write leaves the
+    previous checkpoint; a crash between the two renames leaves both, and the newest is kept."""
     if not world.main:
         return
+    newest = latest_checkpoint(path)
+    if newest is not None and newest != path:  # a save killed between its renames: promote its result
+        shutil.rmtree(path, ignore_errors=True)
+        newest.rename(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -454,9 +461,22 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
+def latest_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint among `path` and a save's leftovers (path.tmp, path.old).
+    state.json is written last, so a checkpoint whose state.json parses is complete."""
+    steps = {}
+    for candidate in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+        try:
+            steps[candidate] = int(json.loads((candidate / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return max(steps, key=steps.get) if steps else None
+
+
 def load_checkpoint(
     path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, world: World
 ) -> int:
+    path = latest_checkpoint(path) or path
     record = json.loads((path / "state.json").read_text())
     changed = resume_mismatches(record["options"], _options_record(opts))
     if record["world_size"] != world.size:

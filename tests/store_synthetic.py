@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
@@ -68,7 +70,7 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
             values = rng.integers(0, 10, size=top.shape).astype(np.float32)
             tail = None
         results.append(
-            SampleResult(i, sid, image=image, sample=sample, image_key=f"key-{image}" if image else None,
+            SampleResult(i, sid, image=image, sample=sample, image_key=hashlib.sha256(image.encode()).hexdigest()[:32] if image else None,
                          attention=attention, visual=visual, logit_positions=positions, logit_ids=top,
                          logit_values=values, logit_tail=tail)
         )  # fmt: skip
@@ -76,10 +78,15 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
 
 
 def write_synthetic_store(
-    url, n: int = 14, codecs: str = "balanced", logit_targets: str = "topk", storage_options=None
+    url,
+    n: int = 14,
+    codecs: str = "balanced",
+    logit_targets: str = "topk",
+    storage_options=None,
+    block_size: int = 4,
 ):
     """Write n synthetic samples in blocks, like a build does, and finalize. Returns the results."""
-    attrs = attrs_for(codecs, logit_targets)
+    attrs = attrs_for(codecs, logit_targets, block_size)
     loc = Location(url, storage_options)
     loc.group("w").attrs.update(attrs)
     results = synthetic_results(n, logit_targets=logit_targets)

@@ -205,9 +205,8 @@ def test_missing_chunk_is_an_error_not_zeros(tmp_path):
     (url / "blocks/b000000/visual/c/0/0/0").unlink()
     report = verify(str(url))
     assert any("missing" in p for p in report.problems)
-    reader = CacheReader(str(url))
-    with pytest.raises(ValueError, match="missing"):
-        reader.read(reader.ids[0])
+    with pytest.raises(ValueError, match="missing"):  # refused when opened, before any step
+        CacheReader(str(url))
 
 
 def test_verify_checks_attributes_against_the_schema(tmp_path):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
-from alignkd_cache.store.provenance import check_readable
+from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.trust import open_cache
 
 SIGNALS = {
     "attention": ("attention", "attention_scale"),
@@ -23,11 +22,9 @@ SIGNALS = {
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
-    loc = Location(url, storage_options, read_only=True)
+    found = open_cache(url, storage_options)
+    loc, attrs, table = found.loc, found.attrs, found.table
     group = loc.group("r")
-    attrs = dict(group.attrs)
-    check_readable(attrs, url)
-    table = loc.read_parquet(MANIFEST_KEY)
     written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
     reasons = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "skipped")
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind

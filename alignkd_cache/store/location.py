@@ -24,10 +24,16 @@ class Location:
         if "://" in self.url and not self.url.startswith("file://"):
             self.store = FsspecStore.from_url(self.url, storage_options=storage_options, read_only=read_only)
         else:
-            path = self.url.removeprefix("file://")
-            if read_only and not Path(path).is_dir():
+            # The user's own path may be a symlink; everything under it is checked (see trust.py).
+            path = Path(self.url.removeprefix("file://")).resolve()
+            if read_only and not path.is_dir():
                 raise FileNotFoundError(f"no cache at {path}: the directory does not exist")
             self.store = LocalStore(path, read_only=read_only)
+
+    @property
+    def local_root(self) -> Path | None:
+        """The directory of a local store (None for remote ones)."""
+        return Path(self.store.root) if isinstance(self.store, LocalStore) else None
 
     def group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.store, mode=mode)
@@ -38,6 +44,9 @@ class Location:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def size(self, key: str) -> int:
+        return sync(self.store.getsize(key))
 
     def exists(self, key: str) -> bool:
         return sync(self.store.exists(key))

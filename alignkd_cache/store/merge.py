@@ -1,7 +1,8 @@
 """`alignkd-cache merge A B ... --out C`: one cache from several built with the same teacher.
 
 Refused, naming the field, unless teacher, tokenizer, template and signal options agree, and unless
-sample ids are disjoint. Blocks are copied byte for byte and renumbered; the manifest is the
+sample ids are disjoint, and unless every source passes `verify` (every chunk read: a merge must
+not launder a damaged or edited source into a cache that verifies). Blocks are copied byte for byte and renumbered; the manifest is the
 sources' manifests in order (A's samples, then B's, ...), with block references shifted.
 """
 
@@ -14,20 +15,19 @@ import pyarrow.compute as pc
 
 from alignkd_cache.store.finalize import commit_manifest
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
-from alignkd_cache.store.provenance import IncompatibleCache, check_mergeable, check_readable, now
+from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.provenance import IncompatibleCache, check_mergeable, now
+from alignkd_cache.store.verify import open_verified
 
 
 def merge_caches(sources: list[str], out: str, storage_options: dict | None = None) -> dict:
     if len(sources) < 2:
         raise ValueError("merge needs at least two caches")
-    locs = [Location(s, storage_options, read_only=True) for s in sources]
-    attrs = [dict(loc.group("r").attrs) for loc in locs]
-    for url, a in zip(sources, attrs, strict=True):
-        check_readable(a, url)
+    found = [open_verified(s, storage_options) for s in sources]  # never launder a damaged chunk
+    attrs = [f.attrs for f in found]
     for url, a in zip(sources[1:], attrs[1:], strict=True):
         check_mergeable(attrs[0], a, url)
-    tables = [loc.read_parquet(MANIFEST_KEY) for loc in locs]
+    tables = [f.table for f in found]
     seen: dict[str, str] = {}
     for url, table in zip(sources, tables, strict=True):
         for sid in table.column("id").to_pylist():
@@ -41,11 +41,11 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
         raise IncompatibleCache(f"{out} is not empty; choose a new --out")
     dst.group("w").require_group("blocks")
     parts, block_offset, index_offset = [], 0, 0
-    for loc, a, table in zip(locs, attrs, tables, strict=True):
+    for f, a, table in zip(found, attrs, tables, strict=True):
         for b in range(a["num_blocks"]):
             prefix, new = block_path(b), block_path(b + block_offset)
-            for key in loc.list_keys(prefix + "/"):
-                dst.write_bytes(new + key[len(prefix) :], loc.read_bytes(key))
+            for key in [k for k in f.keys if k.startswith(prefix + "/")]:  # checked files only
+                dst.write_bytes(new + key[len(prefix) :], f.loc.read_bytes(key))
         table = _shifted(table, "index", index_offset)
         table = _shifted(table, "block", block_offset)
         table = _shifted(table, "visual_block", block_offset, only_valid=True)

@@ -22,8 +22,8 @@ from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
 from alignkd_cache.signals import LogitTargets
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, block_path
-from alignkd_cache.store.provenance import check_readable
+from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.trust import UntrustedCache, open_cache
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -32,8 +32,8 @@ from alignkd_cache.store.provenance import check_readable
 WHOLE_ARRAY_BYTES = 4 * 2**20
 
 
-class CacheError(ValueError):
-    pass
+class CacheError(UntrustedCache):
+    """A damaged chunk met while reading (open_cache checks metadata only; `verify` reads chunks)."""
 
 
 @dataclass
@@ -58,10 +58,8 @@ class CacheReader:
 
     def __init__(self, url: str, storage_options: dict | None = None, cache_bytes: int = 256 * 2**20):
         self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
-        self.loc = Location(url, storage_options, read_only=True)
-        self.attrs: dict = dict(self.loc.group("r").attrs)
-        check_readable(self.attrs, self.url)
-        table = self.loc.read_parquet(MANIFEST_KEY)
+        found = open_cache(url, storage_options)  # refuses a damaged or edited cache up front
+        self.loc, self.attrs, table = found.loc, found.attrs, found.table
         written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
         self.rows: list[dict] = written.to_pylist()
         self.ids: list[str] = [r["id"] for r in self.rows]
@@ -98,14 +96,7 @@ class CacheReader:
             self._reset_process_state()
         key = (block, name)
         if key not in self._handles:
-            path = f"{block_path(block)}/{name}"
-            array = self.loc.group("r")[path]
-            # zarr reads a missing chunk as zeros; a missing shard here would be damage.
-            if array.size and not self.loc.exists(f"{path}/c/" + "/".join("0" * array.ndim)):
-                raise CacheError(
-                    f"{self.url}: {path} has no data (a chunk file is missing); run `alignkd-cache verify`"
-                )
-            self._handles[key] = array
+            self._handles[key] = self.loc.group("r")[f"{block_path(block)}/{name}"]
         return self._handles[key]
 
     def _rows(self, block: int, name: str, start: int, stop: int) -> np.ndarray:
@@ -150,6 +141,17 @@ class CacheReader:
 
     def _read(self, sample_id: str) -> CachedSample:
         row = self.row(sample_id)
+        try:
+            return self._read(row)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zarr's checksum or decode failure: a damaged chunk
+            raise CacheError(
+                f"{self.url}: sample {sample_id!r}: its signals are in a damaged chunk ({type(e).__name__}: {e}); "
+                "run `alignkd-cache verify` on it and get a good copy"
+            ) from e
+
+    def _read(self, row: dict) -> CachedSample:
         sample = tokenized_from_row(row)
         b = row["block"]
         attention = visual = None

@@ -43,16 +43,20 @@ class SampleResult:
     logit_tail: np.ndarray | None = None  # (n,), top-k only
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str | None = None) -> int:
-    row_bytes = max(1, data.itemsize * int(np.prod(data.shape[1:], dtype=np.int64)))
-    chunk_rows = 1 if data.ndim == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, data.shape[0])))
-    chunks = (chunk_rows, *data.shape[1:])
+def create_array(
+    group: zarr.Group, name: str, shape: tuple, dtype, encoding: str | None = None
+) -> zarr.Array:
+    """An empty block array in the cache's layout (trust.py checks stored metadata against it)."""
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+    chunk_rows = 1 if len(shape) == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
+    chunks = (chunk_rows, *shape[1:])
     chunks = tuple(max(1, c) for c in chunks)
-    shard_rows = max(1, -(-data.shape[0] // chunk_rows)) * chunk_rows
-    array = group.create_array(
+    shard_rows = max(1, -(-shape[0] // chunk_rows)) * chunk_rows
+    return group.create_array(
         name,
-        shape=data.shape,
-        dtype=data.dtype,
+        shape=shape,
+        dtype=dtype,
         chunks=chunks,
         shards=(shard_rows, *chunks[1:]),
         compressors=codecs.compressors(),
@@ -61,6 +65,10 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str |
         config={"write_empty_chunks": True},
         attributes={"encoding": encoding} if encoding else {},
     )
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str | None = None) -> int:
+    array = create_array(group, name, data.shape, data.dtype, encoding)
     if data.size:
         array[...] = data
     return array.nbytes_stored()  # chunks and metadata: what the build wrote

@@ -1,0 +1,349 @@
+"""A cache from someone else is untrusted input (issue #13): each attack or accident is refused up
+front, naming the sample and the field, by every command that reads a cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from store_synthetic import NV, VOCAB, write_synthetic_store
+
+from alignkd_cache.build import _prepare_store
+from alignkd_cache.store.copy import copy_cache
+from alignkd_cache.store.info import cache_info
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.lock import LOCK_NAME, WriterLocked, lock_dir
+from alignkd_cache.store.manifest import MANIFEST_KEY, sha256, to_table
+from alignkd_cache.store.merge import merge_caches
+from alignkd_cache.store.reader import CacheError, CacheReader
+from alignkd_cache.store.trust import UntrustedCache
+from alignkd_cache.store.verify import verify
+from alignkd_cache.train import latest_checkpoint
+from cli.cache import main as cache_cli
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    url = tmp_path_factory.mktemp("good") / "c.zarr"
+    write_synthetic_store(str(url))
+    return url
+
+
+@pytest.fixture
+def store(good, tmp_path) -> Path:
+    """A fresh copy of the good cache to tamper with."""
+    copy = tmp_path / "c.zarr"
+    subprocess.run(["cp", "-r", str(good), str(copy)], check=True)
+    return copy
+
+
+def edit_attrs(url: Path, edit) -> None:
+    meta = json.loads((url / "zarr.json").read_text())
+    edit(meta["attributes"])
+    (url / "zarr.json").write_text(json.dumps(meta))
+
+
+def edit_manifest(url: Path, edit) -> None:
+    """Rewrite manifest rows and recompute manifest_sha256, as an attacker would."""
+    rows = pq.read_table(url / MANIFEST_KEY).to_pylist()
+    edit(rows)
+    pq.write_table(to_table(rows), url / MANIFEST_KEY)
+    digest = sha256((url / MANIFEST_KEY).read_bytes())
+    edit_attrs(url, lambda a: a.update(manifest_sha256=digest))
+
+
+def edit_array(url: Path, path: str, edit) -> None:
+    meta_path = url / path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+
+
+def first_image_row(rows) -> dict:
+    return next(r for r in rows if r["status"] == "written" and r["visual_start"] >= 0)
+
+
+def set_field(name, value):
+    return lambda rows: first_image_row(rows).update({name: value})
+
+
+def set_token(where, value):
+    def edit(rows):
+        r = first_image_row(rows)
+        p = {"text": len(r["input_ids"]) - 1, "visual": r["visual_start"]}[where]
+        r["input_ids"][p] = value
+
+    return edit
+
+
+def refusals(url: Path, tmp_path: Path) -> list[str]:
+    """The error of every reading command on url (each must refuse)."""
+    calls = {
+        "reader": lambda: CacheReader(str(url)),
+        "info": lambda: cache_info(str(url)),
+        "copy": lambda: copy_cache(str(url), str(tmp_path / "copy.zarr")),
+        "merge": lambda: merge_caches([str(url), str(url)], str(tmp_path / "merged.zarr")),
+    }
+    messages = []
+    for name, call in calls.items():
+        with pytest.raises(UntrustedCache) as e:
+            call()
+        messages.append(f"{name}: {e.value}")
+    report = verify(str(url))
+    assert not report.ok
+    messages.append("verify: " + " ".join(report.lines()))
+    assert not (tmp_path / "copy.zarr" / "zarr.json").exists()
+    assert not (tmp_path / "merged.zarr").exists()
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Files leaking out of the reader's machine
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["blocks/b000001/visual/c/0/0/0", "blocks/b000001", "manifest.parquet", "blocks/b000001/passwd"],
+)
+def test_symlinks_are_refused_by_every_command_and_never_read(store, tmp_path, target):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:x:0:0:SECRET")
+    link = store / target
+    if link.is_dir():
+        outside = tmp_path / "outside"
+        os.rename(link, outside)
+        link.symlink_to(outside)
+    else:
+        link.unlink(missing_ok=True)
+        link.symlink_to(secret)
+    for message in refusals(store, tmp_path):
+        assert f"{target!r} is a symlink" in message
+        assert "SECRET" not in message
+
+
+def test_a_fifo_is_refused_without_blocking(store, tmp_path):
+    os.mkfifo(store / "blocks/b000000/visual/c/0/0/0.fifo")
+    for message in refusals(store, tmp_path):
+        assert "not a regular file" in message
+
+
+def test_zarr_v2_metadata_is_never_parsed(store, tmp_path):
+    # A v2 array document asking for the pickle codec: refused by name, whatever zarr would do.
+    v2 = {"zarr_format": 2, "dtype": "|O", "filters": [{"id": "pickle"}], "shape": [1], "chunks": [1]}
+    (store / "blocks/b000000/attention/.zarray").write_text(json.dumps(v2))
+    for message in refusals(store, tmp_path):
+        assert ".zarray" in message
+    (store / "blocks/b000000/attention/.zarray").unlink()
+    edit_array(store, "blocks/b000000/attention", lambda m: m.update(zarr_format=2))
+    for message in refusals(store, tmp_path):
+        assert "zarr_format is 2" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent wrong training
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (set_field("attention_offset", -3), "attention_offset"),
+        (set_field("logit_offset", 10**6), "logit_offset"),
+        (set_token("text", VOCAB), "input_ids"),
+        (set_token("text", -1), "input_ids"),
+        (set_token("text", 5), "input_ids"),  # the image-token id inside the text
+        (set_token("visual", 7), "input_ids"),
+        (set_field("block", 99), "block"),
+        (set_field("visual_block", 99), "visual_block"),
+        (set_field("visual_row", 7), "visual rows"),
+        (set_field("status", "done"), "status"),
+        (lambda rows: next(r for r in rows if r["visual_start"] == -1).update(image_key="x"), "image_key"),
+        (set_field("attention_rows", 2), "attention_rows"),
+        (set_field("logit_positions", [0]), "logit_positions"),
+        (lambda rows: rows[1].update(id=rows[0]["id"]), "duplicate"),
+    ],
+)
+def test_a_tampered_manifest_with_a_recomputed_hash_is_refused_naming_sample_and_field(
+    store, tmp_path, edit, field
+):
+    edit_manifest(store, edit)
+    for message in refusals(store, tmp_path):
+        assert field in message
+        assert "sample '" in message or field in ("visual rows",)
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda a: a.update(complete="no"), "complete"),
+        (lambda a: a.update(logit_targets="sampled"), "logit_targets"),
+        (lambda a: a.pop("vocab_size"), "vocab_size"),
+        (lambda a: a.update(num_heads="2"), "num_heads"),
+        (lambda a: a.update(num_visual_tokens=10**6), "num_visual_tokens"),
+        (lambda a: a["counts"].update(written=3), "counts"),
+        (lambda a: a["counts"].update(images=1), "counts.images"),
+        (lambda a: a.update(manifest_sha256="0" * 64), "sha256"),
+    ],
+)
+def test_tampered_attributes_are_refused(store, tmp_path, edit, problem):
+    edit_attrs(store, edit)
+    for message in refusals(store, tmp_path):
+        assert problem in message
+
+
+def test_logit_targets_sampled_on_a_topk_cache_is_refused_even_when_options_agree(store, tmp_path):
+    def edit(a):
+        a["logit_targets"] = a["options"]["logit_targets"] = "sampled"
+
+    edit_attrs(store, edit)
+    for message in refusals(store, tmp_path):
+        assert "logit_values" in message or "logit_tail" in message
+
+
+@pytest.mark.parametrize(
+    "path, edit, problem",
+    [
+        ("blocks/b000000/attention", lambda m: m["attributes"].update(encoding="f32"), "encoding"),
+        ("blocks/b000000/attention", lambda m: m.update(data_type="float32"), "dtype"),
+        ("blocks/b000000/logit_ids", lambda m: m.update(data_type="int64"), "dtype"),
+        ("blocks/b000000/visual", lambda m: m.update(shape=[2, 10**8, 96]), "shape"),
+        ("blocks/b000000/attention", lambda m: m.update(shape=[10**8, NV]), "shape"),
+        (
+            "blocks/b000000/attention",
+            lambda m: m["codecs"][0]["configuration"].update(chunk_shape=[1, 1]),
+            "chunk",
+        ),
+        ("blocks/b000000/attention", lambda m: m["codecs"][0]["configuration"]["codecs"].pop(2), "layout"),
+    ],
+)
+def test_array_metadata_must_match_the_attributes_before_anything_is_allocated(
+    store, tmp_path, path, edit, problem
+):
+    edit_array(store, path, edit)
+    for message in refusals(store, tmp_path):
+        assert path in message and problem in message
+
+
+def test_a_huge_token_list_in_a_tiny_manifest_is_refused_before_decoding(store, tmp_path):
+    edit_manifest(store, set_field("input_ids", [6] * 10**6))
+    assert (store / MANIFEST_KEY).stat().st_size < 100_000
+    for message in refusals(store, tmp_path):
+        assert "max_length" in message
+
+
+def test_merge_of_a_source_with_a_stale_manifest_hash_is_refused(store, good, tmp_path):
+    rows = pq.read_table(store / MANIFEST_KEY).to_pylist()
+    first_image_row(rows)["attention_offset"] = 0
+    pq.write_table(to_table(rows), store / MANIFEST_KEY)  # hash not recomputed
+    with pytest.raises(UntrustedCache, match="sha256"):
+        merge_caches([str(good), str(store)], str(tmp_path / "m.zarr"))
+
+
+def test_verify_names_a_logit_id_outside_the_vocabulary_in_a_chunk(store):
+    # Valid metadata, valid CRC (rewritten through zarr), a wrong value: only streaming sees it.
+    import zarr
+
+    array = zarr.open_array(str(store / "blocks/b000000/logit_ids"), mode="r+")
+    ids = array[...]
+    ids[0, 0] = VOCAB + 1
+    array[...] = ids
+    report = verify(str(store))
+    assert any("outside the vocabulary" in " ".join(w) for w in report.bad_samples.values())
+
+
+def test_the_cli_prints_one_error_line_naming_the_sample(store):
+    edit_manifest(store, set_field("attention_offset", -3))
+    sid = first_image_row(pq.read_table(store / MANIFEST_KEY).to_pylist())["id"]
+    for args in (["info", str(store)], ["verify", str(store)]):
+        result = CliRunner().invoke(cache_cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert sid in result.output and "attention_offset" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time; writers delete and mark only what they should
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    with lock_dir(tmp_path / "out", "a test"), pytest.raises(WriterLocked, match=f"pid {os.getpid()}"):
+        lock_dir(tmp_path / "out", "a test")
+    assert not (tmp_path / "out" / LOCK_NAME).exists()
+    lock = lock_dir(tmp_path / "out", "a test")  # released: free again
+    (tmp_path / "out" / LOCK_NAME).unlink()  # its directory cleaned up under it: release still works
+    lock.release()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    code = "import sys, time; from alignkd_cache.store.lock import lock_dir; l = lock_dir(sys.argv[1], 'x'); print(1, flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"1"
+        with pytest.raises(WriterLocked, match=f"pid {holder.pid}"):
+            lock_dir(tmp_path, "a test")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / LOCK_NAME).exists()  # the killed holder's file stays behind ...
+    with lock_dir(tmp_path, "a test"):  # ... and is taken over
+        assert f"pid {os.getpid()}" in (tmp_path / LOCK_NAME).read_text()
+
+
+def test_a_build_takes_the_lock_and_deletes_nothing_it_did_not_create(tmp_path):
+    attrs = {"schema_version": "1.0"}
+    out = tmp_path / "out"
+    (out / "empty").mkdir(parents=True)
+    (out / "link").symlink_to(tmp_path)
+    os.mkfifo(out / "fifo")
+    with pytest.raises(ValueError, match="not empty"):
+        _prepare_store(Location(str(out)), attrs, resume=False)
+    assert sorted(os.listdir(out)) == ["empty", "fifo", "link"]
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "symlinked").symlink_to(real)
+    _, lock = _prepare_store(Location(str(tmp_path / "symlinked")), attrs, resume=False)
+    with pytest.raises(WriterLocked, match="host"):
+        _prepare_store(Location(str(real)), attrs, resume=True)
+    lock.release()
+    assert sorted(os.listdir(real)) == ["zarr.json"]
+
+
+def test_a_copy_that_fails_verification_is_never_marked_complete(store, tmp_path):
+    chunk = store / "blocks/b000001/attention/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(UntrustedCache, match="failed verification"):
+        copy_cache(str(store), str(tmp_path / "dst.zarr"))
+    assert not (tmp_path / "dst.zarr" / "zarr.json").exists()
+    with pytest.raises(UntrustedCache):
+        CacheReader(str(tmp_path / "dst.zarr"))
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint"
+    for name, step in (("checkpoint.old", 4), ("checkpoint.tmp", 6)):  # killed between the renames
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(json.dumps({"step": step}))
+    assert latest_checkpoint(path) == tmp_path / "checkpoint.tmp"
+    (tmp_path / "checkpoint.tmp" / "state.json").write_text('{"step": 8')  # torn write: incomplete
+    assert latest_checkpoint(path) == tmp_path / "checkpoint.old"
+
+
+def test_a_damaged_chunk_met_while_reading_names_the_sample_and_merge_refuses_it(store, tmp_path):
+    chunk = store / "blocks/b000001/attention/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    reader = CacheReader(str(store))  # the metadata is intact: only reading the chunk shows it
+    sid = next(r["id"] for r in reader.rows if r["block"] == 1 and r["attention_rows"])
+    with pytest.raises(CacheError, match=f"sample '{sid}'.*damaged chunk"):
+        reader.read(sid)
+    with pytest.raises(UntrustedCache, match="unreadable"):
+        merge_caches([str(store), str(store)], str(tmp_path / "merged.zarr"))
+    assert not (tmp_path / "merged.zarr").exists()
