@@ -117,7 +117,7 @@ def test_a_mistake_is_one_clean_line(w, group, args, code, words):
 
 def test_debug_shows_the_traceback(w):
     result = CliRunner().invoke(cache.main, ["--debug", "info", w["empty"]])
-    assert result.exit_code == 1 and type(result.exception).__name__ == "GroupNotFoundError"
+    assert result.exit_code == 1 and type(result.exception).__name__ == "UntrustedCache"
 
 
 def test_the_console_scripts_print_one_line(tmp_path):

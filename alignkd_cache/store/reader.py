@@ -129,26 +129,20 @@ class CacheReader:
         return codecs.decode(encoding, stored, scale)
 
     def read(self, sample_id: str) -> CachedSample:
-        try:
-            return self._read(sample_id)
-        except ValueError as e:  # zarr's crc32c codec: a damaged chunk
-            if "checksum" not in str(e):
-                raise
-            raise CacheError(
-                f"{self.url}: sample {sample_id!r} (block {self.row(sample_id)['block']}) fails its checksum, "
-                f"so the cache is damaged; run `alignkd-cache verify {self.url}` to list every damaged sample"
-            ) from e
-
-    def _read(self, sample_id: str) -> CachedSample:
         row = self.row(sample_id)
         try:
             return self._read(row)
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - zarr's checksum or decode failure: a damaged chunk
+            what = (
+                "fails its checksum"
+                if "checksum" in str(e)
+                else f"is in a damaged chunk ({type(e).__name__}: {e})"
+            )
             raise CacheError(
-                f"{self.url}: sample {sample_id!r}: its signals are in a damaged chunk ({type(e).__name__}: {e}); "
-                "run `alignkd-cache verify` on it and get a good copy"
+                f"{self.url}: sample {sample_id!r} (block {row['block']}) {what}, so the cache is damaged; "
+                f"run `alignkd-cache verify {self.url}` to list every damaged sample"
             ) from e
 
     def _read(self, row: dict) -> CachedSample:

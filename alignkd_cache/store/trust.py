@@ -103,6 +103,10 @@ class Inspection:
 def open_cache(url: str, storage_options: dict | None = None) -> Inspection:
     """The checked cache (attributes, manifest table, file list), or UntrustedCache naming the problem."""
     found = inspect(url, storage_options)
+    if found.problems == [(None, "zarr.json is missing")]:
+        raise UntrustedCache(
+            f"{url} is not an alignkd cache (no zarr.json at its root); give the --out of an `alignkd-cache build`"
+        )
     if found.problems:
         sample, what = found.problems[0]
         where = f"sample {sample!r}: " if sample is not None else ""
