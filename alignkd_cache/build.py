@@ -103,7 +103,16 @@ def _prepare_store(loc: Location, attrs: dict, resume: bool) -> tuple[dict, Writ
         raise IncompatibleCache(f"{loc.url} is not empty and is not an alignkd cache; choose a new --out")
     stored = dict(loc.group("r").attrs)
     check_resume(stored, attrs, loc.url)
+    _drop_partial_writes(loc)
     return stored, lock
+
+
+def _drop_partial_writes(loc: Location) -> None:
+    """zarr's local store writes `NAME.<uuid>.partial` and renames it: a killed build leaves these."""
+    if loc.local_root is not None:
+        for leftover in Path(loc.local_root).rglob("*.partial"):
+            if leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink()
 
 
 def _entries(loc: Location) -> list[str]:

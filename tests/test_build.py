@@ -197,6 +197,8 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     assert not (killed / "manifest.parquet").exists() and 0 < committed < 20, "the kill must land mid-build"
     with pytest.raises(ValueError, match="not finished"):
         CacheReader(str(killed))
+    # zarr writes NAME.<uuid>.partial then renames it; a kill can land between the two.
+    (killed / "zarr.6e22086d58ac42c49164894caac98a09.partial").write_bytes(b"{")
     done = subprocess.run(
         cli(*build_args(llava_teacher_dir, big_dataset, root, killed), "--resume"),
         env=ENV,

@@ -70,6 +70,6 @@ def test_a_second_training_run_on_one_out_is_refused_naming_the_holder(
             str(digits_dataset[1]), "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu"]  # fmt: skip
     with lock_dir(tmp_path / "run", "a training run"):  # the first run, still going
         result = CliRunner().invoke(train_cli, args)
-        assert result.exit_code == 1 and f"pid {os.getpid()}" in result.output
+        assert result.exit_code == 4 and f"pid {os.getpid()}" in result.output  # EXIT_CACHE_REFUSED
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert CliRunner().invoke(train_cli, args).exit_code == 0  # released: the next run goes ahead
