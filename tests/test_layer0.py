@@ -71,6 +71,8 @@ def test_shared_tower_features_give_the_unshared_result(teacher_and_stub, digits
     shared = recompute(stub, batch, features=features)
     alone = recompute(stub, batch)
     torch.testing.assert_close(shared.visual, alone.visual, rtol=0, atol=0)
+    other = recompute(stub, batch, features=features + 1)  # the features given are the ones used
+    assert not torch.allclose(other.visual, alone.visual)
     for a, b in zip(shared.attention, alone.attention, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
