@@ -1,0 +1,189 @@
+"""The layer-0 teacher: the teacher cut to its first decoder layer, saved beside a cache.
+
+The attention slice and the visual tokens depend only on the vision tower, the projector, the
+embeddings and decoder layer 0, so a `layer0` cache stores the logit targets and this stub instead
+of per-sample slices, and the slices are recomputed at training time with the build's own capture
+code (backends/capture.py). The stub is the family's own checkpoint with `num_hidden_layers=1`, so
+`load_backend` loads it unchanged; benchmarks/layer0.py measures what dropping v/o/MLP/lm_head
+would save (docs/benchmarks.md, "Layer-0 recipe").
+
+Provenance: layer0.json lists the sha256 of every other file in the directory; the stub's hash is
+the sha256 of the text "<file sha256>  <relative path>\\n" over those files, sorted by path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from alignkd_cache.backends import Signals, load_backend
+from alignkd_cache.backends.capture import spliced_forward
+
+MANIFEST = "layer0.json"
+FORMAT = "alignkd-layer0/1"
+_DEEPER_LAYER = re.compile(r"\.layers\.([1-9]\d*)\.")
+
+
+def _layer0_only(state: dict[str, torch.Tensor], tower_prefix: str) -> dict[str, torch.Tensor]:
+    """Drop decoder layers >= 1 (the vision tower's own layers stay); own storage for safetensors."""
+    return {
+        name: t.detach().contiguous().clone()
+        for name, t in state.items()
+        if name.startswith(tower_prefix) or not _DEEPER_LAYER.search(name)
+    }
+
+
+def _one_layer(config) -> None:
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stub_sha256(files: dict[str, str]) -> str:
+    """The stub's hash from {relative path: file sha256} (see the module docstring)."""
+    text = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_layer0(teacher, out_dir: str | Path) -> str:
+    """Write the teacher's layer-0 stub to out_dir (a new directory); returns its sha256."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=False)
+    if teacher.family == "llava":
+        config = copy.deepcopy(teacher.model.config)
+        _one_layer(config.text_config)
+        config.save_pretrained(out)
+        state = _layer0_only(teacher.model.state_dict(), "model.vision_tower.")
+    elif teacher.family == "mobilevlm":
+        # The tower always goes inside: the stub must not depend on a directory outside the cache.
+        config = dict(teacher.config, num_hidden_layers=1)
+        config.pop("mm_vision_tower", None)
+        config["mm_vision_config"] = teacher.model.vision_tower.config.to_diff_dict()
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = _layer0_only(teacher.model.original_state_dict(include_tower=True), "model.vision_tower.")
+    else:
+        raise ValueError(f"model family {teacher.family!r} has no layer-0 stub; use llava or mobilevlm")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    teacher.tokenizer.save_pretrained(out)
+    teacher.image_processor.save_pretrained(out)
+    files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    sha = stub_sha256(files)
+    manifest = {"format": FORMAT, "family": teacher.family, "teacher": teacher.fingerprint(), "files": files}
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, sha256=sha), indent=2, sort_keys=True) + "\n")
+    return sha
+
+
+def verify_layer0(stub_dir: str | Path) -> dict:
+    """Check every file against layer0.json; returns the manifest or raises a one-line ValueError."""
+    stub = Path(stub_dir)
+    where = f"layer-0 teacher {stub}"
+    try:
+        manifest = json.loads((stub / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: {MANIFEST} is missing or unreadable ({e}); rebuild the stub") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{where}: format {manifest.get('format')!r} is not {FORMAT}; rebuild the stub")
+    files = manifest["files"]
+    present = {p.relative_to(stub).as_posix() for p in stub.rglob("*") if p.is_file()} - {MANIFEST}
+    if present != set(files):
+        raise ValueError(
+            f"{where}: files {sorted(present ^ set(files))} are extra or missing against {MANIFEST}; "
+            "restore the stub from its source or rebuild it"
+        )
+    for name in sorted(files):
+        if file_sha256(stub / name) != files[name]:
+            raise ValueError(
+                f"{where}: {name} does not match its sha256 in {MANIFEST} (changed or damaged); "
+                "restore the stub from its source or rebuild it"
+            )
+    if stub_sha256(files) != manifest.get("sha256"):
+        raise ValueError(f"{where}: the sha256 in {MANIFEST} does not match its file list; rebuild the stub")
+    return manifest
+
+
+def load_layer0(stub_dir: str | Path, *, dtype=torch.float32, device="cpu"):
+    """Verify, then load the stub through the family's own loader."""
+    manifest = verify_layer0(stub_dir)
+    return load_backend(stub_dir, dtype=dtype, device=device, family=manifest["family"])
+
+
+def _tower_and_selection(backend) -> tuple[torch.nn.Module, int, bool]:
+    """(vision tower, hidden-state index fed to the projector, whether CLS is dropped)."""
+    if backend.family == "llava":
+        return backend.model.model.vision_tower, backend.feature_layer, backend.select_strategy == "default"
+    return backend.model.vision_tower, backend.model.select_layer, True  # MobileVLM's "patch"
+
+
+def tower_sha256(backend) -> str:
+    """Hash of the vision tower's weights and feature selection: equal hashes mean equal features."""
+    tower, layer, drop_cls = _tower_and_selection(backend)
+    digest = hashlib.sha256(f"{type(tower).__name__} layer={layer} drop_cls={drop_cls}\n".encode())
+    for name, t in sorted(tower.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tower_features(backend, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> the tower features the projector takes (n, patches, mm_hidden)."""
+    tower, layer, drop_cls = _tower_and_selection(backend)
+    pixels = pixel_values.to(tower.device, tower.dtype)
+    features = tower(pixels, output_hidden_states=True).hidden_states[layer]
+    return features[:, 1:] if drop_cls else features
+
+
+def project(backend, features: torch.Tensor) -> torch.Tensor:
+    """Tower features -> projected visual tokens (n, N_v, D), in the LLM's dtype."""
+    if backend.family == "llava":
+        return backend.model.model.multi_modal_projector(features.to(backend.model.dtype))
+    return backend.model.mm_projector(features.to(backend.model.dtype))
+
+
+def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> Signals:
+    """A batch's layer-0 slices and visual tokens from the stub, as the build stores them (float32).
+
+    `features`: the tower features of batch.pixel_values from a tower with the stub's tower_sha256
+    (e.g. the student's frozen one), so the stub's tower does not run again. Signals.logits holds
+    layer 0's hidden states (no lm_head is run): nothing should read it.
+    """
+    if attn_heads not in ("all", "mean"):
+        raise ValueError(f"attn_heads {attn_heads!r}: choose 'all' or 'mean'")
+    with torch.inference_mode():
+        batch = batch.to(stub.model.device)
+        visual = None
+        if batch.pixel_values is not None:
+            if features is None:
+                features = tower_features(stub, batch.pixel_values)
+            visual = project(stub, features.to(stub.model.device))
+        llm = stub.model.model.language_model if stub.family == "llava" else stub.model.llm.model
+        signals = spliced_forward(
+            batch,
+            embed_tokens=llm.get_input_embeddings(),
+            decoder=llm,
+            lm_head=torch.nn.Identity(),
+            visual=visual,
+            image_token_id=stub.image_token_id,
+            capture=True,
+        )
+    attention = [
+        None if a is None else (a.float().mean(0, keepdim=True) if attn_heads == "mean" else a.float())
+        for a in signals.attention
+    ]
+    return Signals(
+        logits=signals.logits, attention=attention, visual=None if visual is None else visual.float()
+    )
