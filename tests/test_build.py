@@ -370,3 +370,26 @@ def test_read_with_only_zarr_and_pyarrow(lossless_cache, tmp_path):
     assert got["kl"] == pytest.approx(expected, rel=1e-5)
     assert got["v0"] == pytest.approx(sample.visual[0, 0].item())
     assert got["tail0"] == pytest.approx(sample.logits.tail[0].item())
+
+
+def test_s3_lock_object_one_writer_and_stale_takeover(s3_server):
+    """The object-store lock: a conditional create refuses a second writer naming the holder, and a lock
+    left by a dead process on this host is taken over."""
+    import s3fs
+
+    from alignkd_cache.store.location import Location
+    from alignkd_cache.store.lock import LOCK_NAME, WriterLocked, lock_store
+
+    loc = Location("s3://caches/locked", s3_server)
+    first = lock_store(loc, "a cache build")
+    with pytest.raises(WriterLocked, match=f"locked by host {socket.gethostname()} pid {os.getpid()}"):
+        lock_store(loc, "a cache build")
+    first.release()
+    lock_store(loc, "a cache build").release()  # released: free again
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.pipe(f"caches/locked/{LOCK_NAME}", f"host {socket.gethostname()} pid {dead.pid} since then".encode())
+    taken = lock_store(loc, "a cache build")
+    assert f"pid {os.getpid()}" in fs.cat(f"caches/locked/{LOCK_NAME}").decode()
+    taken.release()
