@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -223,7 +224,7 @@ class Trainee(torch.nn.Module):
 
 def train_step(
     trainee: Trainee | DistributedDataParallel,
-    micros: list,
+    micros: Iterable,
     targets_of,
     norm: Normalisers | None,
     optimizer: torch.optim.Optimizer,
@@ -232,7 +233,7 @@ def train_step(
     world: World | None = None,
     log_grad_norms: bool = False,
 ) -> dict:
-    """One optimizer step over this rank's micro-batches: forward, the losses divided by `norm`
+    """One optimizer step over this rank's micro-batches (read one ahead): forward, the losses divided by `norm`
     (the step's global counts; None: each micro-batch's own), backward (synced over ranks on the
     last micro-batch only), clipping, AdamW, the schedule. `targets_of(micro)` gives a micro-batch's
     teacher targets; it runs outside the student's autocast, so a resident teacher runs exactly as
@@ -244,10 +245,8 @@ def train_step(
     logged = ["loss", *(t for t in TERMS if module.loss.on(t))]
     sums = dict.fromkeys(logged, 0.0)
     term_grads: dict[str, torch.Tensor] = {}
-    micros = micros or [None]  # a rank with no micro-batch still joins the gradient sync
-    for i, micro in enumerate(micros):
+    for micro, last in with_last(micros):
         targets = None if micro is None else targets_of(micro)
-        last = i == len(micros) - 1
         with nullcontext() if last or module is trainee else trainee.no_sync():
             loss, terms = trainee(micro, targets, norm)
             if log_grad_norms:
@@ -271,6 +270,17 @@ def train_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def with_last(items: Iterable) -> Iterator[tuple]:
+    """(item, is it the last) pairs; (None, True) when there are no items, so that a rank with no
+    micro-batch in a step still joins the step's gradient sync."""
+    items = iter(items)
+    current = next(items, None)
+    for following in items:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def train(student, source, opts: TrainOptions) -> dict:
@@ -302,10 +312,9 @@ def train(student, source, opts: TrainOptions) -> dict:
     bar = tqdm(total=total, initial=step, desc="train", disable=not (opts.progress and world.main))
     while step < end:
         started = time.perf_counter()
-        micros = [next(loader) for _ in plan[step][world.rank :: world.size]]
         result = train_step(
             wrapped,
-            micros,
+            (next(loader) for _ in plan[step][world.rank :: world.size]),
             lambda micro: source.targets(micro, world.device),
             step_normalisers(source.samples, plan[step]),
             optimizer,
