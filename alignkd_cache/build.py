@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from alignkd_cache import distributed
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, tokenize
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
@@ -57,15 +58,6 @@ class BuildOptions:
     vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
     on_bad_sample: str = "error"  # or "skip": bad records and images become skipped manifest rows
     max_image_pixels: int = DEFAULT_MAX_PIXELS
-
-
-def _dist() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        from datetime import timedelta
-
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=12))
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def _agree(ok: bool, world: int) -> bool:
@@ -214,13 +206,13 @@ def build_cache(
     Before the teacher loads, a pre-flight check reads every record and image header; its problems
     go to stderr (counts and first cases) and to `report` (JSON, default next to `out`)."""
     opts = options or BuildOptions()
-    rank, world = _dist()
+    place = distributed.init(opts.device, distributed.BUILD_TIMEOUT)
+    rank, world = place.rank, place.size
     checked = preflight(data, image_root, opts.limit, opts.max_image_pixels)
     if checked.problems:
         _report(checked, report or default_report_path(str(out)), opts.on_bad_sample, show=rank == 0)
-    if world > 1 and opts.device == "cuda":
-        # One GPU per rank: torchrun's LOCAL_RANK picks it, as for any torchrun job.
-        opts = replace(opts, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    if opts.device.startswith("cuda"):
+        opts = replace(opts, device=str(place.device))  # one GPU per rank, by LOCAL_RANK
     tower = {"vision_tower": opts.vision_tower} if opts.vision_tower else {}
     backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device, **tower)
     backend.model.eval()

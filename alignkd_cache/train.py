@@ -1,19 +1,19 @@
 """The student trainer: one loop for both teacher-signal sources (cache or resident teacher).
 
 Read top to bottom: options; which parameters train; the batch plan (a seeded permutation over
-dataset order, so both sources see the same batches in the same order); the loop (forward, the
-shared losses normalised over the whole step, accumulation, data-parallel gradient sums, AdamW,
-cosine schedule); logging; checkpoints that resume exactly, written without pickle (safetensors +
-JSON); the final output.
+dataset order, so both sources see the same batches in the same order); the step (forward, the
+shared losses normalised over the whole step, accumulation, DDP, AdamW, cosine schedule); the loop
+and its log; checkpoints that resume exactly, written without pickle (safetensors + JSON); the
+final output.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import alignkd_cache
+from alignkd_cache import distributed
+from alignkd_cache.distributed import World
 from alignkd_cache.losses import (
     ADAPTER_ATTN_LOSSES,
     TERMS,
@@ -82,35 +85,6 @@ class TrainOptions:
     log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
     extra: dict = field(default_factory=dict)  # provenance recorded in the output
     run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes and devices
-
-
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_world(device: str | None) -> World:
-    """Single process, or one rank of a torchrun job (gloo on CPU, nccl on GPU)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if size == 1:
-        return World(0, 1, torch.device(device or ("cuda" if cuda else "cpu")))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local)
-    return World(dist.get_rank(), size, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,29 +190,106 @@ def run_identity(student, source) -> dict:
     }
 
 
+class Trainee(torch.nn.Module):
+    """The student's model and its loss adapters as one module whose forward is a micro-batch's
+    losses, so that one DistributedDataParallel wraps everything that trains."""
+
+    def __init__(
+        self, student, adapters: torch.nn.ModuleDict, loss: LossConfig, autocast: torch.dtype | None
+    ):
+        super().__init__()
+        self.model = student.model
+        self.adapters = adapters
+        self.student = student  # the Backend (not a module): its forward runs self.model
+        self.loss = loss
+        self.autocast = autocast
+
+    def forward(self, micro, targets, norm: Normalisers | None):
+        """(loss, terms) of one micro-batch; `micro` None (a rank with no micro-batch this step)
+        gives a zero loss. Every trainable parameter is in the loss's graph, at zero weight where
+        no term reached it: it gets a zero gradient (AdamW treats it the same whichever rank
+        reached it), and DDP's gradient hooks fire for all of them. One element per tensor costs
+        one zero-filled gradient, where find_unused_parameters=True would walk the graph each step
+        and leave such gradients unset."""
+        touch = 0.0 * sum(p.view(-1)[0] for p in self.parameters() if p.requires_grad)
+        if micro is None:
+            return touch, {}
+        device = touch.device
+        autocast = torch.autocast(device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        with autocast:
+            signals = self.student.forward(micro.student, capture=self.loss.on("attn"))
+        loss, terms = total_loss(signals, micro.student.to(device), targets, self.loss, self.adapters, norm)
+        return loss + touch, terms
+
+
+def train_step(
+    trainee: Trainee | DistributedDataParallel,
+    micros: Iterable,
+    targets_of,
+    norm: Normalisers | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    max_grad_norm: float | None = None,
+    world: World | None = None,
+    log_grad_norms: bool = False,
+) -> dict:
+    """One optimizer step over this rank's micro-batches (read one ahead): forward, the losses divided by `norm`
+    (the step's global counts; None: each micro-batch's own), backward (synced over ranks on the
+    last micro-batch only), clipping, AdamW, the schedule. `targets_of(micro)` gives a micro-batch's
+    teacher targets; it runs outside the student's autocast, so a resident teacher runs exactly as
+    the build ran it. Returns the step's terms summed over ranks, the lr used, and with
+    `log_grad_norms` each term's gradient norm."""
+    world = world or World()
+    module = trainee.module if isinstance(trainee, DistributedDataParallel) else trainee
+    model_params = [p for p in module.model.parameters() if p.requires_grad]
+    logged = ["loss", *(t for t in TERMS if module.loss.on(t))]
+    sums = dict.fromkeys(logged, 0.0)
+    term_grads: dict[str, torch.Tensor] = {}
+    for micro, last in with_last(micros):
+        targets = None if micro is None else targets_of(micro)
+        with nullcontext() if last or module is trainee else trainee.no_sync():
+            loss, terms = trainee(micro, targets, norm)
+            if log_grad_norms:
+                add_term_gradients(term_grads, terms, module.loss.weights, model_params)
+            # DDP averages gradients over ranks; the terms are already divided by the step's global
+            # counts, so the ranks' gradients must add up: scale by the world size.
+            (loss * world.size).backward()
+        for name, value in {"loss": loss, **terms}.items():
+            sums[name] += float(value.detach())
+    if world.size > 1:
+        values = torch.tensor([sums[n] for n in logged], dtype=torch.float64, device=world.device)
+        dist.all_reduce(values)
+        sums = dict(zip(logged, values.tolist(), strict=True))
+    result = {**sums, "lr": optimizer.param_groups[0]["lr"]}
+    if log_grad_norms:
+        result["grad_norm"] = term_gradient_norms(term_grads, logged[1:], model_params, world)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def with_last(items: Iterable) -> Iterator[tuple]:
+    """(item, is it the last) pairs; (None, True) when there are no items, so that a rank with no
+    micro-batch in a step still joins the step's gradient sync."""
+    items = iter(items)
+    current = next(items, None)
+    for following in items:
+        yield current, False
+        current = following
+    yield current, True
+
+
 def train(student, source, opts: TrainOptions) -> dict:
     """Train `student` (a Backend) on `source` (CacheSource or OnlineSource). Returns a summary."""
-    world = setup_world(opts.device)
+    world = distributed.init(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
     lock = lock_dir(out, "a training run") if world.main else None  # noqa: F841 - held until train() returns
-    student.model.to(world.device)
-    torch.manual_seed(opts.seed)
-
-    student.model.train()
-    model_params = trainable_model_parameters(student.model)
-    if opts.grad_checkpointing:
-        enable_gradient_checkpointing(student.model)
-    adapters = build_adapters(opts.loss, source.teacher_heads, source.teacher_dim, student, opts.seed).to(
-        world.device
-    )
-    # Frozen adapters stay at their random init, as the public code's effectively do.
-    adapters.requires_grad_(not opts.freeze_adapters)
-    adapter_params = [] if opts.freeze_adapters else list(adapters.parameters())
-    params = model_params + adapter_params
-    groups = [{"params": model_params}] + ([{"params": adapter_params}] if adapter_params else [])
-    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
-
+    trainee, optimizer = setup_trainee(student, source, opts, world)
     plan = batch_plan(len(source), opts.batch_size, opts.grad_accum, world.size, opts.seed, opts.epochs)
     total = len(plan) if opts.max_steps is None else min(opts.max_steps, len(plan))
     if total == 0:
@@ -246,22 +297,11 @@ def train(student, source, opts: TrainOptions) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total, math.ceil(opts.warmup_ratio * total))
     )
-
-    step = 0
-    if opts.resume and latest_checkpoint(out / CHECKPOINT_DIR):
-        step = load_checkpoint(
-            out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, world
-        )
-    elif opts.resume:
-        print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0")
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        keep_metrics_up_to(out / METRICS_FILE, step)
-
-    capture = opts.loss.on("attn")
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if opts.bf16 else nullcontext()
-    logged = ["loss", *(t for t in TERMS if opts.loss.on(t))]
+    step = start_step(out, trainee, optimizer, scheduler, opts, world)
+    # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
+    wrapped = DistributedDataParallel(trainee, broadcast_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
+
     # One loader over this rank's micro-batches from the resume point on; workers read ahead.
     mine = [indices for s in range(step, end) for indices in plan[s][world.rank :: world.size]]
     loader = iter(
@@ -271,73 +311,79 @@ def train(student, source, opts: TrainOptions) -> dict:
     )
     bar = tqdm(total=total, initial=step, desc="train", disable=not (opts.progress and world.main))
     while step < end:
-        norm = step_normalisers(source.samples, plan[step])
-        sums = dict.fromkeys(logged, 0.0)
-        term_grads: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
-        for _ in plan[step][world.rank :: world.size]:
-            micro = next(loader)
-            # Outside the student's autocast: a resident teacher runs exactly as the build ran it.
-            targets = source.targets(micro, world.device)
-            with autocast:
-                signals = student.forward(micro.student, capture=capture)
-            loss, terms = total_loss(
-                signals, micro.student.to(world.device), targets, opts.loss, adapters, norm
-            )
-            if opts.log_grad_norms:
-                add_term_gradients(term_grads, terms, opts.loss.weights, model_params)
-            if loss.requires_grad:  # text-only samples with only the image terms on: nothing to learn
-                loss.backward()
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] += float(value.detach())
-        # Every parameter gets a gradient, zeros where no term reached it, so that the optimizer
-        # treats it the same whichever rank (or none) reached it.
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if world.size > 1:
-            for p in params:  # each micro-batch loss is already divided by the step's global counts
-                dist.all_reduce(p.grad)
-            values = torch.tensor([sums[n] for n in logged], dtype=torch.float64, device=world.device)
-            dist.all_reduce(values)
-            sums = dict(zip(logged, values.tolist(), strict=True))
-        grad_norms = (
-            term_gradient_norms(term_grads, logged[1:], model_params, world) if opts.log_grad_norms else None
+        result = train_step(
+            wrapped,
+            (next(loader) for _ in plan[step][world.rank :: world.size]),
+            lambda micro: source.targets(micro, world.device),
+            step_normalisers(source.samples, plan[step]),
+            optimizer,
+            scheduler,
+            opts.max_grad_norm,
+            world,
+            opts.log_grad_norms,
         )
-        if opts.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         if world.main:
-            record = {
-                "step": step,
-                "loss": sums["loss"],
-                **{t: sums.get(t) for t in TERMS},
-                "lr": lr,
-                "seconds": time.perf_counter() - started,  # data, teacher signals, forward/backward, update
-            }
-            if grad_norms is not None:
-                record["grad_norm"] = grad_norms
-            with open(out / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started)
+            bar.set_postfix(loss=f"{result['loss']:.4f}")
         bar.update(1)
         if opts.save_every and step % opts.save_every == 0 and step < end:
-            save_checkpoint(
-                out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, step, world
-            )
+            save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
     bar.close()
 
-    save_checkpoint(out / CHECKPOINT_DIR, student.model, adapters, optimizer, scheduler, opts, step, world)
+    save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
     finished = step >= total
     if finished and world.main:
-        save_output(out, student, adapters, source, opts, step)
-    if world.size > 1:
-        dist.barrier()
+        save_output(out, student, trainee.adapters, source, opts, step)
+    world.barrier()
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
+
+
+def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Trainee, torch.optim.Optimizer]:
+    """The student on its device in train mode, its adapters, and AdamW over what trains."""
+    student.model.to(world.device)
+    torch.manual_seed(opts.seed)
+    student.model.train()
+    model_params = trainable_model_parameters(student.model)
+    if opts.grad_checkpointing:
+        enable_gradient_checkpointing(student.model)
+    adapters = build_adapters(opts.loss, source.teacher_heads, source.teacher_dim, student, opts.seed)
+    # Frozen adapters stay at their random init, as the public code's effectively do.
+    adapters.to(world.device).requires_grad_(not opts.freeze_adapters)
+    adapter_params = [] if opts.freeze_adapters else list(adapters.parameters())
+    groups = [{"params": model_params}] + ([{"params": adapter_params}] if adapter_params else [])
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    trainee = Trainee(student, adapters, opts.loss, torch.bfloat16 if opts.bf16 else None)
+    return trainee, optimizer
+
+
+def start_step(out: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World) -> int:
+    """0, or with --resume the step of the checkpoint loaded; the metrics log is cut to match."""
+    step = 0
+    if opts.resume and latest_checkpoint(out / CHECKPOINT_DIR):
+        step = load_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, world)
+    elif opts.resume:
+        print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        keep_metrics_up_to(out / METRICS_FILE, step)
+    return step
+
+
+def log_step(path: Path, step: int, result: dict, seconds: float) -> None:
+    """One line of metrics.jsonl: the step's terms (None for terms that are off), its lr and time."""
+    record = {
+        "step": step,
+        "loss": result["loss"],
+        **{t: result.get(t) for t in TERMS},
+        "lr": result["lr"],
+        "seconds": seconds,  # data, teacher signals, forward/backward, update
+    }
+    if "grad_norm" in result:
+        record["grad_norm"] = result["grad_norm"]
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def add_term_gradients(
@@ -413,7 +459,7 @@ def _options_record(opts: TrainOptions) -> dict:
 
 
 def save_checkpoint(
-    path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, step: int, world: World
+    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, step: int, world: World
 ) -> None:
     """Write path.tmp fully (state.json last), then swap it in, so a crash mid-write leaves the
     previous checkpoint; a crash between the two renames leaves both, and the newest is kept."""
@@ -426,9 +472,10 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_model(trainee.model, str(tmp / "model.safetensors"))
     save_file(
-        {k: v.contiguous() for k, v in adapters.state_dict().items()}, str(tmp / "adapters.safetensors")
+        {k: v.contiguous() for k, v in trainee.adapters.state_dict().items()},
+        str(tmp / "adapters.safetensors"),
     )
     tensors, state = _optimizer_tensors(optimizer)
     tensors["rng.cpu"] = torch.get_rng_state()
@@ -474,7 +521,7 @@ def latest_checkpoint(path: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model, adapters, optimizer, scheduler, opts: TrainOptions, world: World
+    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World
 ) -> int:
     path = latest_checkpoint(path) or path
     record = json.loads((path / "state.json").read_text())
@@ -486,8 +533,8 @@ def load_checkpoint(
             f"--resume: {path} was written with different {', '.join(changed)}; resume with the same "
             "student, teacher signals and options, or start a new --out"
         )
-    load_model(model, str(path / "model.safetensors"), device=str(world.device))
-    adapters.load_state_dict(load_file(str(path / "adapters.safetensors"), device=str(world.device)))
+    load_model(trainee.model, str(path / "model.safetensors"), device=str(world.device))
+    trainee.adapters.load_state_dict(load_file(str(path / "adapters.safetensors"), device=str(world.device)))
     tensors = load_file(str(path / "optimizer.safetensors"))
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -546,7 +593,7 @@ def from_cache(
     from alignkd_cache.store.reader import CacheReader
     from alignkd_cache.teacher_signals import CacheSource
 
-    world = setup_world(opts.device)
+    world = distributed.init(opts.device)
     backend = load_backend(student, device=world.device)
     source = CacheSource(CacheReader(cache, storage_options), backend, image_root, template)
     return train(backend, source, opts)
@@ -570,7 +617,7 @@ def online(
     from alignkd_cache.backends import load_backend
     from alignkd_cache.teacher_signals import OnlineSource
 
-    world = setup_world(opts.device)
+    world = distributed.init(opts.device)
     teacher_backend = load_backend(teacher, dtype=getattr(torch, teacher_dtype), device=world.device)
     teacher_backend.model.eval().requires_grad_(False)
     backend = load_backend(student, device=world.device)
@@ -604,7 +651,7 @@ def finetune(
             f"finetune has no teacher, so the {', '.join(distilled)} term(s) cannot be on; "
             "use --weights ce=1,logit=0,vis=0,attn=0 (the default) or `alignkd-train from-cache`"
         )
-    world = setup_world(opts.device)
+    world = distributed.init(opts.device)
     backend = load_backend(model, device=world.device)
     source = DataSource(backend, data, image_root, template, max_length)
     for skip in source.skips:

@@ -61,14 +61,14 @@ from alignkd_cache.backends.mobilevlm import (
 )
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.data import Record, SampleDataset, Tokenization, read_records, tokenize, tokenize_all
-from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.teacher_signals import CacheSource, OnlineSource
 from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
-from alignkd_cache.train import build_adapters, trainable_model_parameters
+from alignkd_cache.train import Trainee, build_adapters, train_step, trainable_model_parameters
 
 TEMPLATE = "v1"
 SAMPLES_PER_IMAGE = 2  # every image serves two samples, so the build's image dedup is exercised
@@ -550,9 +550,10 @@ def measure_build(
 
 
 def measure_training(run: Run, scale: Scale, student, source) -> dict:
-    """The trainer's step (alignkd_cache.train.train: targets, student forward, the shared losses,
-    backward, clipping, AdamW) at batch size `train_batch_size`, under autocast to the scale's dtype
-    (bf16: what `--bf16` gives), with batches from a DataLoader over the source.
+    """The trainer's step (alignkd_cache.train.train_step: targets outside the student's autocast,
+    student forward, the shared losses, backward, clipping, AdamW) at batch size
+    `train_batch_size`, under autocast to the scale's dtype (bf16: what `--bf16` gives), with
+    batches from a DataLoader over the source.
 
     Timed here rather than by running train() itself: at these sizes its end-of-run checkpoint
     (about 20 GB of weights and AdamW state) would take more of the time budget than the steps."""
@@ -563,6 +564,8 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
     adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed=0).to(device)
     params += list(adapters.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-5)
+    dtype = getattr(torch, scale.dtype)
+    trainee = Trainee(student, adapters, cfg, autocast=dtype if dtype != torch.float32 else None)
     steps = scale.warmup + scale.repeats
     loader = iter(
         torch.utils.data.DataLoader(
@@ -572,21 +575,13 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
             num_workers=scale.loader_workers,
         )
     )
-    dtype = getattr(torch, scale.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     losses = []
 
     def step():
-        micro = next(loader)
-        with autocast:
-            targets = source.targets(micro, device)
-            signals = student.forward(micro.student, capture=cfg.on("attn"))
-        loss, _ = total_loss(signals, micro.student.to(device), targets, cfg, adapters)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        result = train_step(
+            trainee, [next(loader)], lambda micro: source.targets(micro, device), None, optimizer, None, 1.0
+        )
+        losses.append(result["loss"])
 
     for _ in range(scale.warmup):  # the first steps also allocate AdamW's state
         step()

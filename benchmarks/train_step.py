@@ -2,7 +2,8 @@
 
 One run builds a tokenizer, a LLaVA teacher with ~4x the student's decoder parameters, the student,
 a digit-grid VQA set (alignkd_cache.demo), and a cache of the teacher's signals; then trains the
-same steps three ways, each in a fresh subprocess (so peak memory is that route's own):
+same steps three ways through `train()` (so its `train_step`), each in a fresh subprocess (so peak
+memory is that route's own):
 - online: teacher resident, signals computed each step;
 - cache: `from-cache`, the teacher never loads;
 - student-only: CE alone, no teacher signal (the memory floor).

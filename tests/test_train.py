@@ -196,6 +196,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_from_cache(student, cache, root, out, *args):
+    """`alignkd-train from-cache` on two gloo ranks under torchrun, batch size 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cli = ["-m", "alignkd_cache.cli.train", "from-cache", "--student", str(student), "--cache", str(cache)]
+    common = ["--image-root", str(root), "--out", str(out), "--batch-size", "2"]
+    result = subprocess.run(
+        [*torchrun, "--master-port", str(free_port()), *cli, *common, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_one_step_is_the_same_however_the_batch_is_cut(tmp_path, llava_student_dir, cache, digits_dataset):
     """batch 4 x accum 1, batch 2 x accum 2 and 2 gloo ranks (torchrun) x batch 2 take one optimizer
@@ -209,41 +225,9 @@ def test_one_step_is_the_same_however_the_batch_is_cut(tmp_path, llava_student_d
     whole, accumulated, ranks = tmp_path / "b4", tmp_path / "b2a2", tmp_path / "ranks"
     from_cache(str(llava_student_dir), str(cache), root, options(whole, **{**common, "batch_size": 4}))
     from_cache(str(llava_student_dir), str(cache), root, options(accumulated, grad_accum=2, **common))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    cli = [
-        "-m",
-        "alignkd_cache.cli.train",
-        "from-cache",
-        "--student",
-        str(llava_student_dir),
-        "--cache",
-        str(cache),
-    ]
-    args = [
-        "--image-root",
-        str(root),
-        "--out",
-        str(ranks),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "1",
-        "--seed",
-        "3",
-        "--lr",
-        "1e-3",
-    ]
-    result = subprocess.run(torchrun + cli + args, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_from_cache(
+        llava_student_dir, cache, root, ranks, "--max-steps", "1", "--seed", "3", "--lr", "1e-3"
+    )
     reference = {**load_file(str(whole / "model.safetensors")), **load_file(str(whole / ADAPTERS_FILE))}
     before = load_file(str(llava_student_dir / "model.safetensors"))
     assert any(not torch.equal(before[n], reference[n]) for n in before)
@@ -254,6 +238,30 @@ def test_one_step_is_the_same_however_the_batch_is_cut(tmp_path, llava_student_d
             # Adam's first step is lr * g / (|g| + eps): for gradients near eps (lm_head rows of tokens
             # the batch never uses) summation-order rounding moves the update by ~1e-6 at lr 1e-3.
             torch.testing.assert_close(other[name], value, rtol=0, atol=1e-5, msg=f"{out.name}: {name}")
+
+
+@pytest.mark.slow
+def test_ddp_syncs_ranks_with_no_term_or_no_micro_batch(tmp_path, llava_student_dir, cache, digits_dataset):
+    """Under DDP every rank joins every gradient sync: with ce=0,logit=0 a text-only micro-batch has
+    no term at all, and the last step of the epoch has one micro-batch, so rank 1 has none. Two
+    ranks still run the whole epoch like one process accumulating two micro-batches."""
+    _, root = digits_dataset
+    plan = batch_plan(10, 2, 1, 2, 9, 1)
+    assert [len(step) for step in plan] == [2, 2, 1] and plan[0][0] == [2, 9]  # text-0 and text-1
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    weights = "ce=0,logit=0"
+    from_cache(str(llava_student_dir), str(cache), root, options(one, grad_accum=2, seed=9, weights=weights))
+    torchrun_from_cache(
+        llava_student_dir, cache, root, ranks, "--weights", weights, "--seed", "9", "--lr", "1e-3"
+    )
+    for x, y in zip(metrics(one), metrics(ranks), strict=True):
+        assert x["ce"] is None and y["ce"] is None and x["step"] == y["step"]
+        for key in ("loss", "vis", "attn", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5)
+    reference = {**load_file(str(one / "model.safetensors")), **load_file(str(one / ADAPTERS_FILE))}
+    other = {**load_file(str(ranks / "model.safetensors")), **load_file(str(ranks / ADAPTERS_FILE))}
+    for name, value in reference.items():
+        torch.testing.assert_close(other[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_a_changed_image_is_refused_naming_the_file(tmp_path, llava_student_dir, cache, digits_dataset):
