@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from alignkd_cache import distributed
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, tokenize
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
+from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
@@ -259,11 +259,11 @@ def build_cache(
     todo = [b for b in mine if not loc.exists(part_key(b))]
     size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731
     written = {"bytes": 0}
-    bar = tqdm(
-        total=sum(size(b) for b in mine),
+    bar = progress_bar(
+        sum(size(b) for b in mine),
+        f"rank {rank}" if world > 1 else "build",
         initial=sum(size(b) for b in mine if b not in todo),
         unit="sample",
-        desc=f"rank {rank}" if world > 1 else "build",
         disable=not progress,
     )
 

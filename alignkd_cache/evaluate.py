@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from alignkd_cache.data import (
     IGNORE_INDEX,
@@ -28,6 +27,7 @@ from alignkd_cache.data import (
     tokenize_all,
 )
 from alignkd_cache.images import load_image
+from alignkd_cache.progress import progress_bar
 
 
 def normalise(text: str) -> str:
@@ -80,7 +80,8 @@ def greedy_answers(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     backend.model.eval()
     answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="eval", leave=False):
+    bar = progress_bar(len(prompts), "eval", unit="prompt")
+    for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
         images = []
         for s in group:
@@ -113,6 +114,8 @@ def greedy_answers(
             if all(done):
                 break
         answers += [tokenizer.decode(n, skip_special_tokens=True) for n in new]
+        bar.update(len(group))
+    bar.close()
     return answers
 
 

@@ -5,7 +5,9 @@ Libraries keep their own bars and info logs (transformers prints "Loading weight
 are noise under our own display, so `quiet_libraries` turns them off through the libraries' own
 switches. `StageProgress` is the display of a command made of unequal stages: its ETA weighs each
 stage by its expected cost, and it prints plain lines (no carriage returns or escape codes) when
-its stream is not a terminal.
+its stream is not a terminal. `progress_bar` is the per-command counter (build, train, eval): tqdm on
+a terminal, plain lines now and then when the output goes to a file, so a redirected log stays small
+and readable.
 """
 
 from __future__ import annotations
@@ -70,3 +72,46 @@ class StageProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_bar(
+    total: int, desc: str, *, initial: int = 0, unit: str = "it", disable: bool = False, every=30.0
+):
+    """tqdm on a terminal; off one, a PlainProgress with the same calls (update, set_postfix[_str], close)."""
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable)
+    return PlainProgress(total, desc, initial=initial, unit=unit, every=every)
+
+
+class PlainProgress:
+    """One plain line at most every `every` seconds, and one at the end: no carriage returns."""
+
+    def __init__(self, total: int, desc: str, *, initial: int = 0, unit: str = "it", every=30.0, stream=None):
+        self.total, self.desc, self.n, self.unit, self.every = total, desc, initial, unit, every
+        self.stream = stream or sys.stderr
+        self.postfix = ""
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        self._line()
+
+    def _line(self) -> None:
+        extra = f"; {self.postfix}" if self.postfix else ""
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit}, {clock(time.perf_counter() - self.start)} elapsed{extra}",
+            file=self.stream,
+            flush=True,
+        )

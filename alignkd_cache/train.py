@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 import alignkd_cache
 from alignkd_cache import distributed
@@ -36,6 +35,7 @@ from alignkd_cache.losses import (
     Normalisers,
     total_loss,
 )
+from alignkd_cache.progress import progress_bar
 from alignkd_cache.store.lock import lock_dir
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
@@ -309,7 +309,7 @@ def train(student, source, opts: TrainOptions) -> dict:
             source, batch_sampler=mine, collate_fn=source.collate, num_workers=opts.num_workers
         )
     )
-    bar = tqdm(total=total, initial=step, desc="train", disable=not (opts.progress and world.main))
+    bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
     while step < end:
         started = time.perf_counter()
         result = train_step(

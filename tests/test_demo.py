@@ -290,6 +290,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     log = (out / "commands.log").read_text()
     for noise in ("Loading weights", "Writing model shards"):
         assert noise not in output and noise not in log
+    # The inner build/train/eval commands write plain progress lines into the log, not tqdm's \r frames.
+    assert "\r" not in log and "train: " in log and "build: " in log
 
     report = (out / "results.md").read_text()
     assert "alignkd-demo --out" in report and "--quick" in report
