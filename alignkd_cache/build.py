@@ -24,11 +24,11 @@ import torch
 
 from alignkd_cache import distributed
 from alignkd_cache.backends import load_backend
-from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, tokenize
+from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import logit_targets
+from alignkd_cache.signals import sample_signal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -67,15 +67,6 @@ def _agree(ok: bool, world: int) -> bool:
     flag = torch.tensor([0 if ok else 1])
     torch.distributed.all_reduce(flag)
     return int(flag) == 0
-
-
-def logit_positions_of(sample, which: str) -> list[int]:
-    if which == "answer":
-        return sample.supervised_positions
-    if which == "text":  # every position whose next token is text (not an image token)
-        visual = set(sample.visual_positions)
-        return [p for p in range(len(sample.input_ids) - 1) if p + 1 not in visual]
-    raise ValueError(f"unknown --logit-positions {which!r}; choose 'answer' or 'text'")
 
 
 def _prepare_store(loc: Location, attrs: dict, resume: bool) -> tuple[dict, WriterLock]:
@@ -149,45 +140,15 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owner
             if n + 1 < len(batches):
                 pending = loader.submit(load, batches[n + 1])
             with torch.inference_mode():
-                signals = backend.forward(batch, capture=True)
-            _collect(results, idx, batch, signals, outcomes, opts, refs, owners)
+                forward = backend.forward(batch, capture=True)
+            for j, i in enumerate(idx):
+                sample = outcomes[i]
+                owns_visual = sample.image is not None and owners[sample.image] == i
+                # Top-k runs on the device; only the targets come to host memory.
+                signal = sample_signal(forward, batch, j, sample, opts, with_visual=owns_visual).to("cpu")
+                ref = None if owns_visual else refs.get(i)
+                results[i] = SampleResult(i, sample.id, sample.image, sample, signal=signal, visual_ref=ref)
     return [results[i] for i in range(lo, hi)]
-
-
-def _collect(results, idx, batch, signals, outcomes, opts, refs, owners) -> None:
-    """Move one batch's signals to host memory as SampleResults (top-k runs on the device)."""
-    for j, i in enumerate(idx):
-        sample = outcomes[i]
-        attention = visual = None
-        if signals.attention[j] is not None:
-            a = signals.attention[j].float()
-            attention = (a.mean(0, keepdim=True) if opts.attn_heads == "mean" else a).cpu().numpy()
-        if sample.image is not None and owners[sample.image] == i:
-            visual = signals.visual[batch.image_index[j]].float().cpu().numpy()
-        positions = torch.tensor(logit_positions_of(sample, opts.logit_positions), dtype=torch.long)
-        t = logit_targets(
-            signals.logits[j, : len(sample.input_ids)],
-            positions,
-            kind=opts.logit_targets,
-            k=opts.topk,
-            draws=opts.draws,
-            seed=opts.seed,
-            sample_id=sample.id,
-        )
-        results[i] = SampleResult(
-            i,
-            sample.id,
-            image=sample.image,
-            sample=sample,
-            image_key=batch.image_keys[j],
-            attention=attention,
-            visual=visual,
-            visual_ref=None if visual is not None else refs.get(i),
-            logit_positions=t.positions.numpy(),
-            logit_ids=t.ids.numpy(),
-            logit_values=t.values.float().numpy(),
-            logit_tail=None if t.tail is None else t.tail.float().numpy(),
-        )
 
 
 def build_cache(
@@ -253,8 +214,9 @@ def build_cache(
     if attrs.get("complete"):
         return attrs if rank == 0 else None
     refs, owners = _plan_visual(outcomes, opts.block_size)
-    pad_id = backend.tokenizer.pad_token_id or 0
-    dataset = _IndexedDataset(outcomes, image_root, backend.preprocess, pad_id, backend.pad_color)
+    dataset = _IndexedDataset(
+        outcomes, image_root, backend.preprocess, pad_id(backend.tokenizer), backend.pad_color
+    )
     mine = [b for b in range(rank, num_blocks, world)]
     todo = [b for b in mine if not loc.exists(part_key(b))]
     size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731

@@ -479,6 +479,12 @@ class Batch:
         )
 
 
+def pad_id(tokenizer) -> int:
+    """The id collate pads with. Padding is masked out of attention and loss, so any id works;
+    tokenizers without a pad token (LLaMA's) pad with 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def collate(
     samples: list[TokenizedSample], images: list[tuple[torch.Tensor, str] | None], pad_id: int
 ) -> Batch:

@@ -22,6 +22,7 @@ from alignkd_cache.data import (
     TokenizedSample,
     check_images,
     collate,
+    pad_id,
     read_records,
     resolve_image,
     tokenize_all,
@@ -77,7 +78,7 @@ def greedy_answers(
 ):
     """Greedy continuations (decoded, special tokens dropped) of each prompt, in order."""
     tokenizer = backend.tokenizer
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos, pad = tokenizer.eos_token_id, pad_id(tokenizer)
     backend.model.eval()
     answers = []
     bar = progress_bar(len(prompts), "eval", unit="prompt")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from alignkd_cache.backends import Signals, load_backend
+from alignkd_cache.backends import VLMOutput, load_backend
 from alignkd_cache.backends.capture import spliced_forward
 
 MANIFEST = "layer0.json"
@@ -154,11 +154,11 @@ def project(backend, features: torch.Tensor) -> torch.Tensor:
     return backend.model.mm_projector(features.to(backend.model.dtype))
 
 
-def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> Signals:
+def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> VLMOutput:
     """A batch's layer-0 slices and visual tokens from the stub, as the build stores them (float32).
 
     `features`: the tower features of batch.pixel_values from a tower with the stub's tower_sha256
-    (e.g. the student's frozen one), so the stub's tower does not run again. Signals.logits holds
+    (e.g. the student's frozen one), so the stub's tower does not run again. VLMOutput.logits holds
     layer 0's hidden states (no lm_head is run): nothing should read it.
     """
     if attn_heads not in ("all", "mean"):
@@ -184,6 +184,6 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
         None if a is None else (a.float().mean(0, keepdim=True) if attn_heads == "mean" else a.float())
         for a in signals.attention
     ]
-    return Signals(
+    return VLMOutput(
         logits=signals.logits, attention=attention, visual=None if visual is None else visual.float()
     )

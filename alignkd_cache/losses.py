@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkd_cache.data import IGNORE_INDEX
+from alignkd_cache.signals import TeacherSignal
 
 TERMS = ("ce", "logit", "vis", "attn")
 # Ours first (the default, scaled so that it moves the student), then the public revisions as published.
 ATTN_LOSSES = ("mse-adapter", "kl-headmean", "mse-adapter-2025-01", "kl-headmean-2024-12")
 ADAPTER_ATTN_LOSSES = ("mse-adapter", "mse-adapter-2025-01")
 LOGIT_LOSSES = ("topk-tail", "topk-renorm", "sampled", "full")
-# The target kind (LogitTargets.kind) each logit loss needs.
+# The target kind (signals.LogitTargets.kind) each logit loss needs.
 LOGIT_LOSS_TARGETS = {"topk-tail": "topk", "topk-renorm": "topk", "sampled": "sampled", "full": "full"}
 DEFAULT_LOGIT_LOSS = {"topk": "topk-tail", "sampled": "sampled", "full": "full"}
 # (k, weight of the top-k term) of the two public revisions.
@@ -74,21 +75,6 @@ class ChannelAdapter(nn.Module):
                 f"have {visual.shape[-1]} (shape {tuple(visual.shape)})"
             )
         return self.conv(visual.T.unsqueeze(0)).squeeze(0).T
-
-
-@dataclass
-class TeacherTargets:
-    """One sample's teacher signals, already in the student's geometry.
-
-    attention: (H_t or 1, |T|, N_v) layer-0 text->vision probabilities; None for text-only samples.
-    visual: (N_v, D_t) projected visual tokens of the sample's image; None for text-only samples.
-    logits: a LogitTargets (alignkd_cache.signals) whose positions index the student's sequence;
-        kind "full" (online only) carries the teacher's full-vocabulary log-probs in `values`.
-    """
-
-    attention: torch.Tensor | None
-    visual: torch.Tensor | None
-    logits: object
 
 
 @dataclass
@@ -331,14 +317,14 @@ def logit_loss(
 def total_loss(
     student,
     batch,
-    targets: list[TeacherTargets],
+    targets: list[TeacherSignal],
     cfg: LossConfig,
     adapters: nn.ModuleDict,
     norm: Normalisers | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE + weighted Align-KD terms for one micro-batch; terms with weight 0 are not computed.
 
-    student: the student's Signals; batch: the student's Batch. Each term is its sum over this
+    student: the student's VLMOutput; batch: the student's Batch. Each term is its sum over this
     micro-batch divided by `norm` (default: this micro-batch's own counts, i.e. its mean). Returns
     (loss, {term: value}) for the terms computed. A micro-batch with nothing to compute (text-only
     samples with only the image terms on) gives a zero loss that has no graph: skip its backward.

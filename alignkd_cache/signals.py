@@ -1,4 +1,10 @@
-"""Sparse logit targets, and pooling teacher visual signals onto a student's visual-token grid.
+"""A sample's teacher signals (TeacherSignal), how they are taken from a forward and stored, the
+sparse logit targets, and pooling onto a student's visual-token grid.
+
+TeacherSignal is the one type a sample's teacher signals have from the backend to the losses: the
+build extracts it from a teacher forward (`sample_signal`) and the writer stores it; the reader
+returns it; a training source maps it onto the student's sequence (`TeacherSignal.for_student`)
+and the losses take it. STORED_ARRAYS says how each field is stored.
 
 Logit targets keep the cache small without losing what a loss needs:
 - "topk": the k most likely ids with their log-probabilities under the FULL softmax, and the mass
@@ -14,23 +20,132 @@ a block of teacher tokens: their average (visual tokens), or the sum of their at
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("topk", "sampled")
+# "full": the teacher's whole log-softmax at each position; online only (never stored).
+ONLINE_KINDS = (*KINDS, "full")
+ATTN_HEADS = ("all", "mean")
+LOGIT_POSITIONS = ("answer", "text")
 
 
 @dataclass
 class LogitTargets:
     """Targets for one sample at `positions` (logits[p] predicts token p + 1)."""
 
-    kind: str  # "topk" | "sampled"
+    kind: str  # "topk" | "sampled" | "full"
     positions: torch.Tensor  # (n,) long
-    ids: torch.Tensor  # (n, k) long
-    values: torch.Tensor  # (n, k) float32: topk log-probs; sampled counts (0 = padding)
-    tail: torch.Tensor | None  # (n,) probability mass outside ids (topk); None for sampled
+    ids: torch.Tensor | None  # (n, k) long; None for full
+    values: torch.Tensor  # (n, k) float32: topk log-probs; sampled counts (0 = padding); full log-probs
+    tail: torch.Tensor | None  # (n,) probability mass outside ids (topk); None for sampled and full
+
+    def to(self, device) -> LogitTargets:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LogitTargets(
+            self.kind, move(self.positions), move(self.ids), move(self.values), move(self.tail)
+        )
+
+
+@dataclass
+class TeacherSignal:
+    """One sample's teacher signals, laid out on a token sequence (the teacher's, or after
+    `for_student` the student's).
+
+    attention: (H or 1 for a head mean, |T|, N_v) layer-0 text->vision probabilities, each row
+        normalised over its whole causal row; None for a text-only sample (and for a layer-0 cache
+        until recomputed).
+    visual: (N_v, D) projected visual tokens of the sample's image; None for a text-only sample
+        (and, while building, for a sample whose image's tokens another sample stores).
+    logits: the logit targets; their positions index the sequence.
+    image_key: the content key of the image the visual signals come from (None: text-only).
+    """
+
+    attention: torch.Tensor | None
+    visual: torch.Tensor | None
+    logits: LogitTargets
+    image_key: str | None = None
+
+    def to(self, device) -> TeacherSignal:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TeacherSignal(move(self.attention), move(self.visual), self.logits.to(device), self.image_key)
+
+    def for_student(self, positions: torch.Tensor, num_visual: int) -> TeacherSignal:
+        """The same signals on the student's sequence: logit `positions` mapped by the caller (see
+        teacher_signals.student_positions), the visual signals pooled to `num_visual` tokens."""
+        attention, visual = self.attention, self.visual
+        if attention is not None and attention.shape[-1] != num_visual:
+            attention = pool_attention(attention, num_visual)
+        if visual is not None and visual.shape[0] != num_visual:
+            visual = pool_visual(visual, num_visual)
+        return TeacherSignal(
+            attention, visual, dataclasses.replace(self.logits, positions=positions), self.image_key
+        )
+
+
+# How a TeacherSignal is stored in a block: array name -> (the field it holds, its encoding).
+# An encoding "encodings.X" is the cache's choice (attrs["encodings"]["X"], from --codecs); "f32"
+# is fixed; None is raw. A scaled encoding (codecs.SCALED) adds the array "<name>_scale".
+STORED_ARRAYS = {
+    "attention": ("attention", "encodings.attention"),
+    "visual": ("visual", "encodings.visual"),
+    "logit_ids": ("logits", None),
+    "logit_values": ("logits", "encodings.logprobs"),  # top-k log-probs; sampled: raw uint16 counts
+    "logit_tail": ("logits", "f32"),  # top-k only
+}
+
+
+def array_encoding(name: str, attrs: dict) -> str | None:
+    """The encoding of block array `name` in a cache with these root attrs (None: stored raw)."""
+    encoding = STORED_ARRAYS[name][1]
+    if name == "logit_values" and attrs["logit_targets"] != "topk":
+        return None
+    if encoding and encoding.startswith("encodings."):
+        return attrs["encodings"][encoding.removeprefix("encodings.")]
+    return encoding
+
+
+def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = True) -> TeacherSignal:
+    """Sample j of a teacher forward (a backend's VLMOutput over `batch`) as a TeacherSignal on the
+    teacher's sequence: the build and the resident teacher both take their signals here.
+
+    `options` carries logit_targets, topk, draws, seed, attn_heads and logit_positions (BuildOptions
+    or OnlineOptions). with_visual=False leaves the visual tokens out (another sample stores them).
+    Tensors stay on the forward's device; logit targets are computed there.
+    """
+    attention = visual = None
+    if forward.attention[j] is not None:
+        attention = forward.attention[j].float()
+        if options.attn_heads == "mean":
+            attention = attention.mean(0, keepdim=True)
+    row = batch.image_index[j]
+    if row is not None and with_visual:
+        visual = forward.visual[row].float()
+    positions = torch.tensor(logit_positions(sample, options.logit_positions), dtype=torch.long)
+    logits = logit_targets(
+        forward.logits[j, : len(sample.input_ids)],
+        positions,
+        kind=options.logit_targets,
+        k=options.topk,
+        draws=options.draws,
+        seed=options.seed,
+        sample_id=sample.id,
+    )
+    return TeacherSignal(attention, visual, logits, batch.image_keys[j])
+
+
+def logit_positions(sample, which: str) -> list[int]:
+    """Where a sample's logit targets are: "answer", the supervised positions (logits[p] predicts
+    the supervised token p + 1); "text", every position whose next token is text."""
+    if which == "answer":
+        return sample.supervised_positions
+    if which == "text":
+        visual = set(sample.visual_positions)
+        return [p for p in range(len(sample.input_ids) - 1) if p + 1 not in visual]
+    raise ValueError(f"unknown --logit-positions {which!r}; choose one of {LOGIT_POSITIONS}")
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -47,11 +162,14 @@ def logit_targets(
     seed: int = 0,
     sample_id: str = "",
 ) -> LogitTargets:
-    """logits (S, vocab) of one sample -> targets at `positions`."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown logit target kind {kind!r}; choose one of {KINDS}")
+    """logits (S, vocab) of one sample -> targets at `positions` (on the logits' device, except
+    sampled targets, which are drawn on the CPU)."""
+    if kind not in ONLINE_KINDS:
+        raise ValueError(f"unknown logit target kind {kind!r}; choose one of {ONLINE_KINDS}")
     positions = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
     log_probs = torch.log_softmax(logits[positions].float(), dim=-1)
+    if kind == "full":
+        return LogitTargets("full", positions, None, log_probs, None)
     if kind == "topk":
         if not 1 <= k <= log_probs.shape[-1]:
             raise ValueError(f"top-k needs 1 <= k <= vocab size {log_probs.shape[-1]}, got k={k}")
@@ -60,7 +178,7 @@ def logit_targets(
         # rounding error of that sum (~1e-7 in fp32), and the loss needs small tails exactly.
         others = log_probs.scatter(-1, ids, float("-inf"))
         tail = others.logsumexp(-1).exp() if k < log_probs.shape[-1] else torch.zeros_like(values[:, 0])
-        return LogitTargets("topk", positions.cpu(), ids.cpu(), values.cpu(), tail.cpu())
+        return LogitTargets("topk", positions, ids, values, tail)
     if draws < 1:
         raise ValueError(f"sampled targets need draws >= 1, got {draws}")
     return _sampled(log_probs.detach().cpu().double(), positions.cpu(), draws, sample_seed(seed, sample_id))

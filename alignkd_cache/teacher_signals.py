@@ -1,8 +1,8 @@
 """Where the teacher's signals come from: a cache on disk, or a teacher resident in memory.
 
-Both sources give the trainer the same things: the student's token sequences in dataset order, a
-torch Dataset of (student sample, student image, teacher part) items, and per micro-batch a list
-of TeacherTargets in the student's geometry. The teacher's token ids are the reference: the
+Every source is a TeacherSignalSource: the student's token sequences in dataset order, a torch
+Dataset of items that `collate` makes MicroBatches of, and per micro-batch a list of TeacherSignal
+in the student's geometry (`signals`). DataSource (plain fine-tuning) is only a TrainingSource. The teacher's token ids are the reference: the
 student's are the same ids with the teacher's visual run replaced by the student's own (its image
 token id, its visual-token count), so the text rows T and the supervised positions line up.
 Teacher signals for a different visual-token count are pooled (alignkd_cache.signals) to the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -27,13 +28,20 @@ from alignkd_cache.data import (
     TokenizedSample,
     check_images,
     collate,
+    pad_id,
     read_records,
     resolve_image,
     tokenize_all,
 )
 from alignkd_cache.images import load_image
-from alignkd_cache.losses import TeacherTargets
-from alignkd_cache.signals import LogitTargets, logit_targets, pool_attention, pool_visual
+from alignkd_cache.signals import (
+    ATTN_HEADS,
+    LOGIT_POSITIONS,
+    ONLINE_KINDS,
+    TeacherSignal,
+    pool_visual,
+    sample_signal,
+)
 from alignkd_cache.store.provenance import attrs_pad_color, file_sha256
 
 
@@ -45,7 +53,57 @@ class CompatibilityError(ValueError):
 class MicroBatch:
     student: Batch
     teacher: Batch | None  # online: the teacher's own batch, run on the main process
-    targets: list[TeacherTargets] | None  # cache: decoded in the loader (workers, if any)
+    targets: list[TeacherSignal] | None  # cache: decoded in the loader (workers, if any)
+
+
+@runtime_checkable
+class TrainingSource(Protocol):
+    """What the trainer iterates: items by dataset index, batched by `collate`."""
+
+    samples: list[TokenizedSample]  # the student's sequences, in dataset order
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int): ...
+    def collate(self, items) -> MicroBatch: ...
+    def describe(self) -> dict:
+        """Where the signals come from, for the output's provenance."""
+
+    def identity(self) -> dict:
+        """The signals by content: what a --resume must find unchanged."""
+
+
+@runtime_checkable
+class TeacherSignalSource(TrainingSource, Protocol):
+    """A TrainingSource that also gives each micro-batch's teacher signals."""
+
+    teacher_heads: int  # heads of the attention signals (1 for a head mean)
+    teacher_dim: int  # channels of the visual tokens
+
+    def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
+        """One TeacherSignal per sample of `micro`, on the student's sequence, on `device`."""
+
+
+@dataclass
+class OnlineOptions:
+    """How a resident teacher's signals are taken: the build's options of the same names."""
+
+    template: str = "v1"
+    topk: int = 64
+    logit_targets: str = "topk"  # or "sampled", or "full" (online only)
+    draws: int = 50
+    seed: int = 0  # sampled targets' per-sample seed base
+    max_length: int = 2048
+    attn_heads: str = "all"  # or "mean"
+    logit_positions: str = "answer"
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("--logit-targets", self.logit_targets, ONLINE_KINDS),
+            ("--attn-heads", self.attn_heads, ATTN_HEADS),
+            ("--logit-positions", self.logit_positions, LOGIT_POSITIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,29 +151,20 @@ def student_positions(
     return mapped
 
 
-def to_student(
-    attention: torch.Tensor | None,
-    visual: torch.Tensor | None,
-    logits: LogitTargets,
-    teacher: TokenizedSample,
-    student: TokenizedSample,
-) -> TeacherTargets:
-    n = student.num_visual
-    if attention is not None and attention.shape[-1] != n:
-        attention = pool_attention(attention, n)
-    if visual is not None and visual.shape[0] != n:
-        visual = pool_visual(visual, n)
-    logits = dataclasses.replace(logits, positions=student_positions(logits.positions, teacher, student))
-    return TeacherTargets(attention, visual, logits)
-
-
-def targets_to(targets: TeacherTargets, device) -> TeacherTargets:
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    logits = dataclasses.replace(
-        targets.logits,
-        **{f.name: move(getattr(targets.logits, f.name)) for f in dataclasses.fields(targets.logits)},
+def on_student(signal: TeacherSignal, teacher: TokenizedSample, student: TokenizedSample) -> TeacherSignal:
+    """A signal on the teacher's sequence -> the same on the student's (positions shifted, pooled)."""
+    return signal.for_student(
+        student_positions(signal.logits.positions, teacher, student), student.num_visual
     )
-    return TeacherTargets(move(targets.attention), move(targets.visual), logits)
+
+
+def tokenized_from_row(row: dict) -> TokenizedSample:
+    """The teacher's tokenized sample from its cache manifest row."""
+    ids = row["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for p in row["supervised_positions"]:
+        labels[p + 1] = ids[p + 1]
+    return TokenizedSample(row["id"], row["image"], list(ids), labels, row["visual_start"], row["num_visual"])
 
 
 def _check_pooling(n_teacher: int, n_student: int, what: str) -> None:
@@ -130,25 +179,24 @@ def _check_pooling(n_teacher: int, n_student: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Source 1: a cache
+# A cache
 
 
 class CacheSource(torch.utils.data.Dataset):
-    """Items: (student sample, (pixels, key) | None, TeacherTargets), decoded from a CacheReader."""
+    """Items: (student sample, (pixels, key) | None, TeacherSignal), decoded from a CacheReader."""
 
     def __init__(self, reader, student, image_root, template: str | None = None):
         self.reader, self.image_root, self.preprocess = reader, image_root, student.preprocess
-        self.pad_id = _pad_id(student.tokenizer)
+        self.pad_id = pad_id(student.tokenizer)
         attrs = reader.attrs
         check_cache_matches(attrs, student, template, reader.url)
-        self.teacher_samples = reader.tokenized()
+        self.teacher_samples = [tokenized_from_row(r) for r in reader.rows]
         self.samples = [
             respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
         ]
         check_images(self.samples, image_root)
         self.teacher_heads = 1 if attrs["attn_heads"] == "mean" else int(attrs["num_heads"])
         self.teacher_dim = int(attrs["visual_dim"])
-        self.logit_kind = attrs["logit_targets"]
         self.template = attrs["template"]
 
     def __len__(self):
@@ -167,14 +215,14 @@ class CacheSource(torch.utils.data.Dataset):
                     f"(content key {key}, cached {cached.image_key}); restore the original file or rebuild the cache"
                 )
             image = (self.preprocess(picture), key)
-        return student, image, to_student(cached.attention, cached.visual, cached.logits, teacher, student)
+        return student, image, on_student(cached, teacher, student)
 
     def collate(self, items) -> MicroBatch:
         batch = collate([s for s, _, _ in items], [im for _, im, _ in items], self.pad_id)
         return MicroBatch(batch, None, [t for _, _, t in items])
 
-    def targets(self, micro: MicroBatch, device) -> list[TeacherTargets]:
-        return [targets_to(t, device) for t in micro.targets]
+    def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
+        return [t.to(device) for t in micro.targets]
 
     def describe(self) -> dict:
         return {
@@ -240,50 +288,41 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Source 2: a resident teacher
+# A resident teacher
 
 
 class OnlineSource(torch.utils.data.Dataset):
     """Items: (student sample, student image, teacher sample, teacher pixels); the teacher runs per step.
 
-    Tokenizes with the teacher's Tokenization exactly as `alignkd-cache build` does, so a cache and
-    this source produce the same samples in the same order.
+    Tokenizes with the teacher's Tokenization and takes each sample's signals with the build's
+    `sample_signal`, so a cache and this source produce the same signals in the same order.
     """
 
-    def __init__(
-        self,
-        teacher,
-        student,
-        data,
-        image_root,
-        template="v1",
-        topk=64,
-        logit_kind="topk",
-        draws=50,
-        sample_seed=0,
-        max_length=2048,
-    ):
+    def __init__(self, teacher, student, data, image_root, options: OnlineOptions | None = None):
+        options = options or OnlineOptions()
         if tokenizer_sha256(teacher.tokenizer) != tokenizer_sha256(student.tokenizer):
             raise CompatibilityError(
                 "tokenizer: the teacher's and the student's tokenizers differ; logit KD needs one vocabulary"
             )
         _check_pooling(teacher.num_visual_tokens, student.num_visual_tokens, "the teacher")
-        if logit_kind not in ("topk", "sampled", "full"):
-            raise ValueError(f"unknown --logit-targets {logit_kind!r}; choose topk, sampled or full")
-        self.teacher, self.student_preprocess = teacher, student.preprocess
+        self.teacher, self.student_preprocess, self.options = teacher, student.preprocess, options
         tok = Tokenization(
-            teacher.tokenizer, template, teacher.image_token_id, teacher.num_visual_tokens, max_length
+            teacher.tokenizer,
+            options.template,
+            teacher.image_token_id,
+            teacher.num_visual_tokens,
+            options.max_length,
         )
         self.teacher_samples, self.skips = tokenize_all(read_records(data), tok)
-        self.data_sha256, self.max_length = file_sha256(data), max_length
+        self.data_sha256 = file_sha256(data)
         self.samples = [
             respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
         ]
         check_images(self.samples, image_root)
-        self.image_root, self.template = image_root, template
-        self.topk, self.logit_kind, self.draws, self.sample_seed = topk, logit_kind, draws, sample_seed
-        self.teacher_heads, self.teacher_dim = teacher.num_heads, teacher.visual_dim
-        self.pad_id, self.teacher_pad_id = _pad_id(student.tokenizer), _pad_id(teacher.tokenizer)
+        self.image_root = image_root
+        self.teacher_heads = 1 if options.attn_heads == "mean" else teacher.num_heads
+        self.teacher_dim = teacher.visual_dim
+        self.pad_id, self.teacher_pad_id = pad_id(student.tokenizer), pad_id(teacher.tokenizer)
 
     def __len__(self):
         return len(self.samples)
@@ -308,45 +347,25 @@ class OnlineSource(torch.utils.data.Dataset):
         return MicroBatch(student, teacher, None)
 
     @torch.no_grad()
-    def targets(self, micro: MicroBatch, device, capture: bool = True) -> list[TeacherTargets]:
+    def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
         # The teacher runs as `alignkd-cache build` runs it: in its own dtype, never under a
         # caller's (the student's) autocast, so online and cached signals are the same numbers.
         with torch.autocast(torch.device(device).type, enabled=False):
-            signals = self.teacher.forward(micro.teacher, capture=capture)
-        out = []
-        for i, teacher in enumerate(micro.teacher.samples):
-            row = micro.teacher.image_index[i]
-            positions = torch.tensor(teacher.supervised_positions, dtype=torch.long)
-            logits = signals.logits[i].float()
-            if self.logit_kind == "full":
-                p = positions.to(logits.device)
-                t = LogitTargets("full", positions, None, logits[p].log_softmax(-1), None)
-            else:
-                t = logit_targets(
-                    logits,
-                    positions,
-                    kind=self.logit_kind,
-                    k=self.topk,
-                    draws=self.draws,
-                    seed=self.sample_seed,
-                    sample_id=teacher.id,
-                )
-            attention = signals.attention[i].float() if capture and signals.attention[i] is not None else None
-            visual = signals.visual[row].float() if row is not None else None
-            out.append(
-                targets_to(to_student(attention, visual, t, teacher, micro.student.samples[i]), device)
+            forward = self.teacher.forward(micro.teacher, capture=True)
+        return [
+            on_student(sample_signal(forward, micro.teacher, i, teacher, self.options), teacher, student).to(
+                device
             )
-        return out
+            for i, (teacher, student) in enumerate(
+                zip(micro.teacher.samples, micro.student.samples, strict=True)
+            )
+        ]
 
     def describe(self) -> dict:
         return {
             "source": "online",
             "teacher": self.teacher.fingerprint(),
-            "template": self.template,
-            "logit_targets": self.logit_kind,
-            "topk": self.topk,
-            "draws": self.draws,
-            "sample_seed": self.sample_seed,
+            **self._settings(),
             "skipped": [dataclasses.asdict(s) for s in self.skips],
         }
 
@@ -355,39 +374,42 @@ class OnlineSource(torch.utils.data.Dataset):
             "source": "online",
             "teacher": _content(self.teacher.fingerprint()),
             "data_sha256": self.data_sha256,
-            "template": self.template,
-            "logit_targets": self.logit_kind,
-            "topk": self.topk,
-            "draws": self.draws,
-            "sample_seed": self.sample_seed,
-            "max_length": self.max_length,
+            **self._settings(),
+            "max_length": self.options.max_length,
+        }
+
+    def _settings(self) -> dict:
+        o = self.options
+        return {
+            "template": o.template,
+            "logit_targets": o.logit_targets,
+            "topk": o.topk,
+            "draws": o.draws,
+            "sample_seed": o.seed,
+            "attn_heads": o.attn_heads,
+            "logit_positions": o.logit_positions,
         }
 
 
 # ---------------------------------------------------------------------------------------------
-# Source 3: no teacher
+# No teacher
 
 
 class DataSource(SampleDataset):
-    """Items: (sample, image) and no teacher signals, for plain cross-entropy fine-tuning
-    (`alignkd-train finetune`); the demo trains its own teacher this way."""
-
-    teacher_heads = teacher_dim = None
+    """A TrainingSource of (sample, image) items and no teacher signals, for plain cross-entropy
+    fine-tuning (`alignkd-train finetune`); the demo trains its own teacher this way."""
 
     def __init__(self, model, data, image_root, template="v1", max_length=2048):
         tok = Tokenization(
             model.tokenizer, template, model.image_token_id, model.num_visual_tokens, max_length
         )
         samples, self.skips = tokenize_all(read_records(data), tok)
-        super().__init__(samples, image_root, model.preprocess, _pad_id(model.tokenizer), model.pad_color)
+        super().__init__(samples, image_root, model.preprocess, pad_id(model.tokenizer), model.pad_color)
         self.data, self.template = str(data), template
         self.data_sha256, self.max_length = file_sha256(data), max_length
 
     def collate(self, items) -> MicroBatch:
         return MicroBatch(super().collate(items), None, None)
-
-    def targets(self, micro: MicroBatch, device) -> list[None]:
-        return [None] * len(micro.student.ids)
 
     def describe(self) -> dict:
         return {
@@ -409,7 +431,3 @@ class DataSource(SampleDataset):
 def _content(fingerprint: dict) -> dict:
     """A model fingerprint without its path or hub id: the same weights found elsewhere match."""
     return {k: v for k, v in fingerprint.items() if k != "model_id"}
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -37,6 +37,7 @@ from alignkd_cache.losses import (
 )
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.store.lock import lock_dir
+from alignkd_cache.teacher_signals import TeacherSignalSource, TrainingSource
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -121,12 +122,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             module.gradient_checkpointing = False
 
 
-def build_adapters(
-    cfg: LossConfig, teacher_heads: int, teacher_dim: int, student, seed: int
-) -> torch.nn.ModuleDict:
-    """The adapters the enabled terms use, seeded so every run (and source) starts from the same init."""
+def build_adapters(cfg: LossConfig, source, student, seed: int) -> torch.nn.ModuleDict:
+    """The adapters the enabled terms use, seeded so every run (and source) starts from the same init.
+    `source`'s teacher_heads and teacher_dim size them (a source without teacher needs none)."""
     torch.manual_seed(seed)
     adapters = torch.nn.ModuleDict()
+    teacher_heads, teacher_dim = getattr(source, "teacher_heads", None), getattr(source, "teacher_dim", None)
     if cfg.on("attn") and cfg.attn_loss in ADAPTER_ATTN_LOSSES:
         adapters["attn"] = HeadAdapter(teacher_heads, student.num_heads)
     if cfg.on("vis"):
@@ -204,7 +205,7 @@ class Trainee(torch.nn.Module):
         self.loss = loss
         self.autocast = autocast
 
-    def forward(self, micro, targets, norm: Normalisers | None):
+    def forward(self, micro, teacher: list | None, norm: Normalisers | None):
         """(loss, terms) of one micro-batch; `micro` None (a rank with no micro-batch this step)
         gives a zero loss. Every trainable parameter is in the loss's graph, at zero weight where
         no term reached it: it gets a zero gradient (AdamW treats it the same whichever rank
@@ -217,15 +218,15 @@ class Trainee(torch.nn.Module):
         device = touch.device
         autocast = torch.autocast(device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with autocast:
-            signals = self.student.forward(micro.student, capture=self.loss.on("attn"))
-        loss, terms = total_loss(signals, micro.student.to(device), targets, self.loss, self.adapters, norm)
+            output = self.student.forward(micro.student, capture=self.loss.on("attn"))
+        loss, terms = total_loss(output, micro.student.to(device), teacher, self.loss, self.adapters, norm)
         return loss + touch, terms
 
 
 def train_step(
     trainee: Trainee | DistributedDataParallel,
     micros: Iterable,
-    targets_of,
+    signals_of,
     norm: Normalisers | None,
     optimizer: torch.optim.Optimizer,
     scheduler=None,
@@ -235,8 +236,8 @@ def train_step(
 ) -> dict:
     """One optimizer step over this rank's micro-batches (read one ahead): forward, the losses divided by `norm`
     (the step's global counts; None: each micro-batch's own), backward (synced over ranks on the
-    last micro-batch only), clipping, AdamW, the schedule. `targets_of(micro)` gives a micro-batch's
-    teacher targets; it runs outside the student's autocast, so a resident teacher runs exactly as
+    last micro-batch only), clipping, AdamW, the schedule. `signals_of(micro)` gives a micro-batch's
+    teacher signals (TeacherSignal per sample, or None); it runs outside the student's autocast, so a resident teacher runs exactly as
     the build ran it. Returns the step's terms summed over ranks, the lr used, and with
     `log_grad_norms` each term's gradient norm."""
     world = world or World()
@@ -246,9 +247,9 @@ def train_step(
     sums = dict.fromkeys(logged, 0.0)
     term_grads: dict[str, torch.Tensor] = {}
     for micro, last in with_last(micros):
-        targets = None if micro is None else targets_of(micro)
+        teacher = None if micro is None else signals_of(micro)
         with nullcontext() if last or module is trainee else trainee.no_sync():
-            loss, terms = trainee(micro, targets, norm)
+            loss, terms = trainee(micro, teacher, norm)
             if log_grad_norms:
                 add_term_gradients(term_grads, terms, module.loss.weights, model_params)
             # DDP averages gradients over ranks; the terms are already divided by the step's global
@@ -283,8 +284,15 @@ def with_last(items: Iterable) -> Iterator[tuple]:
     yield current, True
 
 
-def train(student, source, opts: TrainOptions) -> dict:
-    """Train `student` (a Backend) on `source` (CacheSource or OnlineSource). Returns a summary."""
+def source_signals(source, device):
+    """micro-batch -> its teacher signals on `device`, or None for a source with no teacher."""
+    if isinstance(source, TeacherSignalSource):
+        return lambda micro: source.signals(micro, device)
+    return lambda micro: None
+
+
+def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
+    """Train `student` (a Backend) on `source` (a teacher_signals.TrainingSource). Returns a summary."""
     world = distributed.init(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
@@ -315,7 +323,7 @@ def train(student, source, opts: TrainOptions) -> dict:
         result = train_step(
             wrapped,
             (next(loader) for _ in plan[step][world.rank :: world.size]),
-            lambda micro: source.targets(micro, world.device),
+            source_signals(source, world.device),
             step_normalisers(source.samples, plan[step]),
             optimizer,
             scheduler,
@@ -348,7 +356,7 @@ def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Tr
     model_params = trainable_model_parameters(student.model)
     if opts.grad_checkpointing:
         enable_gradient_checkpointing(student.model)
-    adapters = build_adapters(opts.loss, source.teacher_heads, source.teacher_dim, student, opts.seed)
+    adapters = build_adapters(opts.loss, source, student, opts.seed)
     # Frozen adapters stay at their random init, as the public code's effectively do.
     adapters.to(world.device).requires_grad_(not opts.freeze_adapters)
     adapter_params = [] if opts.freeze_adapters else list(adapters.parameters())
@@ -605,15 +613,11 @@ def online(
     data,
     image_root,
     opts: TrainOptions,
-    template: str = "v1",
-    topk: int = 64,
-    logit_targets: str = "topk",
-    draws: int = 50,
-    sample_seed: int = 0,
+    signal_options=None,
     teacher_dtype: str = "float32",
-    max_length: int = 2048,
 ) -> dict:
-    """Distil with the teacher resident (eval mode, no grad), signals computed every step."""
+    """Distil with the teacher resident (eval mode, no grad), signals computed every step as the
+    build computes them (`signal_options`: a teacher_signals.OnlineOptions)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.teacher_signals import OnlineSource
 
@@ -621,18 +625,7 @@ def online(
     teacher_backend = load_backend(teacher, dtype=getattr(torch, teacher_dtype), device=world.device)
     teacher_backend.model.eval().requires_grad_(False)
     backend = load_backend(student, device=world.device)
-    source = OnlineSource(
-        teacher_backend,
-        backend,
-        data,
-        image_root,
-        template,
-        topk,
-        logit_targets,
-        draws,
-        sample_seed,
-        max_length,
-    )
+    source = OnlineSource(teacher_backend, backend, data, image_root, signal_options)
     for skip in source.skips:
         print(f"skipped sample {skip.id!r}: {skip.reason}")
     return train(backend, source, opts)

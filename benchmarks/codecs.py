@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from zarr.codecs import Crc32cCodec, ZstdCodec  # noqa: F401 - the chain measured below
 
 from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.signals import TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.tiny import build_tiny_llava, build_tokenizer
@@ -80,7 +82,7 @@ def measure(exact_reader, samples, signal, encoding, adapters, students):
         size += stored_bytes(q) + (stored_bytes(scale) if scale is not None else 0)
         raw += flat.size * 2
         decoded = torch.from_numpy(codecs.decode(encoding, q, scale).reshape(values.shape))
-        approx = CachedCopy(s, signal, decoded)
+        approx = with_decoded(s, signal, decoded)
         term = ["attention", "visual", "logprobs"].index(signal)
         (l0, x0), (l1, x1) = (
             term_losses(s, adapters, student)[term],
@@ -92,19 +94,11 @@ def measure(exact_reader, samples, signal, encoding, adapters, students):
     return size / len(samples), raw / len(samples), float(np.max(errs)), float(np.min(coss))
 
 
-class CachedCopy:
-    """A CachedSample with one signal replaced by its decoded approximation."""
-
-    def __init__(self, s, signal, decoded):
-        self.attention, self.visual, self.logits = s.attention, s.visual, s.logits
-        if signal == "attention":
-            self.attention = decoded
-        elif signal == "visual":
-            self.visual = decoded
-        else:
-            from dataclasses import replace
-
-            self.logits = replace(s.logits, values=decoded)
+def with_decoded(s: TeacherSignal, signal: str, decoded: torch.Tensor) -> TeacherSignal:
+    """The signal with one of its parts replaced by its decoded approximation."""
+    if signal == "logprobs":
+        return replace(s, logits=replace(s.logits, values=decoded))
+    return replace(s, **{signal: decoded})
 
 
 OPTIONS = {

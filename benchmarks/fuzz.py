@@ -300,12 +300,13 @@ def mutation(i: int, seed: int, secret: Path) -> tuple[str, object]:
 def content(url) -> str:
     """A digest of everything a training run reads from a cache."""
     from alignkd_cache.store.reader import CacheReader
+    from alignkd_cache.teacher_signals import tokenized_from_row
 
     reader = CacheReader(str(url))
     digest = hashlib.sha256(json.dumps(reader.ids).encode())
     for sid in reader.ids:
-        s = reader.read(sid)
-        digest.update(json.dumps([s.sample.input_ids, s.sample.labels, s.image_key]).encode())
+        s, sample = reader.read(sid), tokenized_from_row(reader.row(sid))
+        digest.update(json.dumps([sample.input_ids, sample.labels, s.image_key]).encode())
         for t in (s.attention, s.visual, s.logits.positions, s.logits.ids, s.logits.values, s.logits.tail):
             digest.update(b"-" if t is None else t.numpy().tobytes())
     digest.update(json.dumps(reader.skipped, sort_keys=True).encode())

@@ -60,15 +60,29 @@ from alignkd_cache.backends.mobilevlm import (
     llama_config,
 )
 from alignkd_cache.build import BuildOptions, build_cache
-from alignkd_cache.data import Record, SampleDataset, Tokenization, read_records, tokenize, tokenize_all
+from alignkd_cache.data import (
+    Record,
+    SampleDataset,
+    Tokenization,
+    pad_id,
+    read_records,
+    tokenize,
+    tokenize_all,
+)
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import CacheSource, OnlineSource
+from alignkd_cache.teacher_signals import CacheSource, OnlineOptions, OnlineSource
 from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
-from alignkd_cache.train import Trainee, build_adapters, train_step, trainable_model_parameters
+from alignkd_cache.train import (
+    Trainee,
+    build_adapters,
+    source_signals,
+    train_step,
+    trainable_model_parameters,
+)
 
 TEMPLATE = "v1"
 SAMPLES_PER_IMAGE = 2  # every image serves two samples, so the build's image dedup is exercised
@@ -438,7 +452,7 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
         samples[: scale.batch_size],
         data["image_root"],
         backend.preprocess,
-        backend.tokenizer.pad_token_id or 0,
+        pad_id(backend.tokenizer),
         backend.pad_color,
     )
     batch = dataset.collate([dataset[i] for i in range(len(dataset))]).to(device)
@@ -561,7 +575,7 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
     cfg = LossConfig(weights=parse_weights(""))  # ce, logit, vis and attn all on
     student.model.train()
     params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed=0).to(device)
+    adapters = build_adapters(cfg, source, student, seed=0).to(device)
     params += list(adapters.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-5)
     dtype = getattr(torch, scale.dtype)
@@ -579,7 +593,7 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
 
     def step():
         result = train_step(
-            trainee, [next(loader)], lambda micro: source.targets(micro, device), None, optimizer, None, 1.0
+            trainee, [next(loader)], source_signals(source, device), None, optimizer, None, 1.0
         )
         losses.append(result["loss"])
 
@@ -615,9 +629,8 @@ def measure_train(
     def online() -> dict:
         teacher = load_backend(teacher_dir, dtype=getattr(torch, scale.dtype), device=device)
         teacher.model.eval().requires_grad_(False)
-        source = OnlineSource(
-            teacher, student, data["path"], data["image_root"], template=TEMPLATE, topk=scale.topk
-        )
+        options = OnlineOptions(template=TEMPLATE, topk=scale.topk)
+        source = OnlineSource(teacher, student, data["path"], data["image_root"], options)
         return measure_training(run, scale, student, source)
 
     run.guarded("train.online", online)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
+from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -51,11 +52,16 @@ def write_cache(url: str, n: int) -> None:
             labels = [IGNORE_INDEX] * (len(ids) - P) + ids[-P:]
             sample = TokenizedSample(f"s{i}", f"{i}.png", ids, labels, 1, NV)
             att = rng.dirichlet(np.ones(NV + 40) * 0.3, size=(H, T))[..., :NV].astype(np.float32)
-            results.append(SampleResult(
-                i, f"s{i}", image=f"{i}.png", sample=sample, image_key=str(i), attention=att,
-                visual=rng.normal(size=(NV, D)).astype(np.float32),
-                logit_positions=np.array(sample.supervised_positions), logit_ids=rng.integers(0, VOCAB, (P, K)),
-                logit_values=-rng.exponential(3, (P, K)).astype(np.float32), logit_tail=np.full(P, 0.1, np.float32)))  # fmt: skip
+            visual = torch.from_numpy(rng.normal(size=(NV, D)).astype(np.float32))
+            logits = LogitTargets(
+                "topk",
+                torch.tensor(sample.supervised_positions),
+                torch.from_numpy(rng.integers(0, VOCAB, (P, K))),
+                torch.from_numpy(-rng.exponential(3, (P, K)).astype(np.float32)),
+                torch.full((P,), 0.1),
+            )
+            signal = TeacherSignal(torch.from_numpy(att), visual, logits, str(i))
+            results.append(SampleResult(i, f"s{i}", image=f"{i}.png", sample=sample, signal=signal))  # fmt: skip
         write_block(loc, b, results, attrs)
     finalize(loc, attrs, n, -(-n // BLOCK))
 

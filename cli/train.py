@@ -20,6 +20,7 @@ from alignkd_cache.losses import (
     vis_settings,
 )
 from alignkd_cache.progress import quiet_libraries
+from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
 
@@ -198,9 +199,7 @@ def from_cache_command(student, cache, image_root, template, **kw):
     type=click.IntRange(1),
     help="Top-k logit targets (as `alignkd-cache build`).",
 )
-@click.option(
-    "--logit-targets", type=click.Choice(["topk", "sampled", "full"]), default="topk", show_default=True
-)
+@click.option("--logit-targets", type=click.Choice(ONLINE_KINDS), default="topk", show_default=True)
 @click.option(
     "--draws",
     default=50,
@@ -222,39 +221,23 @@ def from_cache_command(student, cache, image_root, template, **kw):
     show_default=True,
 )
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--attn-heads",
+    type=click.Choice(ATTN_HEADS),
+    default="all",
+    show_default=True,
+    help="Attention signals per head, or their mean (as `alignkd-cache build`).",
+)
 @training_options
-def online_command(
-    teacher,
-    student,
-    data,
-    image_root,
-    template,
-    topk,
-    logit_targets,
-    draws,
-    sample_seed,
-    teacher_dtype,
-    max_length,
-    **kw,
-):
+def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
     """Train the student with the teacher resident: the reference the cache is compared against."""
+    from alignkd_cache.teacher_signals import OnlineOptions
     from alignkd_cache.train import online
 
-    opts = make_options(kw, logit_targets)
-    summary = online(
-        teacher,
-        student,
-        data,
-        image_root,
-        opts,
-        template,
-        topk,
-        logit_targets,
-        draws,
-        sample_seed,
-        teacher_dtype,
-        max_length,
-    )
+    fields = ("template", "topk", "logit_targets", "draws", "max_length", "attn_heads")
+    signal_options = OnlineOptions(**{f: kw.pop(f) for f in fields}, seed=kw.pop("sample_seed"))
+    opts = make_options(kw, signal_options.logit_targets)
+    summary = online(teacher, student, data, image_root, opts, signal_options, teacher_dtype)
     click.echo(json.dumps(summary))
 
 

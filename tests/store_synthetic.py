@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
 from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
+from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -69,11 +71,11 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
         else:
             values = rng.integers(0, 10, size=top.shape).astype(np.float32)
             tail = None
-        results.append(
-            SampleResult(i, sid, image=image, sample=sample, image_key=hashlib.sha256(image.encode()).hexdigest()[:32] if image else None,
-                         attention=attention, visual=visual, logit_positions=positions, logit_ids=top,
-                         logit_values=values, logit_tail=tail)
-        )  # fmt: skip
+        tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
+        logits = LogitTargets(logit_targets, tensor(positions), tensor(top), tensor(values), tensor(tail))
+        key = hashlib.sha256(image.encode()).hexdigest()[:32] if image else None
+        signal = TeacherSignal(tensor(attention), tensor(visual), logits, key)
+        results.append(SampleResult(i, sid, image=image, sample=sample, signal=signal))
     return results
 
 
@@ -93,7 +95,7 @@ def write_synthetic_store(
     bs = attrs["block_size"]
     refs, rows = {}, {}
     for r in results:  # the owner of an image gets the next row of its block, as build plans it
-        if r.visual is not None:
+        if r.signal is not None and r.signal.visual is not None:
             b = r.index // bs
             refs[r.image] = (b, rows.get(b, 0))
             rows[b] = refs[r.image][1] + 1

@@ -56,7 +56,7 @@ def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher
     samples, _ = tokenize_all(read_records(path), tok)
     reader = CacheReader(lossless_cache)
     assert reader.ids == [s.id for s in samples]
-    assert [s.input_ids for s in reader.tokenized()] == [s.input_ids for s in samples]
+    assert [row["input_ids"] for row in reader.rows] == [s.input_ids for s in samples]
     assert (
         reader.attrs["num_heads"] == backend.num_heads
         and reader.attrs["tokenizer_sha256"] == backend.fingerprint()["tokenizer_sha256"]

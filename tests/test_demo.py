@@ -13,6 +13,7 @@ from alignkd_cache.cli.train import main as train_main
 from alignkd_cache.data import Tokenization, read_records, tokenize_all
 from alignkd_cache.demo import digits
 from alignkd_cache.images import load_image
+from alignkd_cache.teacher_signals import tokenized_from_row
 from alignkd_cache.tiny import build_tokenizer
 
 SIZES = {"train": 30, "val": 8, "test": 12}
@@ -321,7 +322,7 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
             assert image.width > 300 and image.height > 200
     # The heatmap's title shows the sample's text, decoded with the teacher's tokenizer.
     reader = CacheReader(str(out / "cache"))
-    sample = reader.read("train-00000-position").sample
+    sample = tokenized_from_row(reader.row("train-00000-position"))
     assert "Which digit is" in query_text(reader, sample.input_ids[sample.visual_start + sample.num_visual :])
 
     # The teacher is cached under the user cache directory: a second request trains nothing.

@@ -11,7 +11,13 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import CacheSource, CompatibilityError, OnlineSource, student_positions
+from alignkd_cache.teacher_signals import (
+    CacheSource,
+    CompatibilityError,
+    OnlineOptions,
+    OnlineSource,
+    student_positions,
+)
 from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 
@@ -50,13 +56,13 @@ def loss_and_grads(student, source, cfg, seed=0, bf16=False):
     know which source it has may well do: the teacher must still run as the build runs it."""
     student.model.train()
     params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed)
+    adapters = build_adapters(cfg, source, student, seed)
     student.model.zero_grad(set_to_none=True)
     micro = source.collate([source[i] for i in range(len(source))])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        targets = source.targets(micro, "cpu")
-        signals = student.forward(micro.student, capture=True)
-    loss, terms = total_loss(signals, micro.student, targets, cfg, adapters)
+        targets = source.signals(micro, "cpu")
+        output = student.forward(micro.student, capture=True)
+    loss, terms = total_loss(output, micro.student, targets, cfg, adapters)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
     return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads
@@ -65,7 +71,7 @@ def loss_and_grads(student, source, cfg, seed=0, bf16=False):
 def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False):
     data, root = digits_dataset
     offline = CacheSource(CacheReader(str(cache_dir)), student, root)
-    online = OnlineSource(teacher, student, data, root, topk=topk)
+    online = OnlineSource(teacher, student, data, root, OnlineOptions(topk=topk))
     assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
     return loss_and_grads(student, offline, cfg, bf16=bf16), loss_and_grads(student, online, cfg, bf16=bf16)
 
@@ -102,9 +108,13 @@ def test_full_vocabulary_online_equals_topk_tail_with_k_the_vocabulary(student, 
     data, root = digits_dataset
     vocab = teacher.model.get_output_embeddings().weight.shape[0]
     cfg = LossConfig(parse_weights("ce=0,vis=0,attn=0"), logit_loss="topk-tail")
-    topk = loss_and_grads(student, OnlineSource(teacher, student, data, root, topk=vocab), cfg)[0]
+    topk = loss_and_grads(
+        student, OnlineSource(teacher, student, data, root, OnlineOptions(topk=vocab)), cfg
+    )[0]
     full_cfg = LossConfig(parse_weights("ce=0,vis=0,attn=0"), logit_loss="full")
-    full = loss_and_grads(student, OnlineSource(teacher, student, data, root, logit_kind="full"), full_cfg)[0]
+    full = loss_and_grads(
+        student, OnlineSource(teacher, student, data, root, OnlineOptions(logit_targets="full")), full_cfg
+    )[0]
     assert full["logit"] == pytest.approx(topk["logit"], abs=1e-5)
 
 

@@ -16,6 +16,7 @@ from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.manifest import MANIFEST_SCHEMA, published_schema, schema_as_json
 from alignkd_cache.store.reader import CacheDataset, CacheReader
 from alignkd_cache.store.verify import verify
+from alignkd_cache.teacher_signals import tokenized_from_row
 
 rng = np.random.default_rng(0)
 
@@ -82,29 +83,33 @@ def test_round_trip_through_reader(tmp_path, preset, kind):
     written = [r for r in results if r.sample is not None]
     assert reader.ids == [r.id for r in written]
     assert set(reader.skipped) == {r.id for r in results if r.sample is None}
-    assert [s.input_ids for s in reader.tokenized()] == [r.sample.input_ids for r in written]
-    assert [s.labels for s in reader.tokenized()] == [r.sample.labels for r in written]
-    owners = {r.image: r.visual for r in written if r.visual is not None}
+    tokenized = [tokenized_from_row(row) for row in reader.rows]
+    assert [s.input_ids for s in tokenized] == [r.sample.input_ids for r in written]
+    assert [s.labels for s in tokenized] == [r.sample.labels for r in written]
+    owners = {r.image: r.signal.visual.numpy() for r in written if r.signal.visual is not None}
     tol = {"lossless": (0, 0, 0), "balanced": (5e-3, 2e-3, 2e-2), "compact": (5e-3, 0.1, 0.2)}[preset]
     for r in written:
-        got = reader.read(r.id)
-        if r.attention is None:
+        got, want_logits = reader.read(r.id), r.signal.logits
+        if r.signal.attention is None:
             assert got.attention is None and got.visual is None
         else:
-            assert got.attention.shape == r.attention.shape
-            assert np.abs(got.attention.numpy() - r.attention).max() <= tol[0]
+            assert got.attention.shape == r.signal.attention.shape
+            assert np.abs(got.attention.numpy() - r.signal.attention.numpy()).max() <= tol[0]
             want = owners[r.image]
             assert np.abs(got.visual.numpy() - want).max() <= tol[1] * np.abs(want).max()
-        assert torch.equal(got.logits.ids, torch.from_numpy(r.logit_ids.astype(np.int64)))
-        assert got.logits.positions.tolist() == r.logit_positions.tolist()
+        assert torch.equal(got.logits.ids, want_logits.ids.long())
+        assert got.logits.positions.tolist() == want_logits.positions.tolist()
         if kind == "topk":
             assert (
-                np.abs(got.logits.values.numpy() - r.logit_values).max()
-                <= tol[2] * np.abs(r.logit_values).max()
+                np.abs(got.logits.values.numpy() - want_logits.values.numpy()).max()
+                <= tol[2] * np.abs(want_logits.values.numpy()).max()
             )
-            assert np.array_equal(got.logits.tail.numpy(), r.logit_tail)
+            assert np.array_equal(got.logits.tail.numpy(), want_logits.tail.numpy())
         else:
-            assert np.array_equal(got.logits.values.numpy(), r.logit_values) and got.logits.tail is None
+            assert (
+                np.array_equal(got.logits.values.numpy(), want_logits.values.numpy())
+                and got.logits.tail is None
+            )
     with pytest.raises(KeyError, match="skipped"):
         reader.read(next(r.id for r in results if r.sample is None))
 
@@ -146,10 +151,13 @@ def test_reader_in_dataloader_with_forked_workers(tmp_path):
     loader = torch.utils.data.DataLoader(
         CacheDataset(reader), batch_size=3, num_workers=2, collate_fn=list, multiprocessing_context="fork"
     )
-    got = [s.sample.id for batch in loader for s in batch]
-    assert got == reader.ids
+    # Every sample's logit targets differ (random ids at distinct positions), so they name the sample.
+    name = lambda s: (s.logits.positions.tolist(), s.logits.ids.tolist())  # noqa: E731
+    want = [name(reader.read(i)) for i in reader.ids]
+    assert len({str(w) for w in want}) == len(want)
+    assert [name(s) for batch in loader for s in batch] == want
     batches = list(reader.prefetch(reader.ids, batch_size=4))
-    assert [s.sample.id for b in batches for s in b] == reader.ids
+    assert [name(s) for b in batches for s in b] == want
     assert torch.equal(batches[0][0].logits.ids, reader.read(reader.ids[0]).logits.ids)
 
 
@@ -223,6 +231,6 @@ def test_reader_decodes_head_count_from_rows(tmp_path):
     url = str(tmp_path / "c.zarr")
     write_synthetic_store(url)
     reader = CacheReader(url)
-    sample = reader.read(reader.ids[0])
-    assert sample.attention.shape[0] == H
-    assert sample.attention.shape[1] == len(sample.sample.text_positions)
+    signal = reader.read(reader.ids[0])
+    assert signal.attention.shape[0] == H
+    assert signal.attention.shape[1] == len(tokenized_from_row(reader.row(reader.ids[0])).text_positions)

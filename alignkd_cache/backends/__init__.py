@@ -15,8 +15,9 @@ import torch
 
 
 @dataclass
-class Signals:
-    """What one forward returns for a Batch.
+class VLMOutput:
+    """What one forward returns for a whole Batch, teacher or student (the student's losses read it
+    directly; a teacher's becomes one signals.TeacherSignal per sample through sample_signal).
 
     logits: (B, S, vocab), every position; logits[b, p] predicts input_ids[b, p + 1].
     attention: per sample, the layer-0 text->vision probabilities (H, |T|, N_v), each row
@@ -45,7 +46,7 @@ class Backend(Protocol):
     def preprocess(self, image) -> torch.Tensor:
         """An RGB PIL image -> (3, H, W) pixel values: padded to a square with pad_color, then processed."""
 
-    def forward(self, batch, capture: bool = True) -> Signals:
+    def forward(self, batch, capture: bool = True) -> VLMOutput:
         """Run the model. capture=False skips the attention slice (plain sdpa everywhere)."""
 
     def save_pretrained(self, out_dir: str | Path) -> None:

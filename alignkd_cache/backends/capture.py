@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alignkd_cache.backends import Signals
+from alignkd_cache.backends import VLMOutput
 
 CAPTURE_ATTENTION = "alignkd_layer0_capture"
 
@@ -115,7 +115,7 @@ def spliced_forward(
     visual: torch.Tensor | None,
     image_token_id: int,
     capture: bool,
-) -> Signals:
+) -> VLMOutput:
     """Embed tokens, put each image's projected tokens at its V positions, run the LLM, lm_head.
 
     `visual` is (n_images, N_v, D), one row per row of batch.pixel_values; `decoder` is a LLaMA-style
@@ -171,4 +171,4 @@ def spliced_forward(
             inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
     attention = request.slices if request is not None else [None] * len(batch.ids)
-    return Signals(logits=lm_head(hidden), attention=attention, visual=visual)
+    return VLMOutput(logits=lm_head(hidden), attention=attention, visual=visual)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
-from alignkd_cache.backends import Signals
+from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
 from alignkd_cache.backends.tokenizer import load_tokenizer
@@ -81,7 +81,7 @@ class LlavaBackend:
         )
         return torch.stack(list(out.pooler_output))
 
-    def forward(self, batch, capture: bool = True) -> Signals:
+    def forward(self, batch, capture: bool = True) -> VLMOutput:
         batch = batch.to(self.model.device)
         visual = self.encode_images(batch.pixel_values) if batch.pixel_values is not None else None
         return spliced_forward(

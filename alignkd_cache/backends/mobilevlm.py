@@ -31,7 +31,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from alignkd_cache.backends import Signals
+from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
 from alignkd_cache.backends.tokenizer import load_tokenizer
@@ -273,7 +273,7 @@ class MobileVLMBackend:
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_images(pixel_values)
 
-    def forward(self, batch, capture: bool = True) -> Signals:
+    def forward(self, batch, capture: bool = True) -> VLMOutput:
         batch = batch.to(self.model.device)
         visual = self.encode_images(batch.pixel_values) if batch.pixel_values is not None else None
         llm = self.model.llm

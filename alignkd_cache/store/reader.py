@@ -13,13 +13,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from alignkd_cache.data import IGNORE_INDEX, TokenizedSample
-from alignkd_cache.signals import LogitTargets
+from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
@@ -34,23 +32,6 @@ WHOLE_ARRAY_BYTES = 4 * 2**20
 
 class CacheError(UntrustedCache):
     """A damaged chunk met while reading (open_cache checks metadata only; `verify` reads chunks)."""
-
-
-@dataclass
-class CachedSample:
-    sample: TokenizedSample
-    image_key: str | None
-    attention: torch.Tensor | None  # (H or 1, |T|, N_v) float32
-    visual: torch.Tensor | None  # (N_v, D) float32
-    logits: LogitTargets
-
-
-def tokenized_from_row(row: dict) -> TokenizedSample:
-    ids = row["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for p in row["supervised_positions"]:
-        labels[p + 1] = ids[p + 1]
-    return TokenizedSample(row["id"], row["image"], list(ids), labels, row["visual_start"], row["num_visual"])
 
 
 class CacheReader:
@@ -80,9 +61,6 @@ class CacheReader:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def tokenized(self) -> list[TokenizedSample]:
-        return [tokenized_from_row(r) for r in self.rows]
 
     def row(self, sample_id: str) -> dict:
         if sample_id not in self._row_of:
@@ -128,7 +106,8 @@ class CacheReader:
         scale = self._rows(block, f"{name}_scale", start, stop) if encoding in codecs.SCALED else None
         return codecs.decode(encoding, stored, scale)
 
-    def read(self, sample_id: str) -> CachedSample:
+    def read(self, sample_id: str) -> TeacherSignal:
+        """The sample's signals on the teacher's sequence (its manifest row: `row`), float32."""
         row = self.row(sample_id)
         try:
             return self._read(row)
@@ -145,15 +124,14 @@ class CacheReader:
                 f"run `alignkd-cache verify {self.url}` to list every damaged sample"
             ) from e
 
-    def _read(self, row: dict) -> CachedSample:
-        sample = tokenized_from_row(row)
+    def _read(self, row: dict) -> TeacherSignal:
         b = row["block"]
         attention = visual = None
         if row["attention_rows"]:
             a = self._decoded(
                 b, "attention", row["attention_offset"], row["attention_offset"] + row["attention_rows"]
             )
-            n_text = len(sample.text_positions)
+            n_text = len(row["input_ids"]) - row["visual_start"] - row["num_visual"]  # text after the image
             attention = torch.from_numpy(a.reshape(-1, n_text, a.shape[-1]))
         if row["visual_block"] >= 0:
             v = self._decoded(row["visual_block"], "visual", row["visual_row"], row["visual_row"] + 1)
@@ -171,9 +149,9 @@ class CacheReader:
             values=values,
             tail=tail,
         )
-        return CachedSample(sample, row["image_key"], attention, visual, logits)
+        return TeacherSignal(attention, visual, logits, row["image_key"])
 
-    def read_many(self, ids: Iterable[str], threads: int = 8) -> list[CachedSample]:
+    def read_many(self, ids: Iterable[str], threads: int = 8) -> list[TeacherSignal]:
         ids = list(ids)
         if len(ids) <= 1 or threads <= 1:
             return [self.read(i) for i in ids]
@@ -184,7 +162,7 @@ class CacheReader:
 
     def prefetch(
         self, ids: Iterable[str], batch_size: int = 16, depth: int = 2, threads: int = 8
-    ) -> Iterator[list[CachedSample]]:
+    ) -> Iterator[list[TeacherSignal]]:
         """Yield batches in order while the next `depth` batches are read in the background."""
         ids = list(ids)
         batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -198,7 +176,7 @@ class CacheReader:
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """A torch Dataset over cached samples (by position in `reader.ids`), for DataLoader workers."""
+    """A torch Dataset over cached signals (by position in `reader.ids`), for DataLoader workers."""
 
     def __init__(self, reader: CacheReader, ids: list[str] | None = None):
         self.reader, self.ids = reader, list(reader.ids if ids is None else ids)
@@ -206,5 +184,5 @@ class CacheDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, i) -> CachedSample:
+    def __getitem__(self, i) -> TeacherSignal:
         return self.reader.read(self.ids[i])

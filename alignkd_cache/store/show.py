@@ -14,6 +14,7 @@ from alignkd_cache.data import resolve_image
 from alignkd_cache.images import load_image
 from alignkd_cache.store.provenance import attrs_pad_color
 from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.teacher_signals import tokenized_from_row
 
 
 def parse_span(span: str | None, n: int) -> slice:
@@ -78,9 +79,10 @@ def show_attention(
         raise ValueError(
             f"{grid.size} visual tokens do not form a square grid; cannot place them on the image"
         )
-    path = resolve_image(image_root, cached.sample.image, sample_id)
+    sample = tokenized_from_row(reader.row(sample_id))
+    path = resolve_image(image_root, sample.image, sample_id)
     image, _ = load_image(path, sample_id, attrs_pad_color(reader.attrs))
-    ids = cached.sample.input_ids[cached.sample.visual_start + cached.sample.num_visual :][queries]
+    ids = sample.input_ids[sample.visual_start + sample.num_visual :][queries]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
     axes[0].imshow(image)
     axes[0].set_title(f"{sample_id} (padded input)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from alignkd_cache.data import TokenizedSample
+from alignkd_cache.signals import TeacherSignal, array_encoding
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path, part_key, to_table
@@ -26,21 +26,21 @@ CHUNK_BYTES = 1 << 18  # small chunks: a random read of one sample decodes littl
 
 @dataclass
 class SampleResult:
-    """One dataset sample's outcome, in float32, before encoding."""
+    """One dataset sample's manifest row and teacher signal (CPU tensors, before encoding).
+
+    `sample` is the teacher's tokenized sample (its input_ids, visual_start, num_visual and
+    supervised_positions go into the manifest); None, with a skip_reason, when skipped. The signal's
+    visual tokens are set only on the sample that stores its image's row; the others point at that
+    row with visual_ref.
+    """
 
     index: int
     id: str
     image: str | None = None
-    sample: TokenizedSample | None = None  # None when skipped
+    sample: object | None = None
     skip_reason: str | None = None
-    image_key: str | None = None
-    attention: np.ndarray | None = None  # (H or 1, |T|, N_v)
-    visual: np.ndarray | None = None  # (N_v, D), only on the sample that stores its image's row
+    signal: TeacherSignal | None = None
     visual_ref: tuple[int, int] | None = None  # (block, row) of its image's visual tokens
-    logit_positions: np.ndarray | None = None  # (n,)
-    logit_ids: np.ndarray | None = None  # (n, k)
-    logit_values: np.ndarray | None = None  # (n, k)
-    logit_tail: np.ndarray | None = None  # (n,), top-k only
 
 
 def create_array(
@@ -76,41 +76,40 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str |
 
 def write_block(loc: Location, block: int, results: list[SampleResult], layout: dict) -> int:
     """Encode and write one block; returns the bytes it stored. `layout` is the store's attrs."""
-    enc = layout["encodings"]
     num_visual, visual_dim = layout["num_visual_tokens"], layout["visual_dim"]
     id_dtype = np.dtype(layout["logit_id_dtype"])
     rows, attn, visual, l_ids, l_vals, l_tail = [], [], [], [], [], []
     attn_offset = logit_offset = 0
-    width = max([r.logit_ids.shape[1] for r in results if r.sample is not None] or [1])
+    width = max([r.signal.logits.ids.shape[1] for r in results if r.signal is not None] or [1])
     for r in results:
         row = {"id": r.id, "index": r.index, "block": block, "image": r.image}
-        if r.sample is None:
+        if r.signal is None:
             rows.append(row | {"status": "skipped", "skip_reason": r.skip_reason})
             continue
-        s = r.sample
-        n_attn = 0 if r.attention is None else r.attention.shape[0] * r.attention.shape[1]
-        if r.attention is not None:
-            attn.append(r.attention.reshape(n_attn, num_visual))
-        n_logit = len(r.logit_positions)
-        pad = width - r.logit_ids.shape[1]
-        l_ids.append(np.pad(r.logit_ids, ((0, 0), (0, pad))))
-        l_vals.append(np.pad(r.logit_values, ((0, 0), (0, pad))))
-        if r.logit_tail is not None:
-            l_tail.append(r.logit_tail)
-        if r.visual is not None:
+        s, t, logits = r.sample, r.signal, r.signal.logits
+        n_attn = 0 if t.attention is None else t.attention.shape[0] * t.attention.shape[1]
+        if t.attention is not None:
+            attn.append(t.attention.numpy().reshape(n_attn, num_visual))
+        n_logit = len(logits.positions)
+        pad = width - logits.ids.shape[1]
+        l_ids.append(np.pad(logits.ids.numpy(), ((0, 0), (0, pad))))
+        l_vals.append(np.pad(logits.values.float().numpy(), ((0, 0), (0, pad))))
+        if logits.tail is not None:
+            l_tail.append(logits.tail.float().numpy())
+        if t.visual is not None:
             r.visual_ref = (block, len(visual))
-            visual.append(r.visual)
+            visual.append(t.visual.numpy())
         vb, vr = r.visual_ref if r.visual_ref is not None else (-1, -1)
         rows.append(
             row
             | {
                 "status": "written",
-                "image_key": r.image_key,
+                "image_key": t.image_key,
                 "input_ids": s.input_ids,
                 "visual_start": s.visual_start,
                 "num_visual": s.num_visual,
                 "supervised_positions": s.supervised_positions,
-                "logit_positions": [int(p) for p in r.logit_positions],
+                "logit_positions": logits.positions.tolist(),
                 "attention_offset": attn_offset,
                 "attention_rows": n_attn,
                 "logit_offset": logit_offset,
@@ -122,24 +121,24 @@ def write_block(loc: Location, block: int, results: list[SampleResult], layout: 
         attn_offset += n_attn
         logit_offset += n_logit
     cat = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)  # noqa: E731
+    arrays = {
+        "attention": cat(attn, (0, num_visual), np.float32),
+        "visual": cat([v[None] for v in visual], (0, num_visual, visual_dim), np.float32),
+        "logit_ids": cat(l_ids, (0, width), np.int64).astype(id_dtype),
+        "logit_values": cat(l_vals, (0, width), np.float32),
+    }
+    if layout["logit_targets"] == "topk":
+        arrays["logit_tail"] = cat(l_tail, (0,), np.float32)
+    else:
+        arrays["logit_values"] = arrays["logit_values"].astype(np.uint16)  # draw counts
     group = loc.group("a").create_group(block_path(block), overwrite=True)
     stored = 0
-    for name, values, kind in (
-        ("attention", cat(attn, (0, num_visual), np.float32), "attention"),
-        ("visual", cat([v[None] for v in visual], (0, num_visual, visual_dim), np.float32), "visual"),
-    ):
-        data, scale = codecs.encode(enc[kind], values)
-        stored += _write_array(group, name, data, enc[kind])
+    for name, values in arrays.items():
+        encoding = array_encoding(name, layout)
+        data, scale = codecs.encode(encoding, values) if encoding else (values, None)
+        stored += _write_array(group, name, data, encoding)
         if scale is not None:
             stored += _write_array(group, f"{name}_scale", scale)
-    stored += _write_array(group, "logit_ids", cat(l_ids, (0, width), np.int64).astype(id_dtype))
-    values = cat(l_vals, (0, width), np.float32)
-    if layout["logit_targets"] == "topk":
-        data, _ = codecs.encode(enc["logprobs"], values)
-        stored += _write_array(group, "logit_values", data, enc["logprobs"])
-        stored += _write_array(group, "logit_tail", cat(l_tail, (0,), np.float32).astype(np.float32), "f32")
-    else:
-        stored += _write_array(group, "logit_values", values.astype(np.uint16))
     loc.write_parquet(part_key(block), to_table(rows))  # last: the block now counts as done
     return stored
 
