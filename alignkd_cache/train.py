@@ -122,12 +122,12 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             module.gradient_checkpointing = False
 
 
-def build_adapters(cfg: LossConfig, source, student, seed: int) -> torch.nn.ModuleDict:
-    """The adapters the enabled terms use, seeded so every run (and source) starts from the same init.
-    `source`'s teacher_heads and teacher_dim size them (a source without teacher needs none)."""
+def build_adapters(
+    cfg: LossConfig, teacher_heads: int, teacher_dim: int, student, seed: int
+) -> torch.nn.ModuleDict:
+    """The adapters the enabled terms use, seeded so every run (and source) starts from the same init."""
     torch.manual_seed(seed)
     adapters = torch.nn.ModuleDict()
-    teacher_heads, teacher_dim = getattr(source, "teacher_heads", None), getattr(source, "teacher_dim", None)
     if cfg.on("attn") and cfg.attn_loss in ADAPTER_ATTN_LOSSES:
         adapters["attn"] = HeadAdapter(teacher_heads, student.num_heads)
     if cfg.on("vis"):
@@ -356,7 +356,10 @@ def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Tr
     model_params = trainable_model_parameters(student.model)
     if opts.grad_checkpointing:
         enable_gradient_checkpointing(student.model)
-    adapters = build_adapters(opts.loss, source, student, opts.seed)
+    if isinstance(source, TeacherSignalSource):
+        adapters = build_adapters(opts.loss, source.teacher_heads, source.teacher_dim, student, opts.seed)
+    else:  # no teacher, so no distillation term and nothing to adapt
+        adapters = torch.nn.ModuleDict()
     # Frozen adapters stay at their random init, as the public code's effectively do.
     adapters.to(world.device).requires_grad_(not opts.freeze_adapters)
     adapter_params = [] if opts.freeze_adapters else list(adapters.parameters())

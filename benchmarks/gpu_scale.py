@@ -575,7 +575,7 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
     cfg = LossConfig(weights=parse_weights(""))  # ce, logit, vis and attn all on
     student.model.train()
     params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source, student, seed=0).to(device)
+    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed=0).to(device)
     params += list(adapters.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-5)
     dtype = getattr(torch, scale.dtype)

@@ -56,7 +56,7 @@ def loss_and_grads(student, source, cfg, seed=0, bf16=False):
     know which source it has may well do: the teacher must still run as the build runs it."""
     student.model.train()
     params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source, student, seed)
+    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed)
     student.model.zero_grad(set_to_none=True)
     micro = source.collate([source[i] for i in range(len(source))])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
