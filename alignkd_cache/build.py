@@ -28,7 +28,7 @@ from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, 
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import sample_signal
+from alignkd_cache.signals import check_options, sample_signal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -58,6 +58,11 @@ class BuildOptions:
     vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
     on_bad_sample: str = "error"  # or "skip": bad records and images become skipped manifest rows
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.logit_targets == "full":
+            raise ValueError("--logit-targets 'full' is online only (a cache stores topk or sampled targets)")
+        check_options(self)
 
 
 def _agree(ok: bool, world: int) -> bool:

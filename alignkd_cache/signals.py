@@ -137,6 +137,17 @@ def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = T
     return TeacherSignal(attention, visual, logits, batch.image_keys[j])
 
 
+def check_options(options, kinds: tuple[str, ...] = KINDS) -> None:
+    """Refuse an unknown logit_targets (of `kinds`), attn_heads or logit_positions in `options`."""
+    for name, value, allowed in (
+        ("--logit-targets", options.logit_targets, kinds),
+        ("--attn-heads", options.attn_heads, ATTN_HEADS),
+        ("--logit-positions", options.logit_positions, LOGIT_POSITIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+
+
 def logit_positions(sample, which: str) -> list[int]:
     """Where a sample's logit targets are: "answer", the supervised positions (logits[p] predicts
     the supervised token p + 1); "text", every position whose next token is text."""

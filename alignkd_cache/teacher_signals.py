@@ -35,10 +35,9 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.images import load_image
 from alignkd_cache.signals import (
-    ATTN_HEADS,
-    LOGIT_POSITIONS,
     ONLINE_KINDS,
     TeacherSignal,
+    check_options,
     pool_visual,
     sample_signal,
 )
@@ -97,13 +96,7 @@ class OnlineOptions:
     logit_positions: str = "answer"
 
     def __post_init__(self):
-        for name, value, allowed in (
-            ("--logit-targets", self.logit_targets, ONLINE_KINDS),
-            ("--attn-heads", self.attn_heads, ATTN_HEADS),
-            ("--logit-positions", self.logit_positions, LOGIT_POSITIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {allowed}")
+        check_options(self, ONLINE_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,10 +68,10 @@ def loss_and_grads(student, source, cfg, seed=0, bf16=False):
     return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads
 
 
-def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False):
+def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False, attn_heads="all"):
     data, root = digits_dataset
     offline = CacheSource(CacheReader(str(cache_dir)), student, root)
-    online = OnlineSource(teacher, student, data, root, OnlineOptions(topk=topk))
+    online = OnlineSource(teacher, student, data, root, OnlineOptions(topk=topk, attn_heads=attn_heads))
     assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
     return loss_and_grads(student, offline, cfg, bf16=bf16), loss_and_grads(student, online, cfg, bf16=bf16)
 
@@ -101,6 +101,22 @@ def test_kl_headmean_and_revision_presets_agree_too(student, teacher, caches, di
     cfg = LossConfig(parse_weights(""), attn_loss="kl-headmean", vis_topk=32, vis_topk_weight=0.1)
     (off, g_off), (on, g_on) = compare(student, teacher, caches / "lossless", digits_dataset, cfg)
     assert abs(off["attn"] - on["attn"]) <= 1e-5 and off["attn"] > 0
+    torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn_loss", ["mse-adapter", "kl-headmean"])
+def test_head_mean_cache_gives_the_online_head_mean_loss(
+    student, teacher, tmp_path, llava_teacher_dir, digits_dataset, attn_loss
+):
+    """The online source takes its signals with the build's own extraction, head mean included."""
+    data, root = digits_dataset
+    options = BuildOptions(codecs="lossless", batch_size=4, attn_heads="mean")
+    build_cache(str(llava_teacher_dir), data, root, str(tmp_path / "mean"), options, progress=False)
+    cfg = LossConfig(parse_weights(""), attn_loss=attn_loss)
+    (off, g_off), (on, g_on) = compare(
+        student, teacher, tmp_path / "mean", digits_dataset, cfg, attn_heads="mean"
+    )
+    assert off["attn"] > 0 and abs(off["attn"] - on["attn"]) <= 1e-5
     torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
 
 

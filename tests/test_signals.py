@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alignkd_cache.backends import load_backend
+from alignkd_cache.build import BuildOptions
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
 from alignkd_cache.signals import logit_targets, pool_attention, pool_visual
 
@@ -64,7 +65,10 @@ def test_sampled_targets_are_reproducible_and_unbiased():
 
 def test_bad_target_options_are_refused():
     with pytest.raises(ValueError, match="unknown logit target kind"):
-        logit_targets(_logits(), [0], kind="full")
+        logit_targets(_logits(), [0], kind="bogus")
+    # Full-vocabulary targets are for a resident teacher only: a cache cannot hold them.
+    with pytest.raises(ValueError, match="--logit-targets 'full' is online only"):
+        BuildOptions(logit_targets="full")
     with pytest.raises(ValueError, match="k=0"):
         logit_targets(_logits(), [0], k=0)
 
