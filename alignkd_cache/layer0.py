@@ -17,9 +17,11 @@ import copy
 import hashlib
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from alignkd_cache.backends import VLMOutput, load_backend
@@ -27,6 +29,7 @@ from alignkd_cache.backends.capture import spliced_forward
 
 MANIFEST = "layer0.json"
 FORMAT = "alignkd-layer0/1"
+STUB_DIR = "layer0"  # the stub's folder at the root of a `layer0` cache
 _DEEPER_LAYER = re.compile(r"\.layers\.([1-9]\d*)\.")
 
 
@@ -121,6 +124,10 @@ def load_layer0(stub_dir: str | Path, *, dtype=torch.float32, device="cpu"):
     return load_backend(stub_dir, dtype=dtype, device=device, family=manifest["family"])
 
 
+def vision_tower(backend) -> torch.nn.Module:
+    return _tower_and_selection(backend)[0]
+
+
 def _tower_and_selection(backend) -> tuple[torch.nn.Module, int, bool]:
     """(vision tower, hidden-state index fed to the projector, whether CLS is dropped)."""
     if backend.family == "llava":
@@ -139,11 +146,12 @@ def tower_sha256(backend) -> str:
     return digest.hexdigest()
 
 
-def tower_features(backend, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) -> the tower features the projector takes (n, patches, mm_hidden)."""
+def tower_features(backend, pixel_values: torch.Tensor, run_tower=None) -> torch.Tensor:
+    """(n, 3, H, W) -> the tower features the projector takes (n, patches, mm_hidden).
+    `run_tower` replaces the call of the backend's tower (TowerOnce keeps its output)."""
     tower, layer, drop_cls = _tower_and_selection(backend)
     pixels = pixel_values.to(tower.device, tower.dtype)
-    features = tower(pixels, output_hidden_states=True).hidden_states[layer]
+    features = (run_tower or tower)(pixels, output_hidden_states=True).hidden_states[layer]
     return features[:, 1:] if drop_cls else features
 
 
@@ -163,7 +171,8 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
     """
     if attn_heads not in ("all", "mean"):
         raise ValueError(f"attn_heads {attn_heads!r}: choose 'all' or 'mean'")
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the results are loss targets, and a loss saves its inputs for backward.
+    with torch.no_grad():
         batch = batch.to(stub.model.device)
         visual = None
         if batch.pixel_values is not None:
@@ -187,3 +196,60 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
     return VLMOutput(
         logits=signals.logits, attention=attention, visual=None if visual is None else visual.float()
     )
+
+
+def stub_directory(loc, attrs: dict) -> Path:
+    """A local directory holding a `layer0` cache's stub: the cache's own folder when it is local,
+    else a download of the files its attrs list (checked by load_layer0 against their sha256)."""
+    if loc.local_root is not None:
+        return Path(loc.local_root) / STUB_DIR
+    local = Path(tempfile.mkdtemp(prefix="alignkd-layer0-")) / STUB_DIR
+    for name in [*attrs["layer0"]["files"], MANIFEST]:
+        data = loc.read_bytes(f"{STUB_DIR}/{name}")
+        if data is None:
+            raise ValueError(f"{loc.url}: {STUB_DIR}/{name} is missing; run `alignkd-cache verify {loc.url}`")
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    return local
+
+
+def same_preprocessing(a, b) -> bool:
+    """Whether two backends turn images into the same pixels (probed on a non-square image)."""
+    probe = Image.new("RGB", (61, 37))
+    probe.putdata([((7 * i) % 256, (13 * i) % 256, (29 * i) % 256) for i in range(61 * 37)])
+    return tuple(a.pad_color) == tuple(b.pad_color) and torch.equal(a.preprocess(probe), b.preprocess(probe))
+
+
+class TowerOnce:
+    """One run of the student's frozen vision tower per micro-batch, for both the layer-0 recompute
+    and the student's forward: `features` runs the tower and keeps its output; the student's next
+    tower call with the same pixels returns it instead of running again. (An instance attribute
+    `forward` shadows the module's method; parameters and state_dict are untouched.)"""
+
+    def __init__(self, student):
+        self.tower = vision_tower(student)
+        self.run = self.tower.forward
+        self.kept = None
+        self.tower.forward = self._forward
+
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.tower.parameters())
+
+    def _forward(self, pixel_values, *args, **kwargs):
+        kept, self.kept = self.kept, None
+        if kept is not None and kept[0].shape == pixel_values.shape and torch.equal(kept[0], pixel_values):
+            return kept[1]
+        return self.run(pixel_values, *args, **kwargs)
+
+    def features(self, student, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """The tower features of the student's pixels, or None when the tower trains (then the
+        stub's own tower must run: the student's features would carry gradients and change)."""
+        if not self.frozen():
+            return None
+        with torch.no_grad():
+            return tower_features(student, pixel_values, self._run_and_keep)
+
+    def _run_and_keep(self, pixels, **kwargs):
+        output = self.run(pixels, **kwargs)
+        self.kept = (pixels, output)
+        return output

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from alignkd_cache import layer0
 from alignkd_cache.backends.provenance import tokenizer_sha256
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import (
@@ -60,6 +61,7 @@ class TrainingSource(Protocol):
     """What the trainer iterates: items by dataset index, batched by `collate`."""
 
     samples: list[TokenizedSample]  # the student's sequences, in dataset order
+    route: str  # where the teacher signals come from, for the log and metrics.jsonl
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int): ...
@@ -198,17 +200,22 @@ class CacheSource(torch.utils.data.Dataset):
     def __getitem__(self, i):
         student, teacher = self.samples[i], self.teacher_samples[i]
         cached = self.reader.read(teacher.id)
-        image = None
-        if student.image is not None:
-            path = resolve_image(self.image_root, student.image, student.id)
-            picture, key = load_image(path, student.id, attrs_pad_color(self.reader.attrs))
-            if key != cached.image_key:
-                raise DataError(
-                    f"sample {student.id!r}: image {path} is not the image the cache was built from "
-                    f"(content key {key}, cached {cached.image_key}); restore the original file or rebuild the cache"
-                )
-            image = (self.preprocess(picture), key)
+        picture = self.picture(student, cached)
+        image = None if picture is None else (self.preprocess(picture), cached.image_key)
         return student, image, on_student(cached, teacher, student)
+
+    def picture(self, student: TokenizedSample, cached: TeacherSignal):
+        """The sample's image, padded as the build padded it, checked against the cached content key."""
+        if student.image is None:
+            return None
+        path = resolve_image(self.image_root, student.image, student.id)
+        picture, key = load_image(path, student.id, attrs_pad_color(self.reader.attrs))
+        if key != cached.image_key:
+            raise DataError(
+                f"sample {student.id!r}: image {path} is not the image the cache was built from "
+                f"(content key {key}, cached {cached.image_key}); restore the original file or rebuild the cache"
+            )
+        return picture
 
     def collate(self, items) -> MicroBatch:
         batch = collate([s for s, _, _ in items], [im for _, im, _ in items], self.pad_id)
@@ -217,9 +224,12 @@ class CacheSource(torch.utils.data.Dataset):
     def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
         return [t.to(device) for t in micro.targets]
 
+    route = "cache"
+
     def describe(self) -> dict:
         return {
             "source": "cache",
+            "route": self.route,
             "cache": self.reader.url,
             "teacher": self.reader.attrs["teacher"],
             "template": self.template,
@@ -235,6 +245,78 @@ class CacheSource(torch.utils.data.Dataset):
             "options": attrs["options"],
             "manifest_sha256": attrs.get("manifest_sha256"),
         }
+
+
+class Layer0Source(CacheSource):
+    """A `layer0` cache: logit targets from disk; the attention slices and visual tokens recomputed
+    per micro-batch by the cache's layer-0 teacher (alignkd_cache/layer0.py) on the training device,
+    with the build's capture code, without gradients, in the build's dtype.
+
+    Items: (student sample, student image, teacher sample, teacher image, cached logit targets).
+    The route: when the student's vision tower has the stub's weights (layer0.tower_sha256), is
+    frozen, and preprocesses images as the stub does, the stub's tower never runs: the student's
+    tower runs once per micro-batch and serves both (layer0.TowerOnce); otherwise the stub runs its own.
+    """
+
+    def __init__(self, reader, student, image_root, template: str | None = None, device="cpu"):
+        super().__init__(reader, student, image_root, template)
+        attrs = reader.attrs
+        stub_dir = layer0.stub_directory(reader.loc, attrs)
+        self.stub = layer0.load_layer0(
+            stub_dir, dtype=getattr(torch, attrs["options"]["dtype"]), device=device
+        )
+        self.teacher_pad_id, self.attn_heads = pad_id(self.stub.tokenizer), attrs["attn_heads"]
+        self.student, self.tower = student, None
+        if layer0.tower_sha256(student) == layer0.tower_sha256(self.stub) and layer0.same_preprocessing(
+            student, self.stub
+        ):
+            self.tower = layer0.TowerOnce(student)
+        self.route = "layer0, student's tower shared" if self.tower else "layer0, the stub's own tower"
+
+    def __getitem__(self, i):
+        student, teacher = self.samples[i], self.teacher_samples[i]
+        cached = self.reader.read(teacher.id)
+        picture = self.picture(student, cached)
+        if picture is None:
+            return student, None, teacher, None, cached
+        pixels = self.preprocess(picture)
+        teacher_pixels = pixels if self.tower else self.stub.preprocess(picture)
+        return student, (pixels, cached.image_key), teacher, (teacher_pixels, cached.image_key), cached
+
+    def collate(self, items) -> MicroBatch:
+        student = collate([it[0] for it in items], [it[1] for it in items], self.pad_id)
+        teacher = collate([it[2] for it in items], [it[3] for it in items], self.teacher_pad_id)
+        return MicroBatch(student, teacher, [it[4] for it in items])
+
+    def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
+        features = None
+        if self.tower is not None and micro.student.pixel_values is not None:
+            features = self.tower.features(self.student, micro.student.pixel_values)
+            if features is None:
+                self.route = "layer0, the stub's own tower (the student's tower trains)"
+        recomputed = layer0.recompute(self.stub, micro.teacher, self.attn_heads, features)
+        out = []
+        for i, (cached, teacher, student) in enumerate(
+            zip(micro.targets, micro.teacher.samples, micro.student.samples, strict=True)
+        ):
+            row = micro.teacher.image_index[i]
+            visual = None if row is None else recomputed.visual[row]
+            signal = TeacherSignal(recomputed.attention[i], visual, cached.logits, cached.image_key)
+            out.append(on_student(signal, teacher, student).to(device))
+        return out
+
+    def describe(self) -> dict:
+        return super().describe() | {"layer0_sha256": self.reader.attrs["layer0"]["sha256"]}
+
+    def identity(self) -> dict:
+        return super().identity() | {"layer0_sha256": self.reader.attrs["layer0"]["sha256"]}
+
+
+def cache_source(reader, student, image_root, template: str | None = None, device="cpu") -> CacheSource:
+    """The source for a cache of either kind (attrs["signals"]: stored or layer0)."""
+    if reader.attrs.get("signals", "stored") == "layer0":
+        return Layer0Source(reader, student, image_root, template, device)
+    return CacheSource(reader, student, image_root, template)
 
 
 def check_cache_matches(attrs: dict, student, template: str | None, url: str) -> list[str]:
@@ -354,9 +436,12 @@ class OnlineSource(torch.utils.data.Dataset):
             )
         ]
 
+    route = "online"
+
     def describe(self) -> dict:
         return {
             "source": "online",
+            "route": self.route,
             "teacher": self.teacher.fingerprint(),
             **self._settings(),
             "skipped": [dataclasses.asdict(s) for s in self.skips],
@@ -391,6 +476,8 @@ class OnlineSource(torch.utils.data.Dataset):
 class DataSource(SampleDataset):
     """A TrainingSource of (sample, image) items and no teacher signals, for plain cross-entropy
     fine-tuning (`alignkd-train finetune`); the demo trains its own teacher this way."""
+
+    route = "none (cross-entropy only)"
 
     def __init__(self, model, data, image_root, template="v1", max_length=2048):
         tok = Tokenization(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
@@ -246,8 +247,13 @@ def train_step(
     logged = ["loss", *(t for t in TERMS if module.loss.on(t))]
     sums = dict.fromkeys(logged, 0.0)
     term_grads: dict[str, torch.Tensor] = {}
+    signals_s = 0.0  # this rank's time getting teacher signals (a resident teacher or a recompute)
     for micro, last in with_last(micros):
+        started = time.perf_counter()
         teacher = None if micro is None else signals_of(micro)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize(world.device)
+        signals_s += time.perf_counter() - started
         with nullcontext() if last or module is trainee else trainee.no_sync():
             loss, terms = trainee(micro, teacher, norm)
             if log_grad_norms:
@@ -261,7 +267,7 @@ def train_step(
         values = torch.tensor([sums[n] for n in logged], dtype=torch.float64, device=world.device)
         dist.all_reduce(values)
         sums = dict(zip(logged, values.tolist(), strict=True))
-    result = {**sums, "lr": optimizer.param_groups[0]["lr"]}
+    result = {**sums, "lr": optimizer.param_groups[0]["lr"], "signals_s": signals_s}
     if log_grad_norms:
         result["grad_norm"] = term_gradient_norms(term_grads, logged[1:], model_params, world)
     if max_grad_norm:
@@ -317,6 +323,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
             source, batch_sampler=mine, collate_fn=source.collate, num_workers=opts.num_workers
         )
     )
+    if world.main:
+        print(f"teacher signals: {source.route}", file=sys.stderr)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
     while step < end:
         started = time.perf_counter()
@@ -333,7 +341,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
         )
         step += 1
         if world.main:
-            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started)
+            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
             bar.set_postfix(loss=f"{result['loss']:.4f}")
         bar.update(1)
         if opts.save_every and step % opts.save_every == 0 and step < end:
@@ -382,14 +390,18 @@ def start_step(out: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOpt
     return step
 
 
-def log_step(path: Path, step: int, result: dict, seconds: float) -> None:
-    """One line of metrics.jsonl: the step's terms (None for terms that are off), its lr and time."""
+def log_step(path: Path, step: int, result: dict, seconds: float, route: str) -> None:
+    """One line of metrics.jsonl: the step's terms (None for terms that are off), its lr and time,
+    and where the teacher signals came from with the share of the step they took (rank 0's)."""
     record = {
         "step": step,
         "loss": result["loss"],
         **{t: result.get(t) for t in TERMS},
         "lr": result["lr"],
         "seconds": seconds,  # data, teacher signals, forward/backward, update
+        "signals_route": route,
+        "signals_s": result["signals_s"],
+        "signals_share": result["signals_s"] / seconds,
     }
     if "grad_norm" in result:
         record["grad_norm"] = result["grad_norm"]
@@ -599,14 +611,14 @@ def from_cache(
     template: str | None = None,
     storage_options=None,
 ) -> dict:
-    """Distil from a cache: the teacher never loads."""
+    """Distil from a cache: the teacher never loads (a `layer0` cache loads its layer-0 stub)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.teacher_signals import CacheSource
+    from alignkd_cache.teacher_signals import cache_source
 
     world = distributed.init(opts.device)
     backend = load_backend(student, device=world.device)
-    source = CacheSource(CacheReader(cache, storage_options), backend, image_root, template)
+    source = cache_source(CacheReader(cache, storage_options), backend, image_root, template, world.device)
     return train(backend, source, opts)
 
 
