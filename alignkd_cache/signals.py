@@ -108,6 +108,15 @@ def array_encoding(name: str, attrs: dict) -> str | None:
     return encoding
 
 
+def stored_arrays(attrs: dict) -> list[str]:
+    """The block arrays of a cache with these root attrs (without the scale arrays codecs add):
+    a `layer0` cache stores no attention or visual tokens (its stub recomputes them)."""
+    names = ["logit_ids", "logit_values"] + (["logit_tail"] if attrs["logit_targets"] == "topk" else [])
+    if attrs.get("signals", "stored") == "layer0":
+        return names
+    return ["attention", "visual", *names]
+
+
 def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = True) -> TeacherSignal:
     """Sample j of a teacher forward (a backend's VLMOutput over `batch`) as a TeacherSignal on the
     teacher's sequence: the build and the resident teacher both take their signals here.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from alignkd_cache.signals import TeacherSignal, array_encoding
+from alignkd_cache.signals import STORED_ARRAYS, TeacherSignal, array_encoding, stored_arrays
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path, part_key, to_table
@@ -76,71 +76,74 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str |
 
 def write_block(loc: Location, block: int, results: list[SampleResult], layout: dict) -> int:
     """Encode and write one block; returns the bytes it stored. `layout` is the store's attrs."""
-    num_visual, visual_dim = layout["num_visual_tokens"], layout["visual_dim"]
-    id_dtype = np.dtype(layout["logit_id_dtype"])
-    rows, attn, visual, l_ids, l_vals, l_tail = [], [], [], [], [], []
-    attn_offset = logit_offset = 0
     width = max([r.signal.logits.ids.shape[1] for r in results if r.signal is not None] or [1])
-    for r in results:
-        row = {"id": r.id, "index": r.index, "block": block, "image": r.image}
-        if r.signal is None:
-            rows.append(row | {"status": "skipped", "skip_reason": r.skip_reason})
-            continue
-        s, t, logits = r.sample, r.signal, r.signal.logits
-        n_attn = 0 if t.attention is None else t.attention.shape[0] * t.attention.shape[1]
-        if t.attention is not None:
-            attn.append(t.attention.numpy().reshape(n_attn, num_visual))
-        n_logit = len(logits.positions)
-        pad = width - logits.ids.shape[1]
-        l_ids.append(np.pad(logits.ids.numpy(), ((0, 0), (0, pad))))
-        l_vals.append(np.pad(logits.values.float().numpy(), ((0, 0), (0, pad))))
-        if logits.tail is not None:
-            l_tail.append(logits.tail.float().numpy())
-        if t.visual is not None:
-            r.visual_ref = (block, len(visual))
-            visual.append(t.visual.numpy())
-        vb, vr = r.visual_ref if r.visual_ref is not None else (-1, -1)
-        rows.append(
-            row
-            | {
-                "status": "written",
-                "image_key": t.image_key,
-                "input_ids": s.input_ids,
-                "visual_start": s.visual_start,
-                "num_visual": s.num_visual,
-                "supervised_positions": s.supervised_positions,
-                "logit_positions": logits.positions.tolist(),
-                "attention_offset": attn_offset,
-                "attention_rows": n_attn,
-                "logit_offset": logit_offset,
-                "logit_rows": n_logit,
-                "visual_block": vb,
-                "visual_row": vr,
-            }
-        )
-        attn_offset += n_attn
-        logit_offset += n_logit
-    cat = lambda parts, shape, dtype: np.concatenate(parts) if parts else np.zeros(shape, dtype)  # noqa: E731
-    arrays = {
-        "attention": cat(attn, (0, num_visual), np.float32),
-        "visual": cat([v[None] for v in visual], (0, num_visual, visual_dim), np.float32),
-        "logit_ids": cat(l_ids, (0, width), np.int64).astype(id_dtype),
-        "logit_values": cat(l_vals, (0, width), np.float32),
-    }
-    if layout["logit_targets"] == "topk":
-        arrays["logit_tail"] = cat(l_tail, (0,), np.float32)
-    else:
-        arrays["logit_values"] = arrays["logit_values"].astype(np.uint16)  # draw counts
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in STORED_ARRAYS}
+    rows = [_row(r, block, parts, width, layout["num_visual_tokens"]) for r in results]
     group = loc.group("a").create_group(block_path(block), overwrite=True)
     stored = 0
-    for name, values in arrays.items():
+    for name in stored_arrays(layout):
         encoding = array_encoding(name, layout)
+        values = _concat(name, parts[name], layout, width)
         data, scale = codecs.encode(encoding, values) if encoding else (values, None)
         stored += _write_array(group, name, data, encoding)
         if scale is not None:
             stored += _write_array(group, f"{name}_scale", scale)
     loc.write_parquet(part_key(block), to_table(rows))  # last: the block now counts as done
     return stored
+
+
+def _row(r: SampleResult, block: int, parts: dict, width: int, num_visual: int) -> dict:
+    """r's manifest row. Its signal's array rows are appended to `parts`, after the rows already there."""
+    row = {"id": r.id, "index": r.index, "block": block, "image": r.image}
+    if r.signal is None:
+        return row | {"status": "skipped", "skip_reason": r.skip_reason}
+    s, t, logits = r.sample, r.signal, r.signal.logits
+    attn_offset = sum(len(a) for a in parts["attention"])
+    logit_offset = sum(len(a) for a in parts["logit_ids"])
+    n_attn = 0 if t.attention is None else t.attention.shape[0] * t.attention.shape[1]
+    if t.attention is not None:
+        parts["attention"].append(t.attention.numpy().reshape(n_attn, num_visual))
+    pad = ((0, 0), (0, width - logits.ids.shape[1]))
+    parts["logit_ids"].append(np.pad(logits.ids.numpy(), pad))
+    parts["logit_values"].append(np.pad(logits.values.float().numpy(), pad))
+    if logits.tail is not None:
+        parts["logit_tail"].append(logits.tail.float().numpy())
+    if t.visual is not None:
+        r.visual_ref = (block, len(parts["visual"]))
+        parts["visual"].append(t.visual.numpy()[None])
+    vb, vr = r.visual_ref if r.visual_ref is not None else (-1, -1)
+    return row | {
+        "status": "written",
+        "image_key": t.image_key,
+        "input_ids": s.input_ids,
+        "visual_start": s.visual_start,
+        "num_visual": s.num_visual,
+        "supervised_positions": s.supervised_positions,
+        "logit_positions": logits.positions.tolist(),
+        "attention_offset": attn_offset,
+        "attention_rows": n_attn,
+        "logit_offset": logit_offset,
+        "logit_rows": len(logits.positions),
+        "visual_block": vb,
+        "visual_row": vr,
+    }
+
+
+def _concat(name: str, parts: list[np.ndarray], layout: dict, width: int) -> np.ndarray:
+    """One block array from its per-sample parts, in its stored dtype before encoding."""
+    empty = {
+        "attention": ((0, layout["num_visual_tokens"]), np.float32),
+        "visual": ((0, layout["num_visual_tokens"], layout["visual_dim"]), np.float32),
+        "logit_ids": ((0, width), np.int64),
+        "logit_values": ((0, width), np.float32),
+        "logit_tail": ((0,), np.float32),
+    }[name]
+    values = np.concatenate(parts) if parts else np.zeros(*empty)
+    if name == "logit_ids":
+        return values.astype(layout["logit_id_dtype"])
+    if name == "logit_values" and layout["logit_targets"] != "topk":
+        return values.astype(np.uint16)  # draw counts
+    return values.astype(np.float32)
 
 
 class BackgroundWriter:
