@@ -323,7 +323,8 @@ def info_numbers(output: str) -> dict:
 
 def losses(out: Path) -> list:
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    timing = ("seconds", "signals_s", "signals_share")  # wall-clock fields differ between any two runs
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
 
 
 def outcome(result, same) -> str:

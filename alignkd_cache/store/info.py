@@ -11,14 +11,14 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from alignkd_cache.signals import STORED_ARRAYS
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import open_cache
 
-SIGNALS = {
-    "attention": ("attention", "attention_scale"),
-    "visual": ("visual", "visual_scale"),
-    "logits": ("logit_ids", "logit_values", "logit_tail"),
-}
+# signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
+SIGNALS: dict[str, list[str]] = {}
+for _name, (_field, _) in STORED_ARRAYS.items():
+    SIGNALS.setdefault(_field, []).extend([_name, f"{_name}_scale"])
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:

@@ -35,6 +35,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
+from alignkd_cache.signals import STORED_ARRAYS, array_encoding, stored_arrays
 from alignkd_cache.store import codecs
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.location import Location
@@ -63,7 +64,7 @@ LIMITS = {
 }
 MAX_JSON_BYTES = 1 << 20  # a zarr.json document; real ones are under 2 KB
 
-ARRAYS = ("attention", "attention_scale", "visual", "visual_scale", "logit_ids", "logit_values", "logit_tail")
+ARRAYS = (*STORED_ARRAYS, *(f"{name}_scale" for name in STORED_ARRAYS))  # every name a block array may have
 _KEY = re.compile(
     r"(zarr\.json|manifest\.parquet|blocks/zarr\.json|blocks/b\d{6}/zarr\.json"
     rf"|blocks/b\d{{6}}/({'|'.join(ARRAYS)})/(zarr\.json|c(/0)+))"
@@ -383,7 +384,7 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
 
 def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
     """Each block's array specs from the manifest; offsets must tile the arrays in manifest order."""
-    nv, dim, enc = attrs["num_visual_tokens"], attrs["visual_dim"], attrs["encodings"]
+    nv, dim = attrs["num_visual_tokens"], attrs["visual_dim"]
     width = attrs["topk"] if attrs["logit_targets"] == "topk" else attrs["options"]["draws"]
     ends = defaultdict(lambda: {"attention": 0, "logit": 0})
     visual_rows, image_keys = defaultdict(set), {}
@@ -413,19 +414,17 @@ def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
         if refs != set(range(len(refs))) or len(refs) > per_block[b]:
             found.add(f"visual rows {sorted(refs)[:5]} of block {b} are not 0..n-1 stored by its samples")
         a, lg = ends[b]["attention"], ends[b]["logit"]
-        specs = {
-            "attention": ArraySpec(_STORED_DTYPE[enc["attention"]], (a, nv), enc["attention"]),
-            "visual": ArraySpec(_STORED_DTYPE[enc["visual"]], (len(refs), nv, dim), enc["visual"]),
-            "logit_ids": ArraySpec(attrs["logit_id_dtype"], (lg, width)),
-        }
-        for kind, rows_ in (("attention", a), ("visual", len(refs))):
-            if enc[kind] in codecs.SCALED:
-                specs[f"{kind}_scale"] = ArraySpec("float32", (rows_,))
-        if attrs["logit_targets"] == "topk":
-            specs["logit_values"] = ArraySpec(_STORED_DTYPE[enc["logprobs"]], (lg, width), enc["logprobs"])
-            specs["logit_tail"] = ArraySpec("float32", (lg,), "f32")
-        else:
-            specs["logit_values"] = ArraySpec("uint16", (lg, width))
+        shapes = {"attention": (a, nv), "visual": (len(refs), nv, dim), "logit_ids": (lg, width)}
+        shapes |= {"logit_values": (lg, width), "logit_tail": (lg,)}
+        specs = {}
+        for name in stored_arrays(attrs):
+            encoding = array_encoding(name, attrs)
+            dtype = _STORED_DTYPE[encoding] if encoding else "uint16"  # raw: sampled targets' counts
+            specs[name] = ArraySpec(
+                attrs["logit_id_dtype"] if name == "logit_ids" else dtype, shapes[name], encoding
+            )
+            if encoding in codecs.SCALED:
+                specs[f"{name}_scale"] = ArraySpec("float32", shapes[name][:1])
         found.specs.update({(b, name): spec for name, spec in specs.items()})
     if attrs["counts"]["images"] != len(image_keys):
         found.add(

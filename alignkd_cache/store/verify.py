@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
+from alignkd_cache.signals import STORED_ARRAYS
 from alignkd_cache.store import codecs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, Inspection, UntrustedCache, inspect, open_cache
 
-# Which manifest span each array's rows belong to.
-_KIND = {"attention": "attention", "attention_scale": "attention", "logit_ids": "logit"}
-_KIND |= {"logit_values": "logit", "logit_tail": "logit"}
+# Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
+# found through visual_block/visual_row instead.
+_KIND = {
+    f"{name}{suffix}": "attention" if field == "attention" else "logit"
+    for name, (field, _) in STORED_ARRAYS.items()
+    if field != "visual"
+    for suffix in ("", "_scale")
+}
 
 
 @dataclass
