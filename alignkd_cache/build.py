@@ -16,19 +16,20 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from alignkd_cache import distributed
+from alignkd_cache import distributed, layer0
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import check_options, sample_signal
+from alignkd_cache.signals import CACHE_KINDS, check_options, sample_signal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -58,11 +59,14 @@ class BuildOptions:
     vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
     on_bad_sample: str = "error"  # or "skip": bad records and images become skipped manifest rows
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    signals: str = "stored"  # or "layer0": logit targets only, plus the teacher's layer-0 stub
 
     def __post_init__(self):
         if self.logit_targets == "full":
             raise ValueError("--logit-targets 'full' is online only (a cache stores topk or sampled targets)")
         check_options(self)
+        if self.signals not in CACHE_KINDS:
+            raise ValueError(f"unknown --signals {self.signals!r}; choose one of {CACHE_KINDS}")
 
 
 def _agree(ok: bool, world: int) -> bool:
@@ -144,11 +148,12 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owner
             batch = pending.result().to(opts.device)
             if n + 1 < len(batches):
                 pending = loader.submit(load, batches[n + 1])
+            # A layer0 cache stores no attention: no capture, the fastest attention the backend has.
             with torch.inference_mode():
-                forward = backend.forward(batch, capture=True)
+                forward = backend.forward(batch, capture=opts.signals == "stored")
             for j, i in enumerate(idx):
                 sample = outcomes[i]
-                owns_visual = sample.image is not None and owners[sample.image] == i
+                owns_visual = sample.image is not None and owners.get(sample.image) == i
                 # Top-k runs on the device; only the targets come to host memory.
                 signal = sample_signal(forward, batch, j, sample, opts, with_visual=owns_visual).to("cpu")
                 ref = None if owns_visual else refs.get(i)
@@ -187,41 +192,84 @@ def build_cache(
         Record(e.id or e.where, e.image, [], e.where) if isinstance(e, Problem) else e
         for e in checked.entries
     ]
-    tok = Tokenization(
-        backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length
-    )
-    outcomes = []
-    for record, entry in zip(records, checked.entries, strict=True):
-        if isinstance(entry, Problem):
-            outcomes.append(Skip(record.id, f"{entry.reason}: {entry.message}"))
-            continue
-        out_ = tokenize(record, tok)
-        if isinstance(out_, Skip) and opts.on_too_long == "error":
-            raise DataError(
-                f"{record.where}: sample {record.id!r}: {out_.reason}; raise --max-length or shorten it"
-            )
-        outcomes.append(out_)
+    outcomes = _tokenized(records, checked.entries, backend, opts)
     # The logit width: every family names its output projection lm_head (HF convention).
     vocab = next(
         m.out_features for name, m in backend.model.named_modules() if name.split(".")[-1] == "lm_head"
     )
     attrs = build_attrs(backend, asdict(opts), data, resolve_preset(opts.codecs), vocab)
     loc = Location(out, storage_options)
-    error = None
+    with tempfile.TemporaryDirectory(prefix="alignkd-layer0-") as scratch:
+        stub = _saved_stub(backend, Path(scratch), attrs) if opts.signals == "layer0" and rank == 0 else None
+        attrs, lock = _open_store(loc, attrs, resume, rank, world, stub)  # noqa: F841 - held until return
+    if attrs.get("complete"):
+        return attrs if rank == 0 else None
+    num_blocks = math.ceil(len(outcomes) / opts.block_size)
+    _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, place, progress)
+    if world > 1:
+        torch.distributed.barrier()
+    result = finalize(loc, attrs, len(outcomes), num_blocks) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _tokenized(records, entries, backend, opts: BuildOptions) -> list:
+    """Each record tokenized with the teacher's tokenizer, or a Skip saying why not."""
+    tok = Tokenization(
+        backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length
+    )
+    outcomes = []
+    for record, entry in zip(records, entries, strict=True):
+        if isinstance(entry, Problem):
+            outcomes.append(Skip(record.id, f"{entry.reason}: {entry.message}"))
+            continue
+        outcome = tokenize(record, tok)
+        if isinstance(outcome, Skip) and opts.on_too_long == "error":
+            raise DataError(
+                f"{record.where}: sample {record.id!r}: {outcome.reason}; raise --max-length or shorten it"
+            )
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _saved_stub(backend, scratch: Path, attrs: dict) -> Path:
+    """Save the teacher's layer-0 stub under scratch and record it (hash, files, bytes) in attrs."""
+    stub = scratch / layer0.STUB_DIR
+    sha = layer0.save_layer0(backend, stub)
+    manifest = layer0.verify_layer0(stub)
+    size = sum((stub / name).stat().st_size for name in manifest["files"])
+    attrs["layer0"] = {"format": layer0.FORMAT, "sha256": sha, "files": manifest["files"], "bytes": size}
+    return stub
+
+
+def _open_store(loc: Location, attrs: dict, resume: bool, rank: int, world: int, stub: Path | None):
+    """On rank 0: lock --out, create it (or check that --resume continues the same build), and upload
+    a layer0 build's stub. Every rank gets the store's attrs, or the error if rank 0 refused."""
+    error, lock = None, None
     if rank == 0:
         try:
-            attrs, lock = _prepare_store(loc, attrs, resume)  # noqa: F841 - held until the build returns
+            attrs, lock = _prepare_store(loc, attrs, resume)
+            if stub is not None:
+                for path in sorted(p for p in stub.rglob("*") if p.is_file()):
+                    loc.write_bytes(
+                        f"{layer0.STUB_DIR}/{path.relative_to(stub).as_posix()}", path.read_bytes()
+                    )
         except Exception as e:
             error = e
     if not _agree(error is None, world):
-        raise error or IncompatibleCache(f"rank 0 refused {out}; see its error")
-    num_blocks = math.ceil(len(outcomes) / opts.block_size)
-    if attrs.get("complete"):
-        return attrs if rank == 0 else None
-    refs, owners = _plan_visual(outcomes, opts.block_size)
+        raise error or IncompatibleCache(f"rank 0 refused {loc.url}; see its error")
+    return attrs, lock
+
+
+def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, place, progress) -> None:
+    """This rank's blocks (r, r + N, ...) that are not committed yet, written in the background."""
+    rank, world = place.rank, place.size
+    refs, owners = _plan_visual(outcomes, opts.block_size) if opts.signals == "stored" else ({}, {})
     dataset = _IndexedDataset(
         outcomes, image_root, backend.preprocess, pad_id(backend.tokenizer), backend.pad_color
     )
+    num_blocks = math.ceil(len(outcomes) / opts.block_size)
     mine = [b for b in range(rank, num_blocks, world)]
     todo = [b for b in mine if not loc.exists(part_key(b))]
     size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731
@@ -247,12 +295,6 @@ def build_cache(
     finally:
         writer.close()
         bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-    result = finalize(loc, attrs, len(outcomes), num_blocks) if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()
-    return result
 
 
 def _report(checked: Preflight, path: str | Path, on_bad_sample: str, show: bool) -> None:

@@ -7,8 +7,7 @@ code (backends/capture.py). The stub is the family's own checkpoint with `num_hi
 `load_backend` loads it unchanged; benchmarks/layer0.py measures what dropping v/o/MLP/lm_head
 would save (docs/benchmarks.md, "Layer-0 recipe").
 
-Provenance: layer0.json lists the sha256 of every other file in the directory; the stub's hash is
-the sha256 of the text "<file sha256>  <relative path>\\n" over those files, sorted by path.
+The stub's files, hashes and checks are storage (store/stub.py); this module is the model side.
 """
 
 from __future__ import annotations
@@ -26,10 +25,9 @@ from safetensors.torch import save_file
 
 from alignkd_cache.backends import VLMOutput, load_backend
 from alignkd_cache.backends.capture import spliced_forward
+from alignkd_cache.store.provenance import file_sha256
+from alignkd_cache.store.stub import FORMAT, MANIFEST, STUB_DIR, stub_sha256, verify_layer0
 
-MANIFEST = "layer0.json"
-FORMAT = "alignkd-layer0/1"
-STUB_DIR = "layer0"  # the stub's folder at the root of a `layer0` cache
 _DEEPER_LAYER = re.compile(r"\.layers\.([1-9]\d*)\.")
 
 
@@ -46,20 +44,6 @@ def _one_layer(config) -> None:
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def stub_sha256(files: dict[str, str]) -> str:
-    """The stub's hash from {relative path: file sha256} (see the module docstring)."""
-    text = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save_layer0(teacher, out_dir: str | Path) -> str:
@@ -88,34 +72,6 @@ def save_layer0(teacher, out_dir: str | Path) -> str:
     manifest = {"format": FORMAT, "family": teacher.family, "teacher": teacher.fingerprint(), "files": files}
     (out / MANIFEST).write_text(json.dumps(dict(manifest, sha256=sha), indent=2, sort_keys=True) + "\n")
     return sha
-
-
-def verify_layer0(stub_dir: str | Path) -> dict:
-    """Check every file against layer0.json; returns the manifest or raises a one-line ValueError."""
-    stub = Path(stub_dir)
-    where = f"layer-0 teacher {stub}"
-    try:
-        manifest = json.loads((stub / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{where}: {MANIFEST} is missing or unreadable ({e}); rebuild the stub") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{where}: format {manifest.get('format')!r} is not {FORMAT}; rebuild the stub")
-    files = manifest["files"]
-    present = {p.relative_to(stub).as_posix() for p in stub.rglob("*") if p.is_file()} - {MANIFEST}
-    if present != set(files):
-        raise ValueError(
-            f"{where}: files {sorted(present ^ set(files))} are extra or missing against {MANIFEST}; "
-            "restore the stub from its source or rebuild it"
-        )
-    for name in sorted(files):
-        if file_sha256(stub / name) != files[name]:
-            raise ValueError(
-                f"{where}: {name} does not match its sha256 in {MANIFEST} (changed or damaged); "
-                "restore the stub from its source or rebuild it"
-            )
-    if stub_sha256(files) != manifest.get("sha256"):
-        raise ValueError(f"{where}: the sha256 in {MANIFEST} does not match its file list; rebuild the stub")
-    return manifest
 
 
 def load_layer0(stub_dir: str | Path, *, dtype=torch.float32, device="cpu"):
@@ -226,11 +182,16 @@ class TowerOnce:
     tower call with the same pixels returns it instead of running again. (An instance attribute
     `forward` shadows the module's method; parameters and state_dict are untouched.)"""
 
-    def __init__(self, student):
-        self.tower = vision_tower(student)
-        self.run = self.tower.forward
-        self.kept = None
+    def __init__(self, tower: torch.nn.Module):
+        self.tower, self.run, self.kept = tower, tower.forward, None
         self.tower.forward = self._forward
+
+    @classmethod
+    def of(cls, student) -> TowerOnce:
+        """The student's TowerOnce, installed on its tower once however many sources ask for it."""
+        tower = vision_tower(student)
+        installed = getattr(tower.forward, "__self__", None)
+        return installed if isinstance(installed, cls) else cls(tower)
 
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.tower.parameters())

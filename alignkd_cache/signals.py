@@ -30,6 +30,9 @@ KINDS = ("topk", "sampled")
 # "full": the teacher's whole log-softmax at each position; online only (never stored).
 ONLINE_KINDS = (*KINDS, "full")
 ATTN_HEADS = ("all", "mean")
+# What a cache holds: every signal ("stored"), or the logit targets and the teacher's layer-0 stub
+# that recomputes the rest ("layer0", alignkd_cache/layer0.py).
+CACHE_KINDS = ("stored", "layer0")
 LOGIT_POSITIONS = ("answer", "text")
 
 
@@ -108,11 +111,16 @@ def array_encoding(name: str, attrs: dict) -> str | None:
     return encoding
 
 
+def cache_kind(attrs: dict) -> str:
+    """A cache's kind (CACHE_KINDS) from its root attrs; caches before schema 2.1 are all stored."""
+    return attrs.get("signals", "stored")
+
+
 def stored_arrays(attrs: dict) -> list[str]:
     """The block arrays of a cache with these root attrs (without the scale arrays codecs add):
     a `layer0` cache stores no attention or visual tokens (its stub recomputes them)."""
     names = ["logit_ids", "logit_values"] + (["logit_tail"] if attrs["logit_targets"] == "topk" else [])
-    if attrs.get("signals", "stored") == "layer0":
+    if cache_kind(attrs) == "layer0":
         return names
     return ["attention", "visual", *names]
 

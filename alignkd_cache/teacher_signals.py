@@ -38,6 +38,7 @@ from alignkd_cache.images import load_image
 from alignkd_cache.signals import (
     ONLINE_KINDS,
     TeacherSignal,
+    cache_kind,
     check_options,
     pool_visual,
     sample_signal,
@@ -270,7 +271,7 @@ class Layer0Source(CacheSource):
         if layer0.tower_sha256(student) == layer0.tower_sha256(self.stub) and layer0.same_preprocessing(
             student, self.stub
         ):
-            self.tower = layer0.TowerOnce(student)
+            self.tower = layer0.TowerOnce.of(student)
         self.route = "layer0, student's tower shared" if self.tower else "layer0, the stub's own tower"
 
     def __getitem__(self, i):
@@ -314,7 +315,7 @@ class Layer0Source(CacheSource):
 
 def cache_source(reader, student, image_root, template: str | None = None, device="cpu") -> CacheSource:
     """The source for a cache of either kind (attrs["signals"]: stored or layer0)."""
-    if reader.attrs.get("signals", "stored") == "layer0":
+    if cache_kind(reader.attrs) == "layer0":
         return Layer0Source(reader, student, image_root, template, device)
     return CacheSource(reader, student, image_root, template)
 

@@ -158,6 +158,14 @@ def info(store, as_json, storage):
         click.echo(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
     click.echo("options: " + json.dumps(i["options"]))
     click.echo("encodings: " + json.dumps(i["encodings"]))
+    stub = i["stub"]
+    if stub is None:
+        click.echo("kind: stored (every signal on disk)")
+    else:
+        click.echo(
+            f"kind: layer0 (attention and visual tokens recomputed from the stub: {stub['bytes'] / 2**20:.2f} MiB, "
+            f"sha256 {stub['sha256'][:16]}...)"
+        )
     click.echo(f"{'signal':<10} {'bytes/sample':>14} {'raw fp16':>14} {'ratio':>8}")
     for name, s in [*i["signals"].items(), ("total", i["total"])]:
         click.echo(

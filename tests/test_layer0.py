@@ -16,8 +16,8 @@ from alignkd_cache.layer0 import (
     save_layer0,
     tower_features,
     tower_sha256,
-    verify_layer0,
 )
+from alignkd_cache.store.stub import verify_layer0
 from alignkd_cache.tiny import build_tiny_mobilevlm
 
 TOL = 1e-5

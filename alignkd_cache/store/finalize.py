@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
 from alignkd_cache.data import DataError
+from alignkd_cache.signals import cache_kind
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, part_key, sha256
 
@@ -53,6 +54,8 @@ def commit_manifest(loc: Location, attrs: dict, table: pa.Table, num_blocks: int
         )
         if b >= 0
     }
+    if cache_kind(attrs) == "layer0":  # no stored visual rows: count the distinct images by content
+        images = {k for k in written.column("image_key").to_pylist() if k is not None}
     counts = {
         "records": len(status),
         "written": status.count("written"),

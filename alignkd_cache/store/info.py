@@ -4,6 +4,7 @@ The raw fp16 baseline charges 2 bytes for every number a sample's signals hold, 
 counts a sample's visual tokens even when its image is shared: it is what a naive cache that wrote
 each sample's signals as uncompressed fp16 would store. Stored bytes are the compressed chunk
 files' bytes (metadata documents excluded) (shared visual rows are counted once), divided by the written samples.
+A layer0 cache's stub is reported on its own (`stub`): it is paid once per cache, not per sample.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from alignkd_cache.signals import STORED_ARRAYS
+from alignkd_cache.signals import STORED_ARRAYS, cache_kind
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import open_cache
 
@@ -74,6 +75,11 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         | ({"merged_from": attrs["merged_from"]} if "merged_from" in attrs else {}),
         "options": attrs["options"],
         "encodings": attrs["encodings"],
+        "kind": cache_kind(attrs),
+        # A layer0 cache's stub: paid once per cache, so not in the per-sample bytes.
+        "stub": {"bytes": attrs["layer0"]["bytes"], "sha256": attrs["layer0"]["sha256"]}
+        if cache_kind(attrs) == "layer0"
+        else None,
         "signals": per_signal,
         "total": {
             "bytes_per_sample": total_stored / n,

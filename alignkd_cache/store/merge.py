@@ -1,6 +1,7 @@
 """`alignkd-cache merge A B ... --out C`: one cache from several built with the same teacher.
 
-Refused, naming the field, unless teacher, tokenizer, template and signal options agree, and unless
+Refused, naming the field, unless teacher, tokenizer, template, signal options and (for layer0
+caches) the layer-0 stub agree, and unless
 sample ids are disjoint, and unless every source passes `verify` (every chunk read: a merge must
 not launder a damaged or edited source into a cache that verifies). Blocks are copied byte for byte and renumbered; the manifest is the
 sources' manifests in order (A's samples, then B's, ...), with block references shifted.
@@ -17,6 +18,7 @@ from alignkd_cache.store.finalize import commit_manifest
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.provenance import IncompatibleCache, check_mergeable, now
+from alignkd_cache.store.stub import STUB_DIR
 from alignkd_cache.store.verify import open_verified
 
 
@@ -40,6 +42,8 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
     if not dst.is_empty():
         raise IncompatibleCache(f"{out} is not empty; choose a new --out")
     dst.group("w").require_group("blocks")
+    for key in [k for k in found[0].keys if k.startswith(STUB_DIR + "/")]:  # one stub: all are identical
+        dst.write_bytes(key, found[0].loc.read_bytes(key))
     parts, block_offset, index_offset = [], 0, 0
     for f, a, table in zip(found, attrs, tables, strict=True):
         for b in range(a["num_blocks"]):

@@ -6,6 +6,8 @@ schema_version is "MAJOR.MINOR". A reader accepts any cache with its own MAJOR a
 2.0 changed what the ids and pixels are (issue 10): one tokenization of the whole prompt with
 SentencePiece semantics, `<image>` moved to the front of its turn, and square padding with the
 image processor's mean. `preprocessing` records those choices so readers can check them.
+2.1 added `signals` ("stored"). 3.0 is the `layer0` kind (issue 12): no stored attention or visual
+arrays, a layer-0 stub instead; each kind keeps its own MAJOR so older readers refuse only 3.0.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from pathlib import Path
 import alignkd_cache
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"  # a `stored` cache (2.1 added the optional `signals` attribute)
+# A `layer0` cache (its attention and visual signals are recomputed from a stub, docs/cache-format.md):
+# a new MAJOR, so that a 2.x reader refuses it rather than reading it as a stored cache.
+LAYER0_SCHEMA_VERSION = "3.0"
+READABLE_MAJORS = ("2", "3")
 # What each older MAJOR did differently, for the refusal message.
 OLDER_MAJORS = {
     "1": "1.x caches tokenized the system prompt and each turn separately, duplicated a later-turn "
@@ -29,6 +35,8 @@ OLDER_MAJORS = {
 RESUME_FREE_OPTIONS = ("device",)
 # What must agree for caches to be merged: the same teacher producing the same kind of signals.
 MERGE_FIELDS = (
+    "signals",
+    "layer0",  # the stub: identical, or no merge
     "teacher",
     "tokenizer_sha256",
     "template",
@@ -96,9 +104,12 @@ def attrs_pad_color(attrs: dict) -> tuple[int, int, int]:
 
 
 def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
+    """The root attributes of a new build; a `layer0` build adds its stub's record (see build.py)."""
     fp = backend.fingerprint()
+    layer0 = options["signals"] == "layer0"
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": LAYER0_SCHEMA_VERSION if layer0 else SCHEMA_VERSION,
+        "signals": options["signals"],
         "tool_version": alignkd_cache.__version__,
         "created": now(),
         "complete": False,
@@ -119,7 +130,7 @@ def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, 
         "topk": options["topk"],
         "logit_positions": options["logit_positions"],
         "codecs": options["codecs"],
-        "encodings": encodings,
+        "encodings": encodings,  # a layer0 cache uses only "logprobs"
         "logit_id_dtype": "uint16" if vocab_size <= 65536 else "int32",
         "block_size": options["block_size"],
     }
@@ -139,6 +150,8 @@ def check_resume(stored: dict, new: dict, url: str) -> None:
     """Refuse to resume a build whose teacher, data or options differ, naming the field."""
     keys = (
         "schema_version",
+        "signals",
+        "layer0",  # a different stub (another teacher, or its weights changed)
         "teacher",
         "tokenizer_sha256",
         "template",
@@ -177,10 +190,11 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
 def check_readable(attrs: dict, url: str) -> None:
     version = str(attrs.get("schema_version", ""))
     major = version.split(".")[0]
-    if major != SCHEMA_VERSION.split(".")[0]:
+    if major not in READABLE_MAJORS:
         why = f" ({OLDER_MAJORS[major]})" if major in OLDER_MAJORS else ""
+        reads = " and ".join(f"{m}.x" for m in READABLE_MAJORS)
         raise IncompatibleCache(
-            f"{url}: schema_version {version!r} is not readable by this tool (reads {SCHEMA_VERSION.split('.')[0]}.x)"
+            f"{url}: schema_version {version!r} is not readable by this tool (reads {reads})"
             f"{why}; rebuild the cache with this version or use a matching alignkd-cache version"
         )
     if not attrs.get("complete"):

@@ -35,13 +35,21 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from alignkd_cache.signals import STORED_ARRAYS, array_encoding, stored_arrays
+from alignkd_cache.signals import STORED_ARRAYS, array_encoding, cache_kind, stored_arrays
 from alignkd_cache.store import codecs
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, block_path, sha256
-from alignkd_cache.store.provenance import IncompatibleCache, _first_difference, check_readable
+from alignkd_cache.store.provenance import (
+    LAYER0_SCHEMA_VERSION,
+    IncompatibleCache,
+    _first_difference,
+    check_readable,
+)
+from alignkd_cache.store.stub import FORMAT as STUB_FORMAT
+from alignkd_cache.store.stub import MANIFEST as STUB_MANIFEST
+from alignkd_cache.store.stub import STUB_DIR, stub_sha256
 from alignkd_cache.store.writer import create_array
 
 
@@ -143,11 +151,48 @@ def _check_tree(loc: Location, found: Inspection) -> None:
 
 
 def _check_keys(loc: Location, found: Inspection) -> None:
+    stub = _stub_keys(found.attrs)
     for key in found.keys:
-        if not _KEY.fullmatch(key):
+        if not _KEY.fullmatch(key) and key not in stub:
             found.add(
-                f"unexpected file {key!r} (a cache holds only zarr v3 metadata, chunks and the manifest)"
+                f"unexpected file {key!r} (a cache holds only zarr v3 metadata, chunks, the manifest "
+                "and, in a layer0 cache, the files its attributes list under layer0/)"
             )
+    for key in sorted(set(stub) - set(found.keys)):
+        found.add(f"{key} is missing (the layer-0 stub lists it)")
+    if stub and not found.problems:
+        size = sum(loc.size(k) for k in stub if k != f"{STUB_DIR}/{STUB_MANIFEST}")
+        if size != found.attrs["layer0"]["bytes"]:
+            found.add(
+                f"the layer-0 stub's files hold {size} bytes, its attributes say {found.attrs['layer0']['bytes']}"
+            )
+        _check_stub_manifest(loc, found)
+
+
+def _check_stub_manifest(loc: Location, found: Inspection) -> None:
+    """The stub's own layer0.json must list the files and hash the cache's attributes record."""
+    key = f"{STUB_DIR}/{STUB_MANIFEST}"
+    if loc.size(key) > MAX_JSON_BYTES:
+        found.add(f"{key} is larger than {MAX_JSON_BYTES} bytes")
+        return
+    try:
+        manifest = json.loads(loc.read_bytes(key))
+    except (ValueError, UnicodeDecodeError) as e:
+        found.add(f"{key}: not JSON ({e})")
+        return
+    record = found.attrs["layer0"]
+    for name in ("format", "files", "sha256"):
+        if not isinstance(manifest, dict) or manifest.get(name) != record[name]:
+            found.add(f"{key}: its {name} differs from the cache attribute layer0.{name}")
+            return
+
+
+def _stub_keys(attrs: dict) -> dict[str, str | None]:
+    """A layer0 cache's stub files as store keys -> their sha256 (its layer0.json: None)."""
+    if cache_kind(attrs) != "layer0":
+        return {}
+    files = {f"{STUB_DIR}/{name}": sha for name, sha in attrs["layer0"]["files"].items()}
+    return files | {f"{STUB_DIR}/{STUB_MANIFEST}": None}
 
 
 def _local_files(root: Path, folder: Path, found: Inspection) -> list[str]:
@@ -222,6 +267,11 @@ def _check_attrs(loc: Location, found: Inspection) -> None:
     for name in ("template", "topk", "logit_targets", "logit_positions", "attn_heads", "codecs"):
         if attrs[name] != attrs["options"][name]:
             found.add(f"attribute {name} is {attrs[name]!r} but options.{name} is {attrs['options'][name]!r}")
+    if cache_kind(attrs) != attrs["options"].get("signals", "stored"):
+        found.add(
+            f"attribute signals is {cache_kind(attrs)!r} but options.signals is {attrs['options'].get('signals')!r}"
+        )
+    _check_kind(attrs, found)
     if attrs["encodings"] != codecs.resolve_preset(attrs["codecs"]):
         found.add(f"attribute encodings {attrs['encodings']} are not those of codecs {attrs['codecs']!r}")
     if attrs["logit_id_dtype"] != codecs.int_dtype(attrs["vocab_size"] - 1).name:
@@ -229,6 +279,31 @@ def _check_attrs(loc: Location, found: Inspection) -> None:
             f"attribute logit_id_dtype {attrs['logit_id_dtype']!r} does not fit vocab_size {attrs['vocab_size']}"
         )
     found.attrs = attrs
+
+
+_STUB_FILE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+
+
+def _check_kind(attrs: dict, found: Inspection) -> None:
+    """The kind matches the schema MAJOR, and a layer0 cache's stub record is well formed (its
+    files' contents are checked by `verify` and by load_layer0 before a training run uses them)."""
+    layer0 = cache_kind(attrs) == "layer0"
+    if layer0 != (attrs["schema_version"].split(".")[0] == LAYER0_SCHEMA_VERSION.split(".")[0]):
+        found.add(
+            f"attribute signals {cache_kind(attrs)!r} does not go with schema_version {attrs['schema_version']!r}"
+        )
+        return
+    if not layer0:
+        return
+    stub = attrs.get("layer0")
+    if not isinstance(stub, dict) or stub.get("format") != STUB_FORMAT:
+        found.add(f"attribute layer0 is not a {STUB_FORMAT} stub record")
+        return
+    for name in stub["files"]:
+        if not _STUB_FILE.fullmatch(name) or ".." in name.split("/") or name == STUB_MANIFEST:
+            found.add(f"attribute layer0 lists the file name {name!r}, which is not a plain relative path")
+    if stub_sha256(stub["files"]) != stub["sha256"]:
+        found.add("attribute layer0.sha256 is not the hash of its file list")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,15 +445,19 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
             f"logit_positions differ from the {attrs['logit_positions']!r} positions of its tokens", sid
         )
     heads = 1 if attrs["attn_heads"] == "mean" else attrs["num_heads"]
-    need = {"attention_rows": heads * (n - vs - nv) if image else 0, "logit_rows": len(expected)}
+    stored = cache_kind(attrs) == "stored"  # a layer0 cache stores no attention and no visual rows
+    image_rows = image and stored
+    need = {"attention_rows": heads * (n - vs - nv) if image_rows else 0, "logit_rows": len(expected)}
     for name, rows in need.items():
         if r[name] != rows:
             found.add(f"{name} is {r[name]}, its positions need {rows}", sid)
-    if image != (r["visual_block"] >= 0) or (image and not 0 <= r["visual_block"] < attrs["num_blocks"]):
+    if image_rows != (r["visual_block"] >= 0) or (
+        image_rows and not 0 <= r["visual_block"] < attrs["num_blocks"]
+    ):
         found.add(
             f"visual_block {r['visual_block']} does not match the sample's image (or is not a block)", sid
         )
-    elif image and r["visual_row"] < 0 or not image and r["visual_row"] != -1:
+    elif image_rows and r["visual_row"] < 0 or not image_rows and r["visual_row"] != -1:
         found.add(f"visual_row {r['visual_row']} is not a row", sid)
 
 
@@ -426,6 +505,8 @@ def _plan_arrays(rows: list[dict], attrs: dict, found: Inspection) -> None:
             if encoding in codecs.SCALED:
                 specs[f"{name}_scale"] = ArraySpec("float32", shapes[name][:1])
         found.specs.update({(b, name): spec for name, spec in specs.items()})
+    if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
+        image_keys = {r["image_key"] for r in rows if r["status"] == "written" and r["image_key"]}
     if attrs["counts"]["images"] != len(image_keys):
         found.add(
             f"attribute counts.images is {attrs['counts']['images']}, the manifest has {len(image_keys)}"

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from alignkd_cache.signals import STORED_ARRAYS
+from alignkd_cache.signals import STORED_ARRAYS, cache_kind
 from alignkd_cache.store import codecs
 from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.stub import stub_problems
 from alignkd_cache.store.trust import FIX, Inspection, UntrustedCache, inspect, open_cache
 
 # Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
@@ -58,6 +59,8 @@ def verify(url: str, storage_options: dict | None = None, root: bytes | None = N
     if found.problems:  # shapes and offsets are not to be trusted: read no chunk
         return report
     _stream(found, report)
+    if cache_kind(found.attrs) == "layer0":
+        report.problems += stub_problems(found.loc, found.attrs["layer0"])
     report.samples_checked = sum(1 for s in found.table.column("status").to_pylist() if s == "written")
     return report
 
@@ -67,6 +70,8 @@ def open_verified(url: str, storage_options: dict | None = None) -> Inspection:
     found = open_cache(url, storage_options)
     report = VerifyReport(str(url))
     _stream(found, report)
+    if cache_kind(found.attrs) == "layer0":
+        report.problems += stub_problems(found.loc, found.attrs["layer0"])
     if not report.ok:
         lines = report.lines()
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""

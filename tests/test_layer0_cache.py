@@ -1,0 +1,245 @@
+"""`--signals layer0` caches: logit targets plus the teacher's layer-0 stub, whose recomputed
+signals equal a lossless stored cache's (both families, GQA, padding, text-only samples, pooling,
+both head modes), with the student's tower shared when it is the teacher's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkd_cache.backends import load_backend
+from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.layer0 import vision_tower
+from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.store.copy import copy_cache
+from alignkd_cache.store.info import cache_info
+from alignkd_cache.store.merge import merge_caches
+from alignkd_cache.store.provenance import IncompatibleCache
+from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.store.trust import UntrustedCache
+from alignkd_cache.store.verify import verify
+from alignkd_cache.teacher_signals import CacheSource, Layer0Source, OnlineOptions, OnlineSource
+from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm
+from alignkd_cache.train import build_adapters, trainable_model_parameters
+
+
+def build(teacher_dir, digits_dataset, out: Path, **options) -> Path:
+    data, root = digits_dataset
+    opts = BuildOptions(codecs="lossless", batch_size=4, **options)
+    build_cache(str(teacher_dir), data, root, str(out), opts, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, llava_teacher_dir, mobilevlm_teacher_dir, digits_dataset) -> dict:
+    """(family, kind, attn_heads) -> a cache of the digits built by that family's tiny teacher."""
+    out = tmp_path_factory.mktemp("layer0_caches")
+    teachers = {"llava": llava_teacher_dir, "mobilevlm": mobilevlm_teacher_dir}
+    return {
+        (family, kind, heads): build(
+            teachers[family], digits_dataset, out / f"{family}-{kind}-{heads}", signals=kind, attn_heads=heads
+        )
+        for family in teachers
+        for kind in ("stored", "layer0")
+        for heads in ("all", "mean")
+    }
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, tokenizer_dir, mobilevlm_teacher_dir) -> dict:
+    """llava: 16 visual tokens (the teacher's 8x8 grid pools 2x2 onto it) and its own tower;
+    mobilevlm: the teacher's own CLIP tower directory, as MobileVLM V2 1.7B shares the 7B's."""
+    root = tmp_path_factory.mktemp("layer0_students")
+    llava = build_tiny_llava(
+        root / "llava", tokenizer_dir, layers=2, hidden=32, heads=2, patch_size=8, seed=7
+    )
+    mobilevlm = build_tiny_mobilevlm(
+        root / "mobilevlm", tokenizer_dir, layers=2, hidden=32, heads=2, tower="separate", seed=8
+    )
+    config = json.loads((mobilevlm / "config.json").read_text())
+    config["mm_vision_tower"] = json.loads((mobilevlm_teacher_dir / "config.json").read_text())[
+        "mm_vision_tower"
+    ]
+    (mobilevlm / "config.json").write_text(json.dumps(config))
+    backends = {"llava": load_backend(llava), "mobilevlm": load_backend(mobilevlm)}
+    for backend in backends.values():
+        trainable_model_parameters(backend.model)  # the tower frozen, as the trainer freezes it
+    return backends
+
+
+def embeddings(tower):
+    return next(m for name, m in tower.named_modules() if name.endswith("embeddings"))
+
+
+def all_signals(source):
+    micro = source.collate([source[i] for i in range(len(source))])
+    return micro, source.signals(micro, "cpu")
+
+
+def test_a_layer0_cache_stores_logits_and_the_stub_only(caches):
+    path = caches[("llava", "layer0", "all")]
+    reader = CacheReader(str(path))
+    attrs = reader.attrs
+    assert attrs["signals"] == "layer0" and attrs["schema_version"].startswith("3.")
+    arrays = {p.name for p in (path / "blocks").glob("b*/*") if p.is_dir()}
+    assert arrays == {"logit_ids", "logit_values", "logit_tail"}
+    stub_files = {
+        p.relative_to(path / "layer0").as_posix() for p in (path / "layer0").rglob("*") if p.is_file()
+    }
+    assert stub_files == set(attrs["layer0"]["files"]) | {"layer0.json"}
+    signal = reader.read(reader.ids[0])
+    assert signal.attention is None and signal.visual is None and signal.image_key is not None
+    stored = CacheReader(str(caches[("llava", "stored", "all")]))
+    for sid in reader.ids:  # the logit targets are the stored cache's (a forward without capture)
+        a, b = reader.read(sid).logits, stored.read(sid).logits
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.tail, b.tail, atol=1e-6, rtol=1e-4)
+    assert verify(str(path)).ok
+    info, stored_info = cache_info(str(path)), cache_info(str(caches[("llava", "stored", "all")]))
+    assert info["kind"] == "layer0" and info["stub"]["bytes"] == attrs["layer0"]["bytes"] > 0
+    assert stored_info["kind"] == "stored" and stored_info["stub"] is None
+    assert (
+        info["signals"]["attention"]["bytes_per_sample"] == info["signals"]["visual"]["bytes_per_sample"] == 0
+    )
+    assert info["total"]["bytes_per_sample"] * 5 < stored_info["total"]["bytes_per_sample"]
+
+
+@pytest.mark.parametrize("family", ["llava", "mobilevlm"])
+@pytest.mark.parametrize("heads", ["all", "mean"])
+def test_layer0_signals_equal_the_lossless_stored_signals(caches, students, digits_dataset, family, heads):
+    _, root = digits_dataset
+    student = students[family]
+    stored = CacheSource(CacheReader(str(caches[(family, "stored", heads)])), student, root)
+    layer0 = Layer0Source(CacheReader(str(caches[(family, "layer0", heads)])), student, root)
+    assert layer0.route == (
+        "layer0, student's tower shared" if family == "mobilevlm" else "layer0, the stub's own tower"
+    )
+    assert (layer0.teacher_heads, layer0.teacher_dim) == (stored.teacher_heads, stored.teacher_dim)
+    _, want = all_signals(stored)
+    _, got = all_signals(layer0)
+    assert sum(s.attention is None for s in got) == 2  # the two text-only samples
+    for a, b in zip(want, got, strict=True):
+        for name in ("attention", "visual"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert (
+                    x.shape == y.shape
+                    and x.shape[-2 if name == "visual" else -1] == student.num_visual_tokens
+                )
+                torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+        assert torch.equal(a.logits.positions, b.logits.positions)
+
+
+def test_the_shared_tower_runs_once_per_micro_batch_and_matches_the_stubs_own(
+    caches, students, digits_dataset
+):
+    _, root = digits_dataset
+    student = students["mobilevlm"]
+    path = caches[("mobilevlm", "layer0", "all")]
+    shared = Layer0Source(CacheReader(str(path)), student, root)
+    runs = []  # a tower's embeddings run exactly when the tower really runs (not when its output is reused)
+    hooks = [
+        embeddings(vision_tower(backend)).register_forward_hook(lambda *a, who=who: runs.append(who))
+        for who, backend in (("stub", shared.stub), ("student", student))
+    ]
+    micro, got = all_signals(shared)
+    student.forward(micro.student, capture=False)
+    for hook in hooks:
+        hook.remove()
+    assert runs == ["student"]  # the stub's tower never ran; the student's forward reused the output
+    own = Layer0Source(CacheReader(str(path)), student, root)
+    own.tower = None  # the stub's own tower, as for a student whose tower differs
+    _, want = all_signals(own)
+    for a, b in zip(want, got, strict=True):
+        if a.visual is not None:
+            torch.testing.assert_close(b.visual, a.visual, atol=1e-6, rtol=0)
+            torch.testing.assert_close(b.attention, a.attention, atol=1e-6, rtol=0)
+
+
+def test_a_student_tower_that_trains_is_not_shared(caches, students, digits_dataset):
+    _, root = digits_dataset
+    student = students["mobilevlm"]
+    source = Layer0Source(CacheReader(str(caches[("mobilevlm", "layer0", "all")])), student, root)
+    student.model.vision_tower.requires_grad_(True)
+    try:
+        all_signals(source)
+        assert source.route == "layer0, the stub's own tower (the student's tower trains)"
+    finally:
+        student.model.vision_tower.requires_grad_(False)
+
+
+def loss_and_grads(student, source, cfg):
+    student.model.train()
+    params = trainable_model_parameters(student.model)
+    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, 0)
+    student.model.zero_grad(set_to_none=True)
+    micro = source.collate([source[i] for i in range(len(source))])
+    teacher = source.signals(micro, "cpu")
+    output = student.forward(micro.student, capture=True)
+    loss, terms = total_loss(output, micro.student, teacher, cfg, adapters)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
+    return {k: float(v) for k, v in terms.items()}, grads
+
+
+def test_a_layer0_cache_gives_the_online_loss_and_gradients(
+    caches, llava_teacher_dir, llava_student_dir, digits_dataset
+):
+    data, root = digits_dataset
+    student = load_backend(llava_student_dir)
+    teacher = load_backend(llava_teacher_dir)
+    cfg = LossConfig(parse_weights(""))
+    offline = Layer0Source(CacheReader(str(caches[("llava", "layer0", "all")])), student, root)
+    online = OnlineSource(teacher, student, data, root, OnlineOptions())
+    (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
+    for term in ("ce", "logit", "vis", "attn"):
+        assert off[term] > 0 and abs(off[term] - on[term]) <= 1e-5, (term, off[term], on[term])
+    torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tampered_stub_is_refused(caches, tmp_path, llava_student_dir, digits_dataset):
+    _, root = digits_dataset
+    path = tmp_path / "c"
+    shutil.copytree(caches[("llava", "layer0", "all")], path)
+    weights = path / "layer0" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1
+    weights.write_bytes(bytes(data))
+    lines = verify(str(path)).lines()
+    assert any("layer0/model.safetensors" in line and "sha256" in line for line in lines), lines
+    with pytest.raises(ValueError, match=r"model.safetensors does not match its sha256"):
+        Layer0Source(CacheReader(str(path)), load_backend(llava_student_dir), root)
+    manifest = path / "layer0" / "layer0.json"
+    edited = json.loads(manifest.read_text()) | {"sha256": "0" * 64}
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(UntrustedCache, match="layer0.json: its sha256 differs"):
+        CacheReader(str(path))
+    (path / "layer0" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(UntrustedCache, match="unexpected file 'layer0/extra.bin'"):
+        CacheReader(str(path))
+
+
+def test_merge_needs_identical_stubs_and_copy_carries_the_stub(caches, tmp_path, digits_dataset):
+    first, other = caches[("llava", "layer0", "all")], caches[("mobilevlm", "layer0", "all")]
+    half = tmp_path / "half"
+    shutil.copytree(first, half)  # the same stub; ids must differ, so rename them in a rebuilt copy
+    data, root = digits_dataset
+    records = json.loads(Path(data).read_text())
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps([dict(r, id=f"again-{r['id']}") for r in records]))
+    teacher = CacheReader(str(first)).attrs["teacher"]["model_id"]
+    second = build(teacher, (renamed, root), tmp_path / "second", signals="layer0")
+    merged = merge_caches([str(first), str(second)], str(tmp_path / "merged"))
+    assert merged["layer0"] == CacheReader(str(first)).attrs["layer0"] and verify(str(tmp_path / "merged")).ok
+    assert merged["counts"]["written"] == 2 * CacheReader(str(first)).attrs["counts"]["written"]
+    with pytest.raises(IncompatibleCache, match="layer0"):
+        merge_caches([str(first), str(other)], str(tmp_path / "refused"))
+    report = copy_cache(str(first), str(tmp_path / "copy"))
+    assert report.ok and (tmp_path / "copy" / "layer0" / "layer0.json").is_file()
+    assert CacheReader(str(tmp_path / "copy")).attrs["layer0"] == CacheReader(str(first)).attrs["layer0"]
