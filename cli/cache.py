@@ -12,6 +12,8 @@ from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
 from alignkd_cache.progress import quiet_libraries
+from alignkd_cache.signals import ATTN_HEADS, CACHE_KINDS, KINDS, LOGIT_POSITIONS
+from alignkd_cache.store.codecs import PRESETS
 
 
 def _options(pairs: tuple[str, ...]) -> dict | None:
@@ -66,7 +68,16 @@ def main():
 @click.option(
     "--topk", type=click.IntRange(1), default=64, show_default=True, help="Top-k ids per logit position."
 )
-@click.option("--logit-targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
+@click.option(
+    "--signals",
+    type=click.Choice(CACHE_KINDS),
+    default="stored",
+    show_default=True,
+    help="stored: every signal on disk (share outputs only). layer0: logit targets plus the teacher's "
+    "layer-0 stub, which recomputes the attention and visual tokens exactly at training time "
+    "(smaller, exact; the receiving team holds the teacher's first layer and vision path).",
+)
+@click.option("--logit-targets", type=click.Choice(KINDS), default="topk", show_default=True)
 @click.option(
     "--draws",
     type=click.IntRange(1),
@@ -75,11 +86,9 @@ def main():
     help="Draws per position for sampled targets.",
 )
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of sampled targets.")
-@click.option("--logit-positions", type=click.Choice(["answer", "text"]), default="answer", show_default=True)
-@click.option("--attn-heads", type=click.Choice(["all", "mean"]), default="all", show_default=True)
-@click.option(
-    "--codecs", type=click.Choice(["lossless", "balanced", "compact"]), default="balanced", show_default=True
-)
+@click.option("--logit-positions", type=click.Choice(LOGIT_POSITIONS), default="answer", show_default=True)
+@click.option("--attn-heads", type=click.Choice(ATTN_HEADS), default="all", show_default=True)
+@click.option("--codecs", type=click.Choice(list(PRESETS)), default="balanced", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option(
     "--block-size", type=click.IntRange(1), default=64, show_default=True, help="Samples per committed block."

@@ -5,7 +5,11 @@ both head modes), with the student's tower shared when it is the teacher's."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,3 +247,37 @@ def test_merge_needs_identical_stubs_and_copy_carries_the_stub(caches, tmp_path,
     report = copy_cache(str(first), str(tmp_path / "copy"))
     assert report.ok and (tmp_path / "copy" / "layer0" / "layer0.json").is_file()
     assert CacheReader(str(tmp_path / "copy")).attrs["layer0"] == CacheReader(str(first)).attrs["layer0"]
+
+
+@pytest.mark.slow
+def test_the_commands_build_train_and_report_a_layer0_cache(tmp_path, llava_teacher_dir, digits_dataset):
+    """`build --signals layer0`, `info`, `verify`, then `from-cache` on two DDP ranks: the log and
+    metrics.jsonl say the signals were recomputed, and what share of each step that took."""
+    data, root = digits_dataset
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*args):
+        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    module = [sys.executable, "-m"]
+    run(*module, "alignkd_cache.cli.cache", "build", "--teacher", str(llava_teacher_dir), "--data", str(data),
+        "--image-root", str(root), "--out", str(cache), "--signals", "layer0")  # fmt: skip
+    info = run(*module, "alignkd_cache.cli.cache", "info", str(cache)).stdout
+    assert "kind: layer0 (attention and visual tokens recomputed from the stub" in info
+    run(*module, "alignkd_cache.cli.cache", "verify", str(cache))
+    trained = run(*module, "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                  "-m", "alignkd_cache.cli.train", "from-cache", "--student", str(llava_teacher_dir),
+                  "--cache", str(cache), "--image-root", str(root), "--out", str(run_dir), "--max-steps", "2")  # fmt: skip
+    assert "teacher signals: layer0, student's tower shared" in trained.stderr  # the student is the teacher
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["signals_route"] == "layer0, student's tower shared" for r in rows)
+    assert all(0 < r["signals_share"] < 1 and r["attn"] > 0 and r["vis"] > 0 for r in rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
