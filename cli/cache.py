@@ -235,7 +235,7 @@ def copy(src, dst, storage):
 @storage_option
 def show(store, sample_id, image_root, head, tokens, out, storage):
     """Draw a sample's text->vision attention over its image (PNG)."""
-    from alignkd_cache.store.show import show_attention
+    from alignkd_cache.show import show_attention
 
     click.echo(
         show_attention(

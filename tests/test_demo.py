@@ -274,8 +274,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     from PIL import Image
 
     from alignkd_cache.demo import run as demo_run
+    from alignkd_cache.show import query_text
     from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.store.show import query_text
 
     out = tmp_path / "demo"
     # A machine that would compute differently: more threads, torch's AVX-512 kernels, no MKL pin.

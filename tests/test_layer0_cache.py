@@ -281,3 +281,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_path):
+    from PIL import Image
+
+    from alignkd_cache.images import load_image
+    from alignkd_cache.show import show_attention, teacher_attention
+    from alignkd_cache.teacher_signals import tokenized_from_row
+
+    _, root = digits_dataset
+    stored = CacheReader(str(caches[("mobilevlm", "stored", "all")]))
+    layer0 = CacheReader(str(caches[("mobilevlm", "layer0", "all")]))
+    sample = tokenized_from_row(layer0.row("digit-1"))
+    image, key = load_image(
+        root / sample.image, sample.id, tuple(layer0.attrs["preprocessing"]["image"]["pad_color"])
+    )
+    torch.testing.assert_close(
+        teacher_attention(layer0, sample, image, key),
+        teacher_attention(stored, sample, image, key),
+        atol=1e-5,
+        rtol=0,
+    )
+    out = show_attention(str(layer0.url), "digit-1", root, tmp_path / "heat.png")
+    with Image.open(out) as png:
+        assert png.width > 300

@@ -112,7 +112,7 @@ QUICK = Recipe(
 PRESENTATION_ONLY = {
     "alignkd_cache/demo/report.py",
     "alignkd_cache/progress.py",
-    "alignkd_cache/store/show.py",
+    "alignkd_cache/show.py",
 }
 
 

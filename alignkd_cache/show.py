@@ -2,7 +2,8 @@
 
 The N_v visual tokens cover the padded square image as a row-major sqrt(N_v) x sqrt(N_v) grid
 (CLIP patches for LLaVA, the pooled 12 x 12 grid for MobileVLM), so the selected attention mass
-per visual token is drawn as that grid stretched over the image.
+per visual token is drawn as that grid stretched over the image. A layer0 cache's slice is
+recomputed by its stub, exactly as training recomputes it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from alignkd_cache.data import resolve_image
+import torch
+
+from alignkd_cache import layer0
+from alignkd_cache.data import DataError, collate, pad_id, resolve_image
 from alignkd_cache.images import load_image
+from alignkd_cache.signals import cache_kind
 from alignkd_cache.store.provenance import attrs_pad_color
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.teacher_signals import tokenized_from_row
@@ -53,18 +58,15 @@ def show_attention(
     tokens: str | None = None,
     storage_options=None,
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     reader = CacheReader(url, storage_options)
-    cached = reader.read(sample_id)
-    if cached.attention is None:
+    sample = tokenized_from_row(reader.row(sample_id))
+    if sample.image is None:
         raise ValueError(
             f"sample {sample_id!r} has no image, so no text->vision attention; pick an image sample"
         )
-    attention = cached.attention.numpy()  # (H, |T|, N_v)
+    path = resolve_image(image_root, sample.image, sample_id)
+    image, key = load_image(path, sample_id, attrs_pad_color(reader.attrs))
+    attention = teacher_attention(reader, sample, image, key).numpy()  # (H, |T|, N_v)
     if head is not None and not 0 <= head < attention.shape[0]:
         raise ValueError(
             f"--head {head}: the cache holds {attention.shape[0]} head(s) for this sample (0..{attention.shape[0] - 1})"
@@ -79,31 +81,54 @@ def show_attention(
         raise ValueError(
             f"{grid.size} visual tokens do not form a square grid; cannot place them on the image"
         )
-    sample = tokenized_from_row(reader.row(sample_id))
-    path = resolve_image(image_root, sample.image, sample_id)
-    image, _ = load_image(path, sample_id, attrs_pad_color(reader.attrs))
     ids = sample.input_ids[sample.visual_start + sample.num_visual :][queries]
+    who = "mean over heads" if head is None else f"head {head}"
+    title = (
+        f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop}: {query_text(reader, ids)}"
+    )
+    return _draw(image, grid.reshape(side, side), f"{sample_id} (padded input)", title, Path(out))
+
+
+def teacher_attention(reader: CacheReader, sample, image, key: str) -> torch.Tensor:
+    """The sample's layer-0 slice: read from a stored cache, recomputed by a layer0 cache's stub."""
+    signal = reader.read(sample.id)
+    if key != signal.image_key:
+        raise DataError(
+            f"sample {sample.id!r}: its image is not the one the cache was built from (content key {key}, "
+            f"cached {signal.image_key}); restore the original file"
+        )
+    if cache_kind(reader.attrs) == "stored":
+        return signal.attention
+    stub = layer0.load_layer0(
+        layer0.stub_directory(reader.loc, reader.attrs),
+        dtype=getattr(torch, reader.attrs["options"]["dtype"]),
+    )
+    batch = collate([sample], [(stub.preprocess(image), key)], pad_id(stub.tokenizer))
+    return layer0.recompute(stub, batch, reader.attrs["attn_heads"]).attention[0].float()
+
+
+def _draw(image, grid, left_title: str, right_title: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
     axes[0].imshow(image)
-    axes[0].set_title(f"{sample_id} (padded input)")
+    axes[0].set_title(left_title)
     axes[1].imshow(image)
     heat = axes[1].imshow(
-        grid.reshape(side, side),
+        grid,
         cmap="inferno",
         alpha=0.6,
         extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5),
         interpolation="nearest",
     )
-    who = "mean over heads" if head is None else f"head {head}"
-    axes[1].set_title(
-        f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop}: {query_text(reader, ids)}",
-        fontsize=9,
-    )
+    axes[1].set_title(right_title, fontsize=9)
     fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
