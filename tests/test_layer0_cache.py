@@ -306,3 +306,23 @@ def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_p
     out = show_attention(str(layer0.url), "digit-1", root, tmp_path / "heat.png")
     with Image.open(out) as png:
         assert png.width > 300
+
+
+def test_resume_refuses_another_stub_or_kind(tmp_path, llava_teacher_dir, tokenizer_dir, digits_dataset):
+    partial = build(llava_teacher_dir, digits_dataset, tmp_path / "c", signals="layer0", limit=4)
+    data, root = digits_dataset
+    other = build_tiny_llava(
+        tmp_path / "other", tokenizer_dir, layers=3, hidden=64, heads=4, kv_heads=2, seed=11
+    )
+    options = BuildOptions(codecs="lossless", batch_size=4, signals="layer0", limit=4)
+    with pytest.raises(
+        IncompatibleCache, match="its layer-0 stub has sha256 .*use a new --out or the original teacher"
+    ):
+        build_cache(str(other), data, root, str(partial), options, resume=True, progress=False)
+    stored = BuildOptions(codecs="lossless", batch_size=4, limit=4)
+    with pytest.raises(IncompatibleCache, match="signals: stored 'layer0', now 'stored'"):
+        build_cache(str(llava_teacher_dir), data, root, str(partial), stored, resume=True, progress=False)
+    again = build_cache(
+        str(llava_teacher_dir), data, root, str(partial), options, resume=True, progress=False
+    )
+    assert again["layer0"] == CacheReader(str(partial)).attrs["layer0"]  # the same teacher: the same stub

@@ -148,10 +148,17 @@ def _first_difference(stored, new, where: str) -> str | None:
 
 def check_resume(stored: dict, new: dict, url: str) -> None:
     """Refuse to resume a build whose teacher, data or options differ, naming the field."""
+    diff = _first_difference(stored.get("signals", "stored"), new.get("signals"), "signals")
+    if diff:
+        raise IncompatibleCache(f"cannot --resume {url}: {diff}; use a new --out or the original --signals")
+    old_stub, new_stub = (a.get("layer0", {}).get("sha256") for a in (stored, new))
+    if old_stub != new_stub:
+        raise IncompatibleCache(
+            f"cannot --resume {url}: its layer-0 stub has sha256 {old_stub}, this teacher's {new_stub} "
+            "(another teacher, or its weights changed); use a new --out or the original teacher"
+        )
     keys = (
         "schema_version",
-        "signals",
-        "layer0",  # a different stub (another teacher, or its weights changed)
         "teacher",
         "tokenizer_sha256",
         "template",
