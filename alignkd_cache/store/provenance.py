@@ -19,6 +19,7 @@ from pathlib import Path
 
 import alignkd_cache
 from alignkd_cache.backends.tokenizer import tokenizer_settings
+from alignkd_cache.signals import cache_kind
 
 SCHEMA_VERSION = "2.1"  # a `stored` cache (2.1 added the optional `signals` attribute)
 # A `layer0` cache (its attention and visual signals are recomputed from a stub, docs/cache-format.md):
@@ -35,7 +36,6 @@ OLDER_MAJORS = {
 RESUME_FREE_OPTIONS = ("device",)
 # What must agree for caches to be merged: the same teacher producing the same kind of signals.
 MERGE_FIELDS = (
-    "signals",
     "layer0",  # the stub: identical, or no merge
     "teacher",
     "tokenizer_sha256",
@@ -148,7 +148,7 @@ def _first_difference(stored, new, where: str) -> str | None:
 
 def check_resume(stored: dict, new: dict, url: str) -> None:
     """Refuse to resume a build whose teacher, data or options differ, naming the field."""
-    diff = _first_difference(stored.get("signals", "stored"), new.get("signals"), "signals")
+    diff = _first_difference(cache_kind(stored), cache_kind(new), "signals")
     if diff:
         raise IncompatibleCache(f"cannot --resume {url}: {diff}; use a new --out or the original --signals")
     old_stub, new_stub = (a.get("layer0", {}).get("sha256") for a in (stored, new))
@@ -180,6 +180,10 @@ def check_resume(stored: dict, new: dict, url: str) -> None:
 
 
 def check_mergeable(first: dict, other: dict, url: str) -> None:
+    if cache_kind(first) != cache_kind(other):
+        raise IncompatibleCache(
+            f"cannot merge {url}: a {cache_kind(other)} cache into {cache_kind(first)} ones"
+        )
     for key in MERGE_FIELDS:
         diff = _first_difference(first.get(key), other.get(key), key)
         if diff:
