@@ -74,7 +74,7 @@ from alignkd_cache.signals import logit_targets
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import CacheSource, OnlineOptions, OnlineSource
+from alignkd_cache.teacher_signals import CacheSource, Layer0Source, OnlineOptions, OnlineSource
 from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
 from alignkd_cache.train import (
     Trainee,
@@ -519,10 +519,18 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
 
 
 def measure_build(
-    run: Run, scale: Scale, teacher_dir: Path, data: dict, preset: str, store: Path, load_s: float | None
+    run: Run,
+    scale: Scale,
+    teacher_dir: Path,
+    data: dict,
+    preset: str,
+    store: Path,
+    load_s: float | None,
+    signals: str = "stored",
 ) -> dict:
     device = run.device
     options = BuildOptions(
+        signals=signals,
         template=TEMPLATE,
         topk=scale.topk,
         codecs=preset,
@@ -551,6 +559,7 @@ def measure_build(
         "ratio_to_raw_fp16": {s: v["ratio"] for s, v in info["signals"].items()}
         | {"total": info["total"]["ratio"]},
         "total_bytes_per_sample": info["total"]["bytes_per_sample"],
+        "stub_bytes": info["stub"]["bytes"] if info["stub"] else None,
         "images": info["counts"].get("images"),
         "visual_bytes_per_image": info["signals"]["visual"]["bytes_per_sample"]
         * written
@@ -614,7 +623,7 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
 
 
 def measure_train(
-    run: Run, scale: Scale, teacher_dir: Path, student_dir: Path, data: dict, store: Path
+    run: Run, scale: Scale, teacher_dir: Path, student_dir: Path, data: dict, store: Path, layer0_store: Path
 ) -> dict:
     device = run.device
     result = run.node("train")
@@ -625,6 +634,14 @@ def measure_train(
     run.guarded("train.from_cache", measure_training, run, scale, student, cache)
     del cache
     free_memory()
+
+    def layer0() -> dict:
+        source = Layer0Source(CacheReader(str(layer0_store)), student, data["image_root"], device=device)
+        return measure_training(run, scale, student, source) | {"route": source.route}
+
+    if layer0_store.exists():
+        run.guarded("train.layer0", layer0)
+        free_memory()
 
     def online() -> dict:
         teacher = load_backend(teacher_dir, dtype=getattr(torch, scale.dtype), device=device)
@@ -680,6 +697,17 @@ def ratios(summary: dict) -> dict:
         ),
         "online_peak_over_cache_peak": ratio(
             get("train", "online", "peak_gpu_bytes"), get("train", "from_cache", "peak_gpu_bytes")
+        ),
+        "layer0_step_over_cache_step": ratio(
+            get("train", "layer0", "median_s"), get("train", "from_cache", "median_s")
+        ),
+        "layer0_build_over_balanced_build_samples_per_s": ratio(
+            get("build", "layer0", "samples_per_s_excluding_load"),
+            get("build", "balanced", "samples_per_s_excluding_load"),
+        ),
+        "balanced_over_layer0_bytes_per_sample": ratio(
+            get("build", "balanced", "total_bytes_per_sample"),
+            get("build", "layer0", "total_bytes_per_sample"),
         ),
     }
     for preset in PRESETS:
@@ -761,10 +789,11 @@ def main(argv: list[str] | None = None) -> int:
         run.guarded("forward", measure_forward, run, scale, teacher_dir, data)
         load_s = run.node("forward").get("teacher_load_s")
 
-        def build(preset: str) -> None:
-            store = work / f"cache-{preset}"
+        def build(preset: str, signals: str = "stored") -> None:
+            name = preset if signals == "stored" else signals
+            store = work / f"cache-{name}"
             run.guarded(
-                f"build.{preset}", measure_build, run, scale, teacher_dir, data, preset, store, load_s
+                f"build.{name}", measure_build, run, scale, teacher_dir, data, preset, store, load_s, signals
             )
 
         # The order puts what only this run can tell first: should the budget run out, the lossless
@@ -773,8 +802,17 @@ def main(argv: list[str] | None = None) -> int:
             build(preset)
         if "samples" not in run.node("build.balanced"):
             raise RuntimeError("the balanced build failed, so there is no cache to train from")
+        build("balanced", signals="layer0")  # logit targets + the layer-0 stub; no capture in the build
         run.guarded(
-            "train", measure_train, run, scale, teacher_dir, student_dir, data, work / "cache-balanced"
+            "train",
+            measure_train,
+            run,
+            scale,
+            teacher_dir,
+            student_dir,
+            data,
+            work / "cache-balanced",
+            work / "cache-layer0",
         )
         build("lossless")
     except Exception as e:

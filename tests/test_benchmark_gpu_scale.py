@@ -48,7 +48,11 @@ def test_tiny_run_measures_everything(tmp_path):
     assert "not_run" in forward["plain_flash"]
 
     builds = summary["build"]
-    assert set(builds) == set(gpu_scale.PRESETS)
+    assert set(builds) == {*gpu_scale.PRESETS, "layer0"}
+    layer0 = builds.pop("layer0")  # logit targets only, plus the stub
+    assert layer0["samples"] == tiny.samples and layer0["stub_bytes"] > 0
+    assert layer0["bytes_per_sample"]["attention"] == layer0["bytes_per_sample"]["visual"] == 0
+    assert layer0["total_bytes_per_sample"] < builds["balanced"]["total_bytes_per_sample"]
     for preset, build in builds.items():
         assert build["samples"] == tiny.samples, preset
         assert build["samples_per_s_excluding_load"] > 0
@@ -64,7 +68,8 @@ def test_tiny_run_measures_everything(tmp_path):
         )
         assert lossless["total_bytes_per_sample"] > builds[preset]["total_bytes_per_sample"]
 
-    for source in ("from_cache", "online"):
+    assert summary["train"]["layer0"]["route"].startswith("layer0")
+    for source in ("from_cache", "online", "layer0"):
         step = summary["train"][source]
         assert step["median_s"] > 0 and all(map(torch.isfinite, torch.tensor(step["loss_first_last"])))
 
@@ -76,6 +81,7 @@ def test_tiny_run_measures_everything(tmp_path):
     assert "no CUDA device" in summary["notes"]["peak_gpu_bytes"]
     ratios = summary["ratios"]
     assert ratios["capture_over_plain_sdpa"] > 0 and ratios["online_step_over_cache_step"] > 0
+    assert ratios["layer0_step_over_cache_step"] > 0 and ratios["balanced_over_layer0_bytes_per_sample"] > 1
     assert ratios["online_peak_over_cache_peak"] is None
 
 
