@@ -313,7 +313,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     )
     step = start_step(out, trainee, optimizer, scheduler, opts, world)
     # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
-    wrapped = DistributedDataParallel(trainee, broadcast_buffers=False) if world.size > 1 else trainee
+    wrapped = DistributedDataParallel(trainee, forward_sync_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
 
     # One loader over this rank's micro-batches from the resume point on; workers read ahead.

@@ -25,18 +25,12 @@ for _name, (_field, _) in STORED_ARRAYS.items():
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
     found = open_cache(url, storage_options)
     loc, attrs, table = found.loc, found.attrs, found.table
-    group = loc.group("r")
     written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
     reasons = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "skipped")
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
     skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.column("skip_reason").to_pylist())
     n = max(1, written.num_rows)
-    stored = dict.fromkeys(SIGNALS, 0)
-    for b in range(attrs["num_blocks"]):
-        block = group[block_path(b)]
-        names = set(block.array_keys())
-        for signal, arrays in SIGNALS.items():
-            stored[signal] += sum(loc.chunk_bytes(f"{block_path(b)}/{a}") for a in arrays if a in names)
+    stored = _stored_bytes(loc, attrs["num_blocks"])
     attn_rows = sum(written.column("attention_rows").to_pylist())
     logit_rows = sum(written.column("logit_rows").to_pylist())
     with_image = sum(1 for b in written.column("visual_block").to_pylist() if b >= 0)
@@ -87,3 +81,13 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
             "ratio": total_raw / max(1, total_stored),
         },
     }
+
+
+def _stored_bytes(loc, num_blocks: int) -> dict[str, int]:
+    """Chunk bytes per signal over every block (metadata documents excluded)."""
+    group, stored = loc.group("r"), dict.fromkeys(SIGNALS, 0)
+    for b in range(num_blocks):
+        names = set(group[block_path(b)].array_keys())
+        for signal, arrays in SIGNALS.items():
+            stored[signal] += sum(loc.chunk_bytes(f"{block_path(b)}/{a}") for a in arrays if a in names)
+    return stored
