@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
@@ -227,12 +228,6 @@ def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, d
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_cache(single, multi)
     assert verify(str(multi)).ok
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
@@ -275,12 +275,6 @@ def test_the_commands_build_train_and_report_a_layer0_cache(tmp_path, llava_teac
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["signals_route"] == "layer0, student's tower shared" for r in rows)
     assert all(0 < r["signals_share"] < 1 and r["attn"] > 0 and r["vis"] > 0 for r in rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_path):

@@ -3,12 +3,12 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from run_logs import UNTIMED_OUT, free_port, metrics, untimed
 from safetensors.torch import load_file
 
 from alignkd_cache.backends import load_backend
@@ -34,21 +34,6 @@ def options(out, **kw):
     return TrainOptions(out=str(out), loss=loss, **{"lr": 1e-3, "batch_size": 2, "progress": False, **kw})
 
 
-TIMING_ROUTE = ("signals_route", "signals_s", "signals_share")
-
-
-def untimed(row: dict) -> dict:
-    """A metrics.jsonl row without its wall-clock fields (they differ between any two runs) and the
-    signals' route (a string, which pytest.approx cannot compare with a relative tolerance)."""
-    return {
-        k: v for k, v in row.items() if k not in ("seconds", "signals_s", "signals_share", "signals_route")
-    }
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_batch_plan_is_a_seeded_permutation_shared_by_any_world_size():
     plan = batch_plan(10, batch_size=2, grad_accum=2, world_size=1, seed=3, epochs=2)
     assert plan == batch_plan(10, 2, 2, 1, 3, 2)
@@ -70,7 +55,7 @@ def test_from_cache_trains_logs_and_writes_a_loadable_student(
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert set(r) == {"step", "loss", "ce", "logit", "vis", "attn", "lr", "seconds", *TIMING_ROUTE}
+        assert set(r) == {"step", "loss", "ce", "logit", "vis", "attn", "lr", "seconds", *UNTIMED_OUT[1:]}
         assert r["signals_route"] == "cache" and 0 <= r["signals_s"] <= r["seconds"]
         assert r["loss"] == pytest.approx(r["ce"] + r["logit"] + r["vis"] + r["attn"], rel=1e-5)
     trained = load_backend(out)
@@ -200,12 +185,6 @@ def test_text_only_micro_batches_train_with_only_the_image_terms_on(
     )
     rows = metrics(out)
     assert len(rows) == 2 and all(r["ce"] is None and r["logit"] is None and r["attn"] > 0 for r in rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_from_cache(student, cache, root, out, *args):

@@ -2,11 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from run_logs import free_port, metrics, untimed
 
 pytestmark = pytest.mark.slow
 
@@ -17,24 +17,6 @@ def run(*args):
     result = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def untimed(row: dict) -> dict:
-    """A metrics.jsonl row without its wall-clock fields (they differ between any two runs) and the
-    signals' route (a string, which pytest.approx cannot compare with a relative tolerance)."""
-    return {
-        k: v for k, v in row.items() if k not in ("seconds", "signals_s", "signals_share", "signals_route")
-    }
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
