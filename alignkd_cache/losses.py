@@ -1,6 +1,6 @@
 """The Align-KD losses: plain functions shared by the cache and the online (teacher resident) trainer.
 
-Method: ../shared/docs/alignkd-method.md sections 1-2. Every function takes the teacher's signals
+Method: docs/method.md §1-3. Every function takes the teacher's signals
 already mapped to the student's sequence (same text rows T, same visual-token count N_v, logit
 positions in student coordinates), so neither path has its own loss code.
 

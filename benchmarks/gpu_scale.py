@@ -283,7 +283,7 @@ def default_dtype(dtype: torch.dtype):
 
 
 def mobilevlm_config(llm: LLM, tower: Tower, grid: int, vocab: int, tokenizer) -> dict:
-    """A MobileVLM V2 config.json (see docs/alignkd-method.md §3) at the given sizes."""
+    """A MobileVLM V2 config.json (see docs/method.md §4) at the given sizes."""
     return {
         "architectures": ["MobileLlamaForCausalLM"],
         "model_type": "mobilevlm",

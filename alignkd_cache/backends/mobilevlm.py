@@ -1,6 +1,6 @@
 """MobileVLM V2 (the paper's teacher and student), loaded from an original checkpoint directory.
 
-Layout of an original checkpoint (model_type "mobilevlm", see docs/alignkd-method.md §3):
+Layout of an original checkpoint (model_type "mobilevlm", see docs/method.md §4):
 - LLaMA weights under `model.*` and `lm_head.*`: loaded by transformers' LlamaForCausalLM as is;
 - the LDPv2 projector under `model.mm_projector.` (mlp.mlp.0, GELU, mlp.mlp.2, AdaptiveAvgPool2d to
   a grid x grid, peg.peg.0 depthwise 3x3 conv with a residual);
@@ -121,7 +121,7 @@ class MobileVLM(nn.Module):
         return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-# The vision settings every MobileVLM V2 checkpoint's config.json carries (method doc section 3).
+# The vision settings every MobileVLM V2 checkpoint's config.json carries (docs/method.md §4).
 MOBILEVLM_V2_VISION = {
     "mm_projector_type": "ldpnetv2",
     "mm_vision_select_layer": -2,

@@ -87,6 +87,9 @@ def decode(encoding: str, stored: np.ndarray, scale: np.ndarray | None = None) -
 
 
 def int_dtype(max_value: int) -> np.dtype:
+    """The stored dtype of ids up to max_value: uint16 when they fit (vocabularies up to 65,536, so
+    every LLaMA-family one), else int32. Logit ids use it (`logit_id_dtype`); sampled targets' draw
+    counts are always uint16 (--draws is at most 4096)."""
     return np.dtype(np.uint16) if max_value <= np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 

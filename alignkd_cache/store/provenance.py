@@ -20,6 +20,7 @@ from pathlib import Path
 import alignkd_cache
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.signals import cache_kind
+from alignkd_cache.store.codecs import int_dtype
 
 SCHEMA_VERSION = "2.1"  # a `stored` cache (2.1 added the optional `signals` attribute)
 # A `layer0` cache (its attention and visual signals are recomputed from a stub, docs/cache-format.md):
@@ -131,7 +132,7 @@ def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, 
         "logit_positions": options["logit_positions"],
         "codecs": options["codecs"],
         "encodings": encodings,  # a layer0 cache uses only "logprobs"
-        "logit_id_dtype": "uint16" if vocab_size <= 65536 else "int32",
+        "logit_id_dtype": int_dtype(vocab_size - 1).name,
         "block_size": options["block_size"],
     }
 

@@ -21,7 +21,7 @@ from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import UntrustedCache, open_cache
+from alignkd_cache.store.trust import UntrustedCache, chunk_damage, open_cache
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -114,13 +114,8 @@ class CacheReader:
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - zarr's checksum or decode failure: a damaged chunk
-            what = (
-                "fails its checksum"
-                if "checksum" in str(e)
-                else f"is in a damaged chunk ({type(e).__name__}: {e})"
-            )
             raise CacheError(
-                f"{self.url}: sample {sample_id!r} (block {row['block']}) {what}, so the cache is damaged; "
+                f"{self.url}: sample {sample_id!r} (block {row['block']}) {chunk_damage(e)}, so the cache is damaged; "
                 f"run `alignkd-cache verify {self.url}` to list every damaged sample"
             ) from e
 

@@ -109,6 +109,13 @@ class Inspection:
         self.problems.append((sample, what))
 
 
+def chunk_damage(error: Exception) -> str:
+    """What a chunk that failed to read (zarr's CRC32C or decode error) has, for reader and verify."""
+    if "checksum" in str(error):
+        return "fails its checksum"
+    return f"is in a damaged chunk ({type(error).__name__}: {error})"
+
+
 def open_cache(url: str, storage_options: dict | None = None) -> Inspection:
     """The checked cache (attributes, manifest table, file list), or UntrustedCache naming the problem."""
     found = inspect(url, storage_options)

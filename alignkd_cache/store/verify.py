@@ -18,7 +18,7 @@ from alignkd_cache.signals import STORED_ARRAYS, cache_kind
 from alignkd_cache.store import codecs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.stub import stub_problems
-from alignkd_cache.store.trust import FIX, Inspection, UntrustedCache, inspect, open_cache
+from alignkd_cache.store.trust import FIX, Inspection, UntrustedCache, chunk_damage, inspect, open_cache
 
 # Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
 # found through visual_block/visual_row instead.
@@ -89,7 +89,7 @@ def _stream(found: Inspection, report: VerifyReport) -> None:
                 stored = array[lo:hi]
             except Exception as e:  # noqa: BLE001 - a checksum or decode failure: a damaged chunk
                 report.problems.append(
-                    f"{block_path(b)}/{name}: rows {lo}..{hi - 1} unreadable ({type(e).__name__})"
+                    f"{block_path(b)}/{name}: rows {lo}..{hi - 1} unreadable: {chunk_damage(e)}"
                 )
                 _blame(found, report, b, name, lo, hi, "are in a damaged chunk")
                 continue
