@@ -69,3 +69,19 @@ def test_readme_says_where_the_demo_teacher_is_cached():
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"~/.cache/{user_cache_dir().name}/" in readme and "demo-teacher-" in readme
     assert "install the CUDA build of torch for your driver" in readme
+
+
+def test_cli_installs_inside_the_package_and_nowhere_else():
+    """cli/ is the source of alignkd_cache.cli; the installed tree has no top-level `cli` package."""
+    import tomllib
+    from pathlib import Path
+
+    import alignkd_cache.cli
+
+    repo = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"]["alignkd_cache.cli"] == "cli"
+    assert all(p == "alignkd_cache" or p.startswith("alignkd_cache.") for p in setup["packages"])
+    assert Path(alignkd_cache.cli.__file__).resolve().parent == repo / "cli"
+    scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
+    assert all(target.startswith("alignkd_cache.cli.") for target in scripts.values())
