@@ -121,10 +121,34 @@ def spliced_forward(
     `visual` is (n_images, N_v, D), one row per row of batch.pixel_values; `decoder` is a LLaMA-style
     model taking inputs_embeds and a 2-D attention mask and using CAPTURE_ATTENTION in its layers.
     """
+    # MobileVLM marks image positions with -200, which has no embedding row; they are overwritten.
+    embeds = embed_tokens(batch.input_ids.clamp(min=0))
+    rows, cols, feats = _visual_slots(batch, visual, image_token_id)
+    if feats:
+        embeds = embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(feats).to(embeds.dtype))
+    request = None
+    if capture:
+        with layer0_capture(batch.text_positions, batch.visual_positions, batch.attention_mask) as request:
+            hidden = decoder(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        if request.slices is None:
+            raise RuntimeError(
+                f"layer 0 never ran through {CAPTURE_ATTENTION!r}; load the model with that attention implementation"
+            )
+    else:
+        hidden = decoder(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+    attention = request.slices if request is not None else [None] * len(batch.ids)
+    return VLMOutput(logits=lm_head(hidden), attention=attention, visual=visual)
+
+
+def _visual_slots(batch, visual: torch.Tensor | None, image_token_id: int):
+    """(batch rows, positions, visual tokens) to splice, after checking that every sample's image
+    ids and visual positions agree with its image row and the model's visual-token count."""
     input_ids = batch.input_ids
     image_ids_per_row = (input_ids == image_token_id).sum(1).tolist()
-    # MobileVLM marks image positions with -200, which has no embedding row; they are overwritten.
-    embeds = embed_tokens(input_ids.clamp(min=0))
     rows, cols, feats = [], [], []
     for b, image_row in enumerate(batch.image_index):
         positions = batch.visual_positions[b]
@@ -154,21 +178,4 @@ def spliced_forward(
         rows.append(torch.full_like(positions, b))
         cols.append(positions)
         feats.append(visual[image_row])
-    if feats:
-        embeds = embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(feats).to(embeds.dtype))
-    request = None
-    if capture:
-        with layer0_capture(batch.text_positions, batch.visual_positions, batch.attention_mask) as request:
-            hidden = decoder(
-                inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
-        if request.slices is None:
-            raise RuntimeError(
-                f"layer 0 never ran through {CAPTURE_ATTENTION!r}; load the model with that attention implementation"
-            )
-    else:
-        hidden = decoder(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-    attention = request.slices if request is not None else [None] * len(batch.ids)
-    return VLMOutput(logits=lm_head(hidden), attention=attention, visual=visual)
+    return rows, cols, feats
