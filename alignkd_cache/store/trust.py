@@ -399,37 +399,33 @@ WRITTEN_FIELDS = (
 )
 
 
-def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
+def _tokens_fit(r: dict, attrs: dict, found: Inspection) -> bool:
+    """The row's ids, visual run and image key are those of a valid sample of this cache."""
     sid = r["id"]
-    missing = [k for k in WRITTEN_FIELDS if r[k] is None]
-    if missing:
-        found.add(f"{missing[0]} is null in a written row", sid)
-        return
     ids, vs, nv = r["input_ids"], r["visual_start"], r["num_visual"]
     n = len(ids)
     if not 2 <= n <= attrs["options"]["max_length"]:
         found.add(
             f"input_ids has {n} tokens; the cache's max_length is {attrs['options']['max_length']}", sid
         )
-        return
+        return False
     image = vs >= 0
     if image and (nv != attrs["num_visual_tokens"] or vs + nv >= n):
         found.add(
             f"visual_start {vs} / num_visual {nv} do not fit {n} tokens of which {attrs['num_visual_tokens']} visual",
             sid,
         )
-        return
+        return False
     if not image and (vs != -1 or nv != 0):
         found.add(f"visual_start {vs} / num_visual {nv}: a text-only sample has -1 / 0", sid)
-        return
+        return False
     keyed = isinstance(r["image"], str) and re.fullmatch("[0-9a-f]{32}", r["image_key"] or "")
     unkeyed = r["image"] is None and r["image_key"] is None
     if not (keyed if image else unkeyed):
         found.add(
             "image / image_key do not match the sample's visual tokens (a 32-hex-digit key per image)", sid
         )
-        return
-    visual = range(vs, vs + nv) if image else range(0)
+        return False
     image_id, vocab = attrs["image_token_id"], attrs["vocab_size"]
     tokens, is_visual = np.asarray(ids, dtype=np.int64), np.zeros(n, bool)
     is_visual[vs : vs + nv] = image
@@ -441,7 +437,21 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
             "must fill exactly the visual positions",
             sid,
         )
+        return False
+    return True
+
+
+def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
+    sid = r["id"]
+    missing = [k for k in WRITTEN_FIELDS if r[k] is None]
+    if missing:
+        found.add(f"{missing[0]} is null in a written row", sid)
         return
+    if not _tokens_fit(r, attrs, found):
+        return
+    ids, vs, nv = r["input_ids"], r["visual_start"], r["num_visual"]
+    n, image = len(ids), vs >= 0
+    visual = range(vs, vs + nv) if image else range(0)
     text_next = [p for p in range(n - 1) if p + 1 not in visual]  # positions whose next token is text
     sup, pos = r["supervised_positions"], r["logit_positions"]
     if not set(sup) <= set(text_next) or sup != sorted(set(sup)):
