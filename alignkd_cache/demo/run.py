@@ -322,28 +322,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     (out / "commands.log").unlink(missing_ok=True)
     run = Runner(out / "commands.log")
-    seed_list = list(range(seeds))
     cached = (teacher_dir(recipe) / "model" / "alignkd_train.json").exists()
-    cost = stage_costs(recipe, cached)
-    plan = ["data", "teacher", "eval", "build"]
-    plan += (["init"] + ["train", "eval"] * len(variants)) * seeds + ["figures"]
-    print(
-        f"alignkd-demo: {'reuse the cached' if cached else 'train a'} teacher, build its cache, train "
-        f"{len(variants)} student variant(s) x {seeds} seed(s) and evaluate them; about "
-        f"{math.ceil(sum(cost[k] for k in plan) / 60)} min on 2 cores. Commands' output: {out}/commands.log",
-        flush=True,
-    )
-    progress = StageProgress([cost[k] for k in plan], "alignkd-demo")
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, fn: Callable, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        key = name.split(" ")[0]
-        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
-        progress.stage_done(name)
-        return result
-
+    stage = Stages(recipe, cached, len(variants), seeds, out)
     start = time.perf_counter()
     data_dir = out / "data"
     data = stage("data", build_data, recipe, data_dir)
@@ -358,6 +338,63 @@ def run_demo(
         recipe.template,
         run,
     )
+    cache = build_teacher_cache(stage, run, recipe, teacher, data, out)
+    students = train_students(stage, run, recipe, variants, seeds, teacher, cache, data, out)
+    draw_attention(stage, run, cache, data, out)
+    stage.progress.close()
+    stage.seconds["total"] = time.perf_counter() - start
+    results = Results(
+        command=command or f"alignkd-demo --out {out} --seeds {seeds}" + (" --quick" if quick else ""),
+        recipe=recipe,
+        seeds=list(range(seeds)),
+        teacher=teacher_scores,
+        baseline=majority_baseline(data["train"], data["test"]),
+        students=students,
+        params={"teacher": _count_params(teacher), "student": _count_params(out / "students" / "init-s0")},
+        seconds=stage.seconds,
+        load=os.getloadavg()[1] if hasattr(os, "getloadavg") else None,
+        commands=run.commands,
+        teacher_cached=cached,
+        environment=environment(),
+    )
+    from alignkd_cache.demo.report import write_report
+
+    write_report(results, out)
+    return results
+
+
+class Stages:
+    """Runs the demo's stages, timing each kind (the first word of its name) and moving the one
+    weighted progress display; announces the plan and its expected duration first."""
+
+    def __init__(self, recipe: Recipe, cached: bool, variants: int, seeds: int, out: Path):
+        cost = stage_costs(recipe, cached)
+        plan = (
+            ["data", "teacher", "eval", "build"]
+            + (["init"] + ["train", "eval"] * variants) * seeds
+            + ["figures"]
+        )
+        print(
+            f"alignkd-demo: {'reuse the cached' if cached else 'train a'} teacher, build its cache, train "
+            f"{variants} student variant(s) x {seeds} seed(s) and evaluate them; about "
+            f"{math.ceil(sum(cost[k] for k in plan) / 60)} min on 2 cores. Commands' output: {out}/commands.log",
+            flush=True,
+        )
+        self.progress = StageProgress([cost[k] for k in plan], "alignkd-demo")
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        key = name.split(" ")[0]
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+        self.progress.stage_done(name)
+        return result
+
+
+def build_teacher_cache(stage: Stages, run, recipe, teacher, data, out: Path) -> Path:
+    """`alignkd-cache build` with the demo's teacher over the students' training set."""
+    data_dir = out / "data"
     cache = out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     stage(
@@ -368,8 +405,28 @@ def run_demo(
         ["build", "--teacher", str(teacher), "--data", str(data["student"]), "--image-root", str(data_dir),
          "--out", str(cache), "--batch-size", "32", "--template", recipe.template],
     )  # fmt: skip
+    return cache
+
+
+def draw_attention(stage: Stages, run, cache: Path, data, out: Path) -> None:
+    """`alignkd-cache show` on the first "position" question: the README's attention figure."""
+    data_dir = out / "data"
+    heat_sample = next(r["id"] for r in json.loads(data["student"].read_text()) if r["kind"] == "position")
+    stage(
+        "figures",
+        run,
+        "alignkd-cache",
+        cache_cli(),
+        ["show", str(cache), "--sample", heat_sample, "--image-root", str(data_dir),
+         "--out", str(_mkdir(out / "figures") / "demo-attention.png")],
+    )  # fmt: skip
+
+
+def train_students(stage: Stages, run, recipe, variants: dict, seeds: int, teacher, cache, data, out) -> dict:
+    """Every variant from each seed's student init, from the cache, then evaluated: name -> scores per seed."""
+    data_dir = out / "data"
     students: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    for seed in seed_list:
+    for seed in range(seeds):
         init = stage(
             f"init s{seed}", build_student_init, recipe, teacher, out / "students" / f"init-s{seed}", seed
         )
@@ -386,48 +443,18 @@ def run_demo(
                  "--batch-size", str(recipe.student_batch), "--epochs", str(recipe.student_epochs),
                  "--seed", str(seed), "--vis-topk", str(recipe.vis_topk)],
             )  # fmt: skip
-            students[name].append(
-                stage(
-                    f"eval {name} s{seed}",
-                    evaluate,
-                    run_dir,
-                    data["test"],
-                    data_dir,
-                    run_dir,
-                    recipe.template,
-                    run,
-                )
+            scores = stage(
+                f"eval {name} s{seed}",
+                evaluate,
+                run_dir,
+                data["test"],
+                data_dir,
+                run_dir,
+                recipe.template,
+                run,
             )
-    figures = _mkdir(out / "figures")
-    heat_sample = next(r["id"] for r in json.loads(data["student"].read_text()) if r["kind"] == "position")
-    stage(
-        "figures",
-        run,
-        "alignkd-cache",
-        cache_cli(),
-        ["show", str(cache), "--sample", heat_sample, "--image-root", str(data_dir),
-         "--out", str(figures / "demo-attention.png")],
-    )  # fmt: skip
-    progress.close()
-    seconds["total"] = time.perf_counter() - start
-    results = Results(
-        command=command or f"alignkd-demo --out {out} --seeds {seeds}" + (" --quick" if quick else ""),
-        recipe=recipe,
-        seeds=seed_list,
-        teacher=teacher_scores,
-        baseline=majority_baseline(data["train"], data["test"]),
-        students=students,
-        params={"teacher": _count_params(teacher), "student": _count_params(out / "students" / "init-s0")},
-        seconds=seconds,
-        load=os.getloadavg()[1] if hasattr(os, "getloadavg") else None,
-        commands=run.commands,
-        teacher_cached=cached,
-        environment=environment(),
-    )
-    from alignkd_cache.demo.report import write_report
-
-    write_report(results, out)
-    return results
+            students[name].append(scores)
+    return students
 
 
 def _mkdir(path: Path) -> Path:
