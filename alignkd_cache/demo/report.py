@@ -148,6 +148,7 @@ def plot(results, path: Path) -> Path:
     return path
 
 
+# Over 60 lines because it is one template of the whole results.md, read as the document it writes.
 def write_report(results, out: Path) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
