@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignkd_cache.errors import DataError
 from alignkd_cache.images import load_image
 
 IGNORE_INDEX = -100
@@ -31,15 +32,6 @@ V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class DataError(ValueError):
-    """Bad input. The message names the file, line or sample and says what to fix; `reason` is the
-    short kind of problem the pre-flight report counts."""
-
-    def __init__(self, message: str, reason: str = "bad record"):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,16 @@ def save_layer0(teacher, out_dir: str | Path) -> str:
 
 
 def load_layer0(stub_dir: str | Path, *, dtype=torch.float32, device="cpu"):
-    """Verify, then load the stub through the family's own loader."""
+    """Verify, then load the stub through the family's own loader. A stub is self-contained: one
+    that names a vision tower elsewhere (a path or hub id) is refused, since a cache from someone
+    else must not make the trainer load files from outside it."""
     manifest = verify_layer0(stub_dir)
+    outside = json.loads((Path(stub_dir) / "config.json").read_text()).get("mm_vision_tower")
+    if outside is not None:
+        raise ValueError(
+            f"layer-0 teacher {stub_dir}: its config names a vision tower outside the stub ({outside!r}); "
+            "a stub carries its own tower: rebuild the cache with this version of alignkd-cache"
+        )
     return load_backend(stub_dir, dtype=dtype, device=device, family=manifest["family"])
 
 

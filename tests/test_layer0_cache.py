@@ -189,7 +189,7 @@ def loss_and_grads(student, source, cfg):
     loss, terms = total_loss(output, micro.student, teacher, cfg, adapters)
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
-    return {k: float(v) for k, v in terms.items()}, grads
+    return {k: float(v.detach()) for k, v in terms.items()}, grads
 
 
 def test_a_layer0_cache_gives_the_online_loss_and_gradients(
@@ -320,3 +320,22 @@ def test_resume_refuses_another_stub_or_kind(tmp_path, llava_teacher_dir, tokeni
         str(llava_teacher_dir), data, root, str(partial), options, resume=True, progress=False
     )
     assert again["layer0"] == CacheReader(str(partial)).attrs["layer0"]  # the same teacher: the same stub
+
+
+def test_a_stub_that_points_outside_itself_is_refused(caches, tmp_path, mobilevlm_teacher_dir):
+    """Even with every hash made consistent (a forged cache), a stub may not load a tower from elsewhere."""
+    from alignkd_cache.layer0 import load_layer0
+    from alignkd_cache.store.provenance import file_sha256
+    from alignkd_cache.store.stub import stub_sha256
+
+    stub = tmp_path / "layer0"
+    shutil.copytree(caches[("mobilevlm", "layer0", "all")] / "layer0", stub)
+    config = json.loads((stub / "config.json").read_text())
+    config["mm_vision_tower"] = str(mobilevlm_teacher_dir) + "-clip"
+    (stub / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((stub / "layer0.json").read_text())
+    manifest["files"]["config.json"] = file_sha256(stub / "config.json")
+    manifest["sha256"] = stub_sha256(manifest["files"])
+    (stub / "layer0.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="names a vision tower outside the stub"):
+        load_layer0(stub)

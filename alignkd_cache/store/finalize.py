@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
-from alignkd_cache.data import DataError
+from alignkd_cache.errors import DataError
 from alignkd_cache.signals import cache_kind
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, part_key, sha256
