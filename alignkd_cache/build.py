@@ -13,6 +13,7 @@ every sample sharing a row has the same image content key.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -23,19 +24,28 @@ from pathlib import Path
 
 import torch
 
+import alignkd_cache
 from alignkd_cache import distributed, layer0
 from alignkd_cache.backends import load_backend
+from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import CACHE_KINDS, check_options, sample_signal
-from alignkd_cache.store.codecs import resolve_preset
+from alignkd_cache.store.codecs import int_dtype, resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME, WriterLock, lock_store
 from alignkd_cache.store.manifest import block_path, part_key
-from alignkd_cache.store.provenance import IncompatibleCache, build_attrs, check_resume
+from alignkd_cache.store.provenance import (
+    LAYER0_SCHEMA_VERSION,
+    SCHEMA_VERSION,
+    IncompatibleCache,
+    check_resume,
+    file_sha256,
+    now,
+)
 from alignkd_cache.store.writer import BackgroundWriter, SampleResult
 
 
@@ -67,6 +77,63 @@ class BuildOptions:
         check_options(self)
         if self.signals not in CACHE_KINDS:
             raise ValueError(f"unknown --signals {self.signals!r}; choose one of {CACHE_KINDS}")
+
+
+def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
+    """The root attributes of a new build; a `layer0` build adds its stub's record (see build.py)."""
+    fp = backend.fingerprint()
+    layer0 = options["signals"] == "layer0"
+    return {
+        "schema_version": LAYER0_SCHEMA_VERSION if layer0 else SCHEMA_VERSION,
+        "signals": options["signals"],
+        "tool_version": alignkd_cache.__version__,
+        "created": now(),
+        "complete": False,
+        "teacher": {k: fp[k] for k in ("model_id", "revision", "config_sha256", "weights_sha256")},
+        "tokenizer_sha256": fp["tokenizer_sha256"],
+        "template": options["template"],
+        "preprocessing": preprocessing(backend, options["template"]),
+        "dataset": {"file": Path(data_path).name, "sha256": file_sha256(data_path)},
+        "options": dict(options),
+        "family": backend.family,
+        "num_visual_tokens": backend.num_visual_tokens,
+        "image_token_id": backend.image_token_id,
+        "num_heads": backend.num_heads,
+        "visual_dim": backend.visual_dim,
+        "vocab_size": vocab_size,
+        "attn_heads": options["attn_heads"],
+        "logit_targets": options["logit_targets"],
+        "topk": options["topk"],
+        "logit_positions": options["logit_positions"],
+        "codecs": options["codecs"],
+        "encodings": encodings,  # a layer0 cache uses only "logprobs"
+        "logit_id_dtype": int_dtype(vocab_size - 1).name,
+        "block_size": options["block_size"],
+    }
+
+
+def preprocessing(backend, template: str) -> dict:
+    """Everything besides the weights that decides the ids and pixels a cache was built from."""
+    processor = backend.image_processor
+    settings = (
+        "image_mean",
+        "image_std",
+        "size",
+        "crop_size",
+        "resample",
+        "do_center_crop",
+        "rescale_factor",
+    )
+    return {
+        "template": template,
+        "tokenizer": tokenizer_settings(backend.tokenizer),
+        "image": {
+            "pad_color": list(backend.pad_color),
+            "processor": type(processor).__name__,
+            **{k: v for k, v in json.loads(processor.to_json_string()).items() if k in settings},
+        },
+        "image_key": "sha256-of-padded-rgb",
+    }
 
 
 def _agree(ok: bool, world: int) -> bool:

@@ -24,6 +24,7 @@ from PIL import Image
 from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.provenance import tokenizer_sha256
 from alignkd_cache.backends.tokenizer import TokenizerLoadError, load_tokenizer
+from alignkd_cache.build import preprocessing
 from alignkd_cache.data import IGNORE_INDEX, SampleDataset, Tokenization, read_records, tokenize
 from alignkd_cache.images import image_key, load_image
 from alignkd_cache.store.provenance import (
@@ -31,7 +32,6 @@ from alignkd_cache.store.provenance import (
     check_mergeable,
     check_readable,
     check_resume,
-    preprocessing,
 )
 from alignkd_cache.teacher_signals import CompatibilityError, check_cache_matches
 from alignkd_cache.tiny import build_tiny_mobilevlm

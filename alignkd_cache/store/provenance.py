@@ -1,7 +1,8 @@
-"""Root attributes of a cache: provenance, options, layout, and the checks that compare them.
+"""A cache's root attributes as the store knows them: the schema versions, and the checks that
+compare them (readable, resumable, mergeable). build.py makes them from the teacher (build_attrs).
 
-schema_version is "MAJOR.MINOR". A reader accepts any cache with its own MAJOR and any MINOR
-(minor versions only add optional attributes or manifest columns); a different MAJOR is refused.
+schema_version is "MAJOR.MINOR". A reader accepts its MAJORs (READABLE_MAJORS) with any MINOR
+(minor versions only add optional attributes or manifest columns); another MAJOR is refused.
 
 2.0 changed what the ids and pixels are (issue 10): one tokenization of the whole prompt with
 SentencePiece semantics, `<image>` moved to the front of its turn, and square padding with the
@@ -13,14 +14,10 @@ arrays, a layer-0 stub instead; each kind keeps its own MAJOR so older readers r
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import alignkd_cache
-from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.signals import cache_kind
-from alignkd_cache.store.codecs import int_dtype
 
 SCHEMA_VERSION = "2.1"  # a `stored` cache (2.1 added the optional `signals` attribute)
 # A `layer0` cache (its attention and visual signals are recomputed from a stub, docs/cache-format.md):
@@ -75,66 +72,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def preprocessing(backend, template: str) -> dict:
-    """Everything besides the weights that decides the ids and pixels a cache was built from."""
-    processor = backend.image_processor
-    settings = (
-        "image_mean",
-        "image_std",
-        "size",
-        "crop_size",
-        "resample",
-        "do_center_crop",
-        "rescale_factor",
-    )
-    return {
-        "template": template,
-        "tokenizer": tokenizer_settings(backend.tokenizer),
-        "image": {
-            "pad_color": list(backend.pad_color),
-            "processor": type(processor).__name__,
-            **{k: v for k, v in json.loads(processor.to_json_string()).items() if k in settings},
-        },
-        "image_key": "sha256-of-padded-rgb",
-    }
-
-
 def attrs_pad_color(attrs: dict) -> tuple[int, int, int]:
     """The padding colour a cache's image keys are defined with."""
     return tuple(attrs["preprocessing"]["image"]["pad_color"])
-
-
-def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
-    """The root attributes of a new build; a `layer0` build adds its stub's record (see build.py)."""
-    fp = backend.fingerprint()
-    layer0 = options["signals"] == "layer0"
-    return {
-        "schema_version": LAYER0_SCHEMA_VERSION if layer0 else SCHEMA_VERSION,
-        "signals": options["signals"],
-        "tool_version": alignkd_cache.__version__,
-        "created": now(),
-        "complete": False,
-        "teacher": {k: fp[k] for k in ("model_id", "revision", "config_sha256", "weights_sha256")},
-        "tokenizer_sha256": fp["tokenizer_sha256"],
-        "template": options["template"],
-        "preprocessing": preprocessing(backend, options["template"]),
-        "dataset": {"file": Path(data_path).name, "sha256": file_sha256(data_path)},
-        "options": dict(options),
-        "family": backend.family,
-        "num_visual_tokens": backend.num_visual_tokens,
-        "image_token_id": backend.image_token_id,
-        "num_heads": backend.num_heads,
-        "visual_dim": backend.visual_dim,
-        "vocab_size": vocab_size,
-        "attn_heads": options["attn_heads"],
-        "logit_targets": options["logit_targets"],
-        "topk": options["topk"],
-        "logit_positions": options["logit_positions"],
-        "codecs": options["codecs"],
-        "encodings": encodings,  # a layer0 cache uses only "logprobs"
-        "logit_id_dtype": int_dtype(vocab_size - 1).name,
-        "block_size": options["block_size"],
-    }
 
 
 def _first_difference(stored, new, where: str) -> str | None:
