@@ -12,10 +12,12 @@ The stub's files, hashes and checks are storage (store/stub.py); this module is 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -167,7 +169,9 @@ def stub_directory(loc, attrs: dict) -> Path:
     else a download of the files its attrs list (checked by load_layer0 against their sha256)."""
     if loc.local_root is not None:
         return Path(loc.local_root) / STUB_DIR
-    local = Path(tempfile.mkdtemp(prefix="alignkd-layer0-")) / STUB_DIR
+    scratch = tempfile.mkdtemp(prefix="alignkd-layer0-")
+    atexit.register(shutil.rmtree, scratch, True)  # the main process only: workers exit without atexit
+    local = Path(scratch) / STUB_DIR
     for name in [*attrs["layer0"]["files"], MANIFEST]:
         data = loc.read_bytes(f"{STUB_DIR}/{name}")
         if data is None:

@@ -388,3 +388,31 @@ def test_s3_lock_object_one_writer_and_stale_takeover(s3_server):
     taken = lock_store(loc, "a cache build")
     assert f"pid {os.getpid()}" in fs.cat(f"caches/locked/{LOCK_NAME}").decode()
     taken.release()
+
+
+@pytest.mark.slow
+def test_a_layer0_cache_on_s3_carries_its_stub(
+    s3_server, llava_teacher_dir, llava_student_dir, digits_dataset, tmp_path
+):
+    """Build a layer0 cache straight to an object store, verify it there, train-read it from there
+    (the stub is fetched and hash-checked), and copy it back: the signals are the local build's."""
+    from alignkd_cache.store.copy import copy_cache
+    from alignkd_cache.teacher_signals import Layer0Source
+
+    path, root = digits_dataset
+    url, options = "s3://caches/layer0", BuildOptions(codecs="lossless", signals="layer0", **OPTS)
+    build_cache(str(llava_teacher_dir), path, root, url, options, storage_options=s3_server, progress=False)
+    assert verify(url, s3_server).ok
+    copy_cache(url, str(tmp_path / "back.zarr"), src_options=s3_server)
+    student = load_backend(llava_student_dir)
+    sources = [
+        Layer0Source(CacheReader(u, o), student, root)
+        for u, o in ((url, s3_server), (str(tmp_path / "back.zarr"), None))
+    ]
+    signals = []
+    for source in sources:
+        micro = source.collate([source[i] for i in range(4)])
+        signals.append(source.signals(micro, "cpu"))
+    for a, b in zip(*signals, strict=True):
+        assert (a.attention is None and b.attention is None) or torch.equal(a.attention, b.attention)
+        assert torch.equal(a.logits.ids, b.logits.ids)
