@@ -122,6 +122,16 @@ def _random_json(rng: random.Random, file: str, only=None):
     return edit
 
 
+def _random_array_json(rng: random.Random, block: str):
+    """A random edit of one of the block's arrays' metadata (those the cache's kind has)."""
+
+    def edit(root: Path):
+        arrays = sorted(p.name for p in (root / "blocks" / block).iterdir() if (p / "zarr.json").is_file())
+        _random_json(rng, f"blocks/{block}/{rng.choice(arrays)}/zarr.json")(root)
+
+    return edit
+
+
 def _random_manifest(rng: random.Random, rehash: bool):
     """A random manifest edit. Edits that leave a valid cache holding other data (another
     in-vocabulary token, a renamed id, another image file or skip reason) are not generated: no check
@@ -163,7 +173,8 @@ def _random_manifest(rng: random.Random, rehash: bool):
 
 
 def _chunk_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("blocks/*/*/c/**/*") if p.is_file())
+    """Every data file: the arrays' chunk files, and a layer0 cache's stub files."""
+    return sorted(p for p in [*root.glob("blocks/*/*/c/**/*"), *root.glob("layer0/**/*")] if p.is_file())
 
 
 def _chunk_edit(rng: random.Random, how: str):
@@ -234,7 +245,11 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
         return lambda root: _json_edit(root / "zarr.json", lambda d: edit(d["attributes"]))
 
     def array(name, edit):
-        return lambda root: _json_edit(root / "blocks/b000000" / name / "zarr.json", edit)
+        def apply(root):  # a layer0 cache has no attention or visual array: its ids take the edit
+            folder = root / "blocks/b000000" / name
+            _json_edit((folder if folder.is_dir() else folder.parent / "logit_ids") / "zarr.json", edit)
+
+        return apply
 
     def link(rel):
         def edit(root):
@@ -285,9 +300,7 @@ def mutation(i: int, seed: int, secret: Path) -> tuple[str, object]:
     if kind == "attrs":
         return "attributes", _random_json(rng, "zarr.json", only="attributes")
     if kind == "array":
-        name = rng.choice(["attention", "visual", "logit_ids", "logit_values", "logit_tail"])
-        block = rng.choice(["b000000", "b000001"])
-        return f"array metadata {name}", _random_json(rng, f"blocks/{block}/{name}/zarr.json")
+        return "array metadata", _random_array_json(rng, rng.choice(["b000000", "b000001"]))
     if kind == "chunk":
         return _chunk_edit(rng, rng.choice(["flip", "flip", "truncate", "append", "delete"]))
     return _special(rng, secret)

@@ -63,6 +63,29 @@ def test_fuzz_every_reading_command(tmp_path, good, llava_student_dir, digits_da
     assert report["runs"]["refused"] > mutations  # most mutations are refused by several commands
 
 
+@pytest.mark.slow
+def test_fuzz_a_layer0_cache(tmp_path, llava_teacher_dir, llava_student_dir, digits_dataset):
+    """The same mutations on a `layer0` cache: its stub and its record in the attributes are input too."""
+    data, root = digits_dataset
+    good = tmp_path / "good.zarr"
+    opts = BuildOptions(template="v1", topk=8, batch_size=4, block_size=4, signals="layer0")
+    build_cache(str(llava_teacher_dir), data, root, str(good), opts, progress=False)
+    renamed(good, tmp_path / "good2.zarr")
+    mutations = int(os.environ.get("ALIGNKD_FUZZ_LAYER0_MUTATIONS", "60"))
+    report = load_fuzz().fuzz(
+        good,
+        tmp_path / "good2.zarr",
+        llava_student_dir,
+        root,
+        "digit-0",
+        tmp_path / "work",
+        mutations,
+        seed=2,
+    )
+    assert report["mutations"] == mutations
+    assert not report["others"], "\n".join(report["others"][:40])
+
+
 def test_a_second_training_run_on_one_out_is_refused_naming_the_holder(
     tmp_path, good, llava_student_dir, digits_dataset
 ):
