@@ -8,7 +8,9 @@ picture saved twice shares one key, and a different file under the same name doe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +71,20 @@ def _too_large(path, sample_id: str, size: str, limit: int) -> ImageError:
     )
 
 
+@contextlib.contextmanager
+def _open(path):
+    """Image.open without PIL's DecompressionBombWarning (89-179 Mpixels): --max-image-pixels is the
+    limit that decides, and PIL's own hard limit above it still raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as raw:
+            yield raw
+
+
 def check_image(path: str | Path, sample_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Open the header only (no decode): the size, or ImageError for an unreadable or too large file."""
     try:
-        with Image.open(path) as raw:
+        with _open(path) as raw:
             width, height = raw.size
     except Image.DecompressionBombError as e:
         raise _too_large(path, sample_id, f"over {PIL_MAX_PIXELS / 1e6:.0f} Mpixels", PIL_MAX_PIXELS) from e
@@ -99,7 +111,7 @@ def load_image(path: str | Path, sample_id: str, pad: tuple[int, int, int]) -> t
     Images up to 2 x DECODE_SIDE on their long side decode exactly as in LLaVA; larger ones are
     shrunk by an integer factor (JPEG while decoding, via draft) so that memory stays bounded."""
     try:
-        with Image.open(path) as raw:
+        with _open(path) as raw:
             factor = max(raw.size) // DECODE_SIDE
             if factor >= 2:
                 raw.draft("RGB", (raw.width // factor, raw.height // factor))  # JPEG only; else a no-op
