@@ -7,6 +7,6 @@ PINNED_NUMERICS = {
     "OMP_NUM_THREADS": "1",  # one thread: on 2 cores these tiny models run no slower than on two
     "MKL_NUM_THREADS": "1",
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's own kernels: AVX2 code even on AVX-512 machines
-    "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: the AVX2 code path
+    "MKL_CBWR": "AVX2",  # MKL's reproducible AVX2 code path; honoured on Intel CPUs only
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }

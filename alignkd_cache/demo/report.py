@@ -210,8 +210,11 @@ Each variant minus CE only, paired by seed (mean, 95% Student-t interval):
 The demo pins, before torch loads, what made its numbers differ between machines: one torch thread
 and the AVX2 code paths of torch's kernels, MKL and oneDNN. Without the pins the thread count and
 the CPU's vector width change the teacher's weights in the last bits, and 1500 training steps turn
-that into points of accuracy (issue #14: a fresh machine's teacher scored 8 points lower). Other CPU
-families (ARM) run other kernels and may still differ. The cached teacher is keyed by its recipe, a
+that into points of accuracy (issue #14: a fresh machine's teacher scored 8 points lower). The pins
+hold within one CPU vendor only: MKL honours `MKL_CBWR=AVX2` on Intel CPUs alone (its documentation:
+branches other than AUTO and COMPATIBLE are Intel-only and ignored elsewhere), and the same code
+trained another teacher on an AMD CPU than on an Intel one; the README gives one version's numbers
+on both. ARM CPUs run other kernels again. The cached teacher is keyed by its recipe, a
 hash of the package's code and this table, so a teacher from other code or another environment is
 never reused.
 
