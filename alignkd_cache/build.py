@@ -20,6 +20,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -136,15 +137,6 @@ def preprocessing(backend, template: str) -> dict:
     }
 
 
-def _agree(ok: bool, world: int) -> bool:
-    """True when every rank is ok; ranks must not sit in a barrier while rank 0 has failed."""
-    if world == 1:
-        return ok
-    flag = torch.tensor([0 if ok else 1])
-    torch.distributed.all_reduce(flag)
-    return int(flag) == 0
-
-
 def _prepare_store(loc: Location, attrs: dict, resume: bool) -> tuple[dict, WriterLock]:
     """Lock --out for this build, then create the root group or check that --resume continues the
     same build. Returns its attrs and the lock (held until dropped). Deletes nothing it did not create:
@@ -245,10 +237,9 @@ def build_cache(
     go to stderr (counts and first cases) and to `report` (JSON, default next to `out`)."""
     opts = options or BuildOptions()
     place = distributed.init(opts.device, distributed.BUILD_TIMEOUT)
-    rank, world = place.rank, place.size
     checked = preflight(data, image_root, opts.limit, opts.max_image_pixels)
     if checked.problems:
-        _report(checked, report or default_report_path(str(out)), opts.on_bad_sample, show=rank == 0)
+        _report(checked, report or default_report_path(str(out)), opts.on_bad_sample, show=place.main)
     if opts.device.startswith("cuda"):
         opts = replace(opts, device=str(place.device))  # one GPU per rank, by LOCAL_RANK
     tower = {"vision_tower": opts.vision_tower} if opts.vision_tower else {}
@@ -267,18 +258,15 @@ def build_cache(
     attrs = build_attrs(backend, asdict(opts), data, resolve_preset(opts.codecs), vocab)
     loc = Location(out, storage_options)
     with tempfile.TemporaryDirectory(prefix="alignkd-layer0-") as scratch:
-        stub = _saved_stub(backend, Path(scratch), attrs) if opts.signals == "layer0" and rank == 0 else None
-        attrs, lock = _open_store(loc, attrs, resume, rank, world, stub)  # noqa: F841 - held until return
+        stub = _saved_stub(backend, Path(scratch), attrs) if opts.signals == "layer0" and place.main else None
+        attrs, lock = _open_store(loc, attrs, resume, place, stub)  # noqa: F841 - held until return
     if attrs.get("complete"):
-        return attrs if rank == 0 else None
+        return attrs if place.main else None
     num_blocks = math.ceil(len(outcomes) / opts.block_size)
-    _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, place, progress)
-    if world > 1:
-        torch.distributed.barrier()
-    result = finalize(loc, attrs, len(outcomes), num_blocks) if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()
-    return result
+    blocks = partial(_build_blocks, backend, loc, attrs, records, outcomes, image_root, opts, place, progress)
+    place.agreed("to write its blocks", blocks)
+    finalized = partial(finalize, loc, attrs, len(outcomes), num_blocks)
+    return place.agreed(f"to finalize {loc.url}", finalized if place.main else None)
 
 
 def _tokenized(records, entries, backend, opts: BuildOptions) -> list:
@@ -310,23 +298,20 @@ def _saved_stub(backend, scratch: Path, attrs: dict) -> Path:
     return stub
 
 
-def _open_store(loc: Location, attrs: dict, resume: bool, rank: int, world: int, stub: Path | None):
+def _open_store(loc: Location, attrs: dict, resume: bool, place: distributed.World, stub: Path | None):
     """On rank 0: lock --out, create it (or check that --resume continues the same build), and upload
-    a layer0 build's stub. Every rank gets the store's attrs, or the error if rank 0 refused."""
-    error, lock = None, None
-    if rank == 0:
-        try:
-            attrs, lock = _prepare_store(loc, attrs, resume)
-            if stub is not None:
-                for path in sorted(p for p in stub.rglob("*") if p.is_file()):
-                    loc.write_bytes(
-                        f"{layer0.STUB_DIR}/{path.relative_to(stub).as_posix()}", path.read_bytes()
-                    )
-        except Exception as e:
-            error = e
-    if not _agree(error is None, world):
-        raise error or IncompatibleCache(f"rank 0 refused {loc.url}; see its error")
-    return attrs, lock
+    a layer0 build's stub. Every rank returns the store's attrs (a resumed build's are the stored
+    ones, complete or not); rank 0 also the lock."""
+
+    def prepare():
+        prepared, lock = _prepare_store(loc, attrs, resume)
+        if stub is not None:
+            for path in sorted(p for p in stub.rglob("*") if p.is_file()):
+                loc.write_bytes(f"{layer0.STUB_DIR}/{path.relative_to(stub).as_posix()}", path.read_bytes())
+        return prepared, lock
+
+    opened = place.agreed(f"to open {loc.url}", prepare if place.main else None)
+    return opened if place.main else (dict(loc.group("r").attrs), None)
 
 
 def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, place, progress) -> None:

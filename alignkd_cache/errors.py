@@ -1,5 +1,6 @@
-"""The project's error for bad input, shared by the data layer and the store (which must not import
-the data layer): the CLI turns it into one line and exit code 3."""
+"""The project's own error classes that several layers raise and the CLI words (cli/errors.py):
+bad input, shared by the data layer and the store (which must not import the data layer), and a
+torchrun rank stopped by another rank's failure. Kept free of torch, so the CLI starts fast."""
 
 from __future__ import annotations
 
@@ -11,3 +12,8 @@ class DataError(ValueError):
     def __init__(self, message: str, reason: str = "bad record"):
         super().__init__(message)
         self.reason = reason
+
+
+class PeerFailed(RuntimeError):
+    """Under torchrun: this rank stopped because another rank failed a step that every rank shares
+    (distributed.World.agreed); that rank's own error says why."""

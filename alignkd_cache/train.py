@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -302,7 +303,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     world = distributed.init(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
-    lock = lock_dir(out, "a training run") if world.main else None  # noqa: F841 - held until train() returns
+    locking = partial(lock_dir, out, "a training run") if world.main else None
+    lock = world.agreed(f"to lock {out}", locking)  # noqa: F841 - held until train() returns
     trainee, optimizer = setup_trainee(student, source, opts, world)
     plan = batch_plan(len(source), opts.batch_size, opts.grad_accum, world.size, opts.seed, opts.epochs)
     total = len(plan) if opts.max_steps is None else min(opts.max_steps, len(plan))
@@ -311,7 +313,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total, math.ceil(opts.warmup_ratio * total))
     )
-    step = start_step(out, trainee, optimizer, scheduler, opts, world)
+    step = world.agreed("to resume", partial(start_step, out, trainee, optimizer, scheduler, opts, world))
     # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
     wrapped = DistributedDataParallel(trainee, forward_sync_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
@@ -350,9 +352,9 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
     finished = step >= total
-    if finished and world.main:
-        save_output(out, student, trainee.adapters, source, opts, step)
-    world.barrier()
+    if finished:
+        save = partial(save_output, out, student, trainee.adapters, source, opts, step)
+        world.agreed(f"to save the student into {out}", save if world.main else None)
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
 
 
@@ -484,10 +486,16 @@ def _options_record(opts: TrainOptions) -> dict:
 def save_checkpoint(
     path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, step: int, world: World
 ) -> None:
-    """Write path.tmp fully (state.json last), then swap it in, so a crash mid-write leaves the
-    previous checkpoint; a crash between the two renames leaves both, and the newest is kept."""
-    if not world.main:
-        return
+    """Rank 0 writes path.tmp fully (state.json last), then swaps it in, so a crash mid-write leaves
+    the previous checkpoint; a crash between the two renames leaves both, and the newest is kept.
+    Every rank returns once it is written, or raises if it could not be."""
+    write = partial(_write_checkpoint, path, trainee, optimizer, scheduler, opts, step, world.size)
+    world.agreed(f"to save a checkpoint into {path}", write if world.main else None)
+
+
+def _write_checkpoint(
+    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, step: int, world_size: int
+):
     newest = latest_checkpoint(path)
     if newest is not None and newest != path:  # a save killed between its renames: promote its result
         shutil.rmtree(path, ignore_errors=True)
@@ -507,7 +515,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     record = {
         "step": step,
-        "world_size": world.size,
+        "world_size": world_size,
         "options": _options_record(opts),
         "optimizer": state,
         "scheduler": scheduler.state_dict(),

@@ -12,6 +12,7 @@ import re
 
 import click
 
+from alignkd_cache.errors import PeerFailed
 from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.reader import CacheError
 
@@ -22,6 +23,7 @@ EXIT_CACHE_REFUSED = 4  # not a cache, unfinished, incompatible, or a non-empty 
 EXIT_DAMAGED = 5  # a cache chunk fails its checksum or is missing
 EXIT_NOT_FOUND = 6  # a model, file or cache that is not where the command was told to look
 EXIT_SYSTEM = 7  # the system refused: disk full, permission denied, other I/O errors
+EXIT_PEER_FAILED = 8  # another rank of a torchrun job failed a step all ranks share (its error says why)
 
 
 class CommandError(click.ClickException):
@@ -50,6 +52,8 @@ def explain(e: Exception) -> tuple[str, int] | None:
     """(message, exit code) for an expected failure; None for a bug."""
     from zarr.errors import GroupNotFoundError, NodeNotFoundError
 
+    if isinstance(e, PeerFailed):
+        return str(e), EXIT_PEER_FAILED
     if isinstance(e, RuntimeError) and isinstance(e.__cause__, OSError):  # the background writer's wrap
         return explain(e.__cause__)
     if isinstance(e, GroupNotFoundError | NodeNotFoundError):

@@ -229,6 +229,25 @@ def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, d
     assert_same_cache(single, multi)
     assert verify(str(multi)).ok
 
+    # Resuming a complete cache: every rank learns from the store that it is complete (rank 1 used to
+    # go on to a barrier that rank 0, already returned, never joined).
+    torchrun[torchrun.index("--master_port") + 1] = str(free_port())
+    again = subprocess.run([*torchrun, "--resume"], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_cache(single, multi)
+    # Rank 0 alone opens --out; its refusal stops rank 1 too, each in one line, rank 0's first.
+    torchrun[torchrun.index("--master_port") + 1] = str(free_port())
+    refused = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert refused.returncode != 0 and errors[0] == (
+        f"Error: {multi} is not empty; pass --resume to continue that build, or choose a new --out"
+    ), refused.stderr[-3000:]
+    assert errors[1:] in (
+        [],
+        [f"Error: rank 1: another rank failed to open {multi}; that rank's error says why"],
+    )
+    assert "[rank" not in refused.stderr and refused.stderr.count("Traceback") == 1, refused.stderr[-3000:]
+
 
 @pytest.fixture(scope="module")
 def s3_server():

@@ -16,6 +16,7 @@ from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.data import DataError
 from alignkd_cache.evaluate import evaluate, normalise, prompt_of
 from alignkd_cache.losses import LossConfig, parse_weights
+from alignkd_cache.store.lock import LOCK_NAME, lock_dir
 from alignkd_cache.tiny import build_tiny_llava
 from alignkd_cache.train import ADAPTERS_FILE, TrainOptions, batch_plan, build_adapters, from_cache, online
 
@@ -187,7 +188,7 @@ def test_text_only_micro_batches_train_with_only_the_image_terms_on(
     assert len(rows) == 2 and all(r["ce"] is None and r["logit"] is None and r["attn"] > 0 for r in rows)
 
 
-def torchrun_from_cache(student, cache, root, out, *args):
+def torchrun_from_cache(student, cache, root, out, *args, succeed=True):
     """`alignkd-train from-cache` on two gloo ranks under torchrun, batch size 2."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
@@ -200,7 +201,34 @@ def torchrun_from_cache(student, cache, root, out, *args):
         env=env,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == succeed, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_stops_every_rank_with_one_line(
+    tmp_path, llava_student_dir, cache, digits_dataset
+):
+    """Only rank 0 locks --out. When the lock is held, rank 1 must not go on into DDP's first
+    collective (and die there of a lost connection, with a transport traceback): every rank says in
+    one line why it stopped."""
+    _, root = digits_dataset
+    out = tmp_path / "out"
+    held = lock_dir(out, "a training run")  # noqa: F841 - held for the run below
+    holder = (out / LOCK_NAME).read_text().strip()
+    result = torchrun_from_cache(llava_student_dir, cache, root, out, succeed=False)
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("Error:")]
+    # Rank 1 waits for rank 0 to exit, so rank 0's line comes first; torchrun may stop rank 1 before
+    # it prints its own.
+    assert errors[0] == (
+        f"Error: {out} is locked by {holder} writing a training run; wait for it to end or choose another --out"
+    ), result.stderr[-3000:]
+    peer = f"Error: rank 1: another rank failed to lock {out}; that rank's error says why"
+    assert errors[1:] in ([], [peer]), result.stderr[-3000:]
+    # No worker traceback ("[rank1]: Traceback ..."): the one traceback is torchrun's own report.
+    assert not any(line.startswith("[rank") for line in lines), result.stderr[-3000:]
+    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
 
 
 @pytest.mark.slow
