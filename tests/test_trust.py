@@ -4,12 +4,15 @@ front, naming the sample and the field, by every command that reads a cache."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import google_crc32c
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -348,3 +351,45 @@ def test_a_damaged_chunk_met_while_reading_names_the_sample_and_merge_refuses_it
     with pytest.raises(UntrustedCache, match="unreadable"):
         merge_caches([str(store), str(store)], str(tmp_path / "merged.zarr"))
     assert not (tmp_path / "merged.zarr").exists()
+
+
+def zstd_bomb_frame(stated: int) -> bytes:
+    """A 12-byte zstd frame (RFC 8878) that states `stated` decoded bytes: single segment, an 8-byte
+    content size, and one RLE block repeating a zero byte once."""
+    header = (0b11 << 6 | 0x20).to_bytes(1, "little") + stated.to_bytes(8, "little")
+    block = (1 | 1 << 1 | 1 << 3).to_bytes(3, "little") + b"\0"  # last block, RLE, size 1
+    return b"\x28\xb5\x2f\xfd" + header + block
+
+
+def with_checksum(data: bytes) -> bytes:
+    return data + np.uint32(google_crc32c.value(data)).tobytes()
+
+
+def forge_first_chunk(shard_path: Path, chunks_in_shard: int, chunk: bytes) -> None:
+    """Replace the shard's first inner chunk by `chunk` with a valid CRC32C, and rewrite the shard's
+    index (offset, length pairs, then its own CRC32C) to match: every checksum passes."""
+    shard = shard_path.read_bytes()
+    index_bytes = chunks_in_shard * 16
+    index = np.frombuffer(shard[-index_bytes - 4 : -4], "<u8").reshape(chunks_in_shard, 2)
+    parts = [with_checksum(chunk)] + [bytes(shard[o : o + n]) for o, n in index[1:]]
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]], dtype="<u8")
+    new_index = np.stack([offsets, [len(p) for p in parts]], axis=1).astype("<u8").tobytes()
+    shard_path.write_bytes(b"".join(parts) + with_checksum(new_index))
+
+
+def test_a_forged_chunk_stating_a_huge_size_is_refused_before_it_is_allocated(store):
+    """A chunk whose zstd frame states 1 TiB, with every CRC32C valid: zarr's own decoder would try to
+    allocate 1 TiB (a MemoryError at best); ours refuses it as damage, naming the sample."""
+    array = store / "blocks/b000001/attention"
+    meta = json.loads((array / "zarr.json").read_text())
+    inner = meta["codecs"][0]["configuration"]["chunk_shape"]
+    chunks_in_shard = math.prod(-(-s // c) for s, c in zip(meta["shape"], inner, strict=True))
+    forge_first_chunk(array / "c/0/0", chunks_in_shard, zstd_bomb_frame(1 << 40))
+    reader = CacheReader(str(store))
+    sid = next(r["id"] for r in reader.rows if r["block"] == 1 and r["attention_rows"])
+    with pytest.raises(
+        CacheError, match=f"sample '{sid}'.*states 1099511627776 decoded bytes where the chunk holds"
+    ):
+        reader.read(sid)
+    report = verify(str(store))
+    assert not report.ok and any("states 1099511627776 decoded bytes" in p for p in report.problems)
