@@ -1,8 +1,8 @@
 """One process, or one rank of a torchrun job: the process group, this rank's device, rank helpers.
 
 Shared by the build and the trainer. On CUDA the group is "cpu:gloo,cuda:nccl": DDP's gradient
-buckets (CUDA tensors) go over nccl, while small CPU-side agreements (the build's "did every rank
-succeed" flag) still work over gloo.
+buckets (CUDA tensors) go over nccl, while small CPU-side agreements (`World.agreed`'s "did every
+rank succeed" flag) still work over gloo.
 """
 
 from __future__ import annotations

@@ -239,3 +239,19 @@ def test_cuda_on_a_machine_without_it_is_a_usage_error(w):
         train.main, ["eval", "--model", w["student"], "--data", w["data"], "--device", "cuda"]
     )
     assert result.exit_code == EXIT_USAGE and "has no cuda device; use --device cpu" in result.output
+
+
+def test_every_exit_code_is_documented_and_a_stopped_rank_has_its_own():
+    """README's table lists exactly the codes cli/errors.py gives; a rank stopped by another rank's
+    failure (torchrun) is one line with code 8, not a traceback."""
+    import re
+    from pathlib import Path
+
+    from alignkd_cache.cli import errors
+    from alignkd_cache.errors import PeerFailed
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", readme, re.MULTILINE)}
+    assert documented == {0} | {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    message = "rank 1: another rank failed to lock /runs/x; that rank's error says why"
+    assert errors.explain(PeerFailed(message)) == (message, errors.EXIT_PEER_FAILED) == (message, 8)
