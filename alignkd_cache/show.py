@@ -17,9 +17,9 @@ from alignkd_cache import layer0
 from alignkd_cache.data import DataError, collate, pad_id, resolve_image
 from alignkd_cache.images import load_image
 from alignkd_cache.signals import cache_kind
+from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.store.provenance import attrs_pad_color
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import tokenized_from_row
 
 
 def parse_span(span: str | None, n: int) -> slice:

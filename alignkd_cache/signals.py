@@ -78,7 +78,7 @@ class TeacherSignal:
 
     def for_student(self, positions: torch.Tensor, num_visual: int) -> TeacherSignal:
         """The same signals on the student's sequence: logit `positions` mapped by the caller (see
-        teacher_signals.student_positions), the visual signals pooled to `num_visual` tokens."""
+        sources.student_positions), the visual signals pooled to `num_visual` tokens."""
         attention, visual = self.attention, self.visual
         if attention is not None and attention.shape[-1] != num_visual:
             attention = pool_attention(attention, num_visual)

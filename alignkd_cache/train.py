@@ -38,8 +38,8 @@ from alignkd_cache.losses import (
     total_loss,
 )
 from alignkd_cache.progress import progress_bar
+from alignkd_cache.sources import TeacherSignalSource, TrainingSource
 from alignkd_cache.store.lock import lock_dir
-from alignkd_cache.teacher_signals import TeacherSignalSource, TrainingSource
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -299,7 +299,7 @@ def source_signals(source, device):
 
 
 def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
-    """Train `student` (a Backend) on `source` (a teacher_signals.TrainingSource). Returns a summary."""
+    """Train `student` (a Backend) on `source` (a sources.TrainingSource). Returns a summary."""
     world = distributed.init(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
@@ -621,8 +621,8 @@ def from_cache(
 ) -> dict:
     """Distil from a cache: the teacher never loads (a `layer0` cache loads its layer-0 stub)."""
     from alignkd_cache.backends import load_backend
+    from alignkd_cache.sources import cache_source
     from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.teacher_signals import cache_source
 
     world = distributed.init(opts.device)
     backend = load_backend(student, device=world.device)
@@ -640,9 +640,9 @@ def online(
     teacher_dtype: str = "float32",
 ) -> dict:
     """Distil with the teacher resident (eval mode, no grad), signals computed every step as the
-    build computes them (`signal_options`: a teacher_signals.OnlineOptions)."""
+    build computes them (`signal_options`: a sources.OnlineOptions)."""
     from alignkd_cache.backends import load_backend
-    from alignkd_cache.teacher_signals import OnlineSource
+    from alignkd_cache.sources import OnlineSource
 
     world = distributed.init(opts.device)
     teacher_backend = load_backend(teacher, dtype=getattr(torch, teacher_dtype), device=world.device)
@@ -659,7 +659,7 @@ def finetune(
 ) -> dict:
     """Plain next-token fine-tuning, no teacher: the same loop with the cross-entropy term alone."""
     from alignkd_cache.backends import load_backend
-    from alignkd_cache.teacher_signals import DataSource
+    from alignkd_cache.sources import DataSource
 
     distilled = [t for t in ("logit", "vis", "attn") if opts.loss.on(t)]
     if distilled:

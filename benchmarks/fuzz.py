@@ -312,8 +312,8 @@ def mutation(i: int, seed: int, secret: Path) -> tuple[str, object]:
 
 def content(url) -> str:
     """A digest of everything a training run reads from a cache."""
+    from alignkd_cache.sources import tokenized_from_row
     from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.teacher_signals import tokenized_from_row
 
     reader = CacheReader(str(url))
     digest = hashlib.sha256(json.dumps(reader.ids).encode())

@@ -71,10 +71,10 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
+from alignkd_cache.sources import CacheSource, Layer0Source, OnlineOptions, OnlineSource
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import CacheSource, Layer0Source, OnlineOptions, OnlineSource
 from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
 from alignkd_cache.train import (
     Trainee,

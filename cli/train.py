@@ -231,7 +231,7 @@ def from_cache_command(student, cache, image_root, template, **kw):
 @training_options
 def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
     """Train the student with the teacher resident: the reference the cache is compared against."""
-    from alignkd_cache.teacher_signals import OnlineOptions
+    from alignkd_cache.sources import OnlineOptions
     from alignkd_cache.train import online
 
     fields = ("template", "topk", "logit_targets", "draws", "max_length", "attn_heads")

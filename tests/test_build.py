@@ -415,8 +415,8 @@ def test_a_layer0_cache_on_s3_carries_its_stub(
 ):
     """Build a layer0 cache straight to an object store, verify it there, train-read it from there
     (the stub is fetched and hash-checked), and copy it back: the signals are the local build's."""
+    from alignkd_cache.sources import Layer0Source
     from alignkd_cache.store.copy import copy_cache
-    from alignkd_cache.teacher_signals import Layer0Source
 
     path, root = digits_dataset
     url, options = "s3://caches/layer0", BuildOptions(codecs="lossless", signals="layer0", **OPTS)

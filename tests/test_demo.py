@@ -13,7 +13,7 @@ from alignkd_cache.cli.train import main as train_main
 from alignkd_cache.data import Tokenization, read_records, tokenize_all
 from alignkd_cache.demo import digits
 from alignkd_cache.images import load_image
-from alignkd_cache.teacher_signals import tokenized_from_row
+from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.tiny import build_tokenizer
 
 SIZES = {"train": 30, "val": 8, "test": 12}

@@ -22,18 +22,18 @@ from official_mobilevlm import IMAGE_TOKEN_INDEX, expand2square, preprocess_mult
 from PIL import Image
 
 from alignkd_cache.backends import load_backend
-from alignkd_cache.backends.provenance import tokenizer_sha256
+from alignkd_cache.backends.checkpoint import tokenizer_sha256
 from alignkd_cache.backends.tokenizer import TokenizerLoadError, load_tokenizer
 from alignkd_cache.build import preprocessing
 from alignkd_cache.data import IGNORE_INDEX, SampleDataset, Tokenization, read_records, tokenize
 from alignkd_cache.images import image_key, load_image
+from alignkd_cache.sources import CompatibilityError, check_cache_matches
 from alignkd_cache.store.provenance import (
     IncompatibleCache,
     check_mergeable,
     check_readable,
     check_resume,
 )
-from alignkd_cache.teacher_signals import CompatibilityError, check_cache_matches
 from alignkd_cache.tiny import build_tiny_mobilevlm
 
 SP_MODEL = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -294,8 +294,8 @@ def test_a_legacy_false_teachers_cache_trains_a_legacy_student(sp_mobilevlms, im
     """The paper's pair end to end: a cache built by the `legacy: false` teacher, read by the legacy
     student, which gets the teacher's ids and the teacher's padded pixels (keys checked)."""
     from alignkd_cache.build import BuildOptions, build_cache
+    from alignkd_cache.sources import CacheSource
     from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.teacher_signals import CacheSource
 
     teacher, student = sp_mobilevlms["teacher"], sp_mobilevlms["student"]
     data = tmp_path / "data.json"

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignkd_cache.backends import detect_family, load_backend
-from alignkd_cache.backends.provenance import hub_revision, resolve_checkpoint
+from alignkd_cache.backends.checkpoint import hub_revision, resolve_checkpoint
 from alignkd_cache.cli import cache as cache_cli
 from alignkd_cache.cli import train as train_cli
 from alignkd_cache.store.reader import CacheReader

@@ -19,6 +19,7 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.layer0 import vision_tower
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.sources import CacheSource, Layer0Source, OnlineOptions, OnlineSource
 from alignkd_cache.store.copy import copy_cache
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.merge import merge_caches
@@ -26,7 +27,6 @@ from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache
 from alignkd_cache.store.verify import verify
-from alignkd_cache.teacher_signals import CacheSource, Layer0Source, OnlineOptions, OnlineSource
 from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm
 from alignkd_cache.train import build_adapters, trainable_model_parameters
 
@@ -282,7 +282,7 @@ def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_p
 
     from alignkd_cache.images import load_image
     from alignkd_cache.show import show_attention, teacher_attention
-    from alignkd_cache.teacher_signals import tokenized_from_row
+    from alignkd_cache.sources import tokenized_from_row
 
     _, root = digits_dataset
     stored = CacheReader(str(caches[("mobilevlm", "stored", "all")]))

@@ -10,14 +10,14 @@ import torch
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
-from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.teacher_signals import (
+from alignkd_cache.sources import (
     CacheSource,
     CompatibilityError,
     OnlineOptions,
     OnlineSource,
     student_positions,
 )
+from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 

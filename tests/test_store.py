@@ -11,12 +11,12 @@ import pytest
 import torch
 from store_synthetic import H, write_synthetic_store
 
+from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.store import codecs
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.manifest import MANIFEST_SCHEMA, published_schema, schema_as_json
 from alignkd_cache.store.reader import CacheDataset, CacheReader
 from alignkd_cache.store.verify import verify
-from alignkd_cache.teacher_signals import tokenized_from_row
 
 rng = np.random.default_rng(0)
 

@@ -58,7 +58,7 @@ class Backend(Protocol):
 
 def detect_family(path: str | Path) -> str:
     """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id)."""
-    from alignkd_cache.backends.provenance import resolve_checkpoint
+    from alignkd_cache.backends.checkpoint import resolve_checkpoint
 
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
-from alignkd_cache.backends.provenance import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.checkpoint import fingerprint, resolve_checkpoint
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.images import pad_color, pad_to_square
 

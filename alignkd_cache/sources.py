@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from alignkd_cache import layer0
-from alignkd_cache.backends.provenance import tokenizer_sha256
+from alignkd_cache.backends.checkpoint import tokenizer_sha256
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import (
     IGNORE_INDEX,

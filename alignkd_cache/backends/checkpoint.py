@@ -1,4 +1,5 @@
-"""Where a model came from and what exactly it is: checkpoint resolution and fingerprints.
+"""Where a model comes from and what exactly it is: checkpoint resolution (once per command, at the
+boundary) and fingerprints.
 
 Fingerprints let a cache refuse a student whose tokenizer differs from the teacher's, and let a
 reader tell which teacher wrote a store.
