@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +30,10 @@ from alignkd_cache import distributed, layer0
 from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
-from alignkd_cache.images import DEFAULT_MAX_PIXELS
+from alignkd_cache.options import BuildOptions
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import CACHE_KINDS, check_options, sample_signal
+from alignkd_cache.signals import sample_signal
 from alignkd_cache.store.codecs import int_dtype, resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
@@ -48,36 +48,6 @@ from alignkd_cache.store.provenance import (
     now,
 )
 from alignkd_cache.store.writer import BackgroundWriter, SampleResult
-
-
-@dataclass
-class BuildOptions:
-    template: str = "v1"
-    topk: int = 64
-    logit_targets: str = "topk"  # or "sampled"
-    logit_positions: str = "answer"  # or "text"
-    attn_heads: str = "all"  # or "mean"
-    codecs: str = "balanced"
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "cpu"
-    limit: int | None = None
-    max_length: int = 2048
-    on_too_long: str = "skip"  # or "error"
-    block_size: int = 64
-    draws: int = 50  # sampled targets: draws per position
-    seed: int = 0
-    vision_tower: str | None = None  # MobileVLM: load the CLIP tower from here, not mm_vision_tower
-    on_bad_sample: str = "error"  # or "skip": bad records and images become skipped manifest rows
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    signals: str = "stored"  # or "layer0": logit targets only, plus the teacher's layer-0 stub
-
-    def __post_init__(self):
-        if self.logit_targets == "full":
-            raise ValueError("--logit-targets 'full' is online only (a cache stores topk or sampled targets)")
-        check_options(self)
-        if self.signals not in CACHE_KINDS:
-            raise ValueError(f"unknown --signals {self.signals!r}; choose one of {CACHE_KINDS}")
 
 
 def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
@@ -226,22 +196,19 @@ def build_cache(
     image_root: str | Path | None,
     out: str,
     options: BuildOptions | None = None,
-    resume: bool = False,
-    storage_options: dict | None = None,
-    progress: bool = True,
-    report: str | Path | None = None,
 ) -> dict:
-    """Build (or resume) a cache; returns its root attributes on rank 0 (None on other ranks).
+    """Build (or resume, `options.resume`) a cache; returns its root attributes on rank 0 (None on
+    other ranks).
 
     Before the teacher loads, a pre-flight check reads every record and image header; its problems
-    go to stderr (counts and first cases) and to `report` (JSON, default next to `out`)."""
+    go to stderr (counts and first cases) and to `options.report` (JSON, default next to `out`)."""
     opts = options or BuildOptions()
-    place = distributed.init(opts.device, distributed.BUILD_TIMEOUT)
+    world = distributed.init(opts.device, distributed.BUILD_TIMEOUT)
     checked = preflight(data, image_root, opts.limit, opts.max_image_pixels)
     if checked.problems:
-        _report(checked, report or default_report_path(str(out)), opts.on_bad_sample, show=place.main)
+        _report(checked, opts.report or default_report_path(str(out)), opts.on_bad_sample, show=world.main)
     if opts.device.startswith("cuda"):
-        opts = replace(opts, device=str(place.device))  # one GPU per rank, by LOCAL_RANK
+        opts = replace(opts, device=str(world.device))  # one GPU per rank, by LOCAL_RANK
     tower = {"vision_tower": opts.vision_tower} if opts.vision_tower else {}
     backend = load_backend(teacher, dtype=getattr(torch, opts.dtype), device=opts.device, **tower)
     backend.model.eval()
@@ -255,18 +222,18 @@ def build_cache(
     vocab = next(
         m.out_features for name, m in backend.model.named_modules() if name.split(".")[-1] == "lm_head"
     )
-    attrs = build_attrs(backend, asdict(opts), data, resolve_preset(opts.codecs), vocab)
-    loc = Location(out, storage_options)
+    attrs = build_attrs(backend, opts.recorded(), data, resolve_preset(opts.codecs), vocab)
+    loc = Location(out, opts.storage_options)
     with tempfile.TemporaryDirectory(prefix="alignkd-layer0-") as scratch:
-        stub = _saved_stub(backend, Path(scratch), attrs) if opts.signals == "layer0" and place.main else None
-        attrs, lock = _open_store(loc, attrs, resume, place, stub)  # noqa: F841 - held until return
+        stub = _saved_stub(backend, Path(scratch), attrs) if opts.signals == "layer0" and world.main else None
+        attrs, lock = _open_store(loc, attrs, opts.resume, world, stub)  # noqa: F841 - held until return
     if attrs.get("complete"):
-        return attrs if place.main else None
+        return attrs if world.main else None
     num_blocks = math.ceil(len(outcomes) / opts.block_size)
-    blocks = partial(_build_blocks, backend, loc, attrs, records, outcomes, image_root, opts, place, progress)
-    place.agreed("to write its blocks", blocks)
+    blocks = partial(_build_blocks, backend, loc, attrs, records, outcomes, image_root, opts, world)
+    world.agreed("to write its blocks", blocks)
     finalized = partial(finalize, loc, attrs, len(outcomes), num_blocks)
-    return place.agreed(f"to finalize {loc.url}", finalized if place.main else None)
+    return world.agreed(f"to finalize {loc.url}", finalized if world.main else None)
 
 
 def _tokenized(records, entries, backend, opts: BuildOptions) -> list:
@@ -298,7 +265,7 @@ def _saved_stub(backend, scratch: Path, attrs: dict) -> Path:
     return stub
 
 
-def _open_store(loc: Location, attrs: dict, resume: bool, place: distributed.World, stub: Path | None):
+def _open_store(loc: Location, attrs: dict, resume: bool, world: distributed.World, stub: Path | None):
     """On rank 0: lock --out, create it (or check that --resume continues the same build), and upload
     a layer0 build's stub. Every rank returns the store's attrs (a resumed build's are the stored
     ones, complete or not); rank 0 also the lock."""
@@ -310,28 +277,28 @@ def _open_store(loc: Location, attrs: dict, resume: bool, place: distributed.Wor
                 loc.write_bytes(f"{layer0.STUB_DIR}/{path.relative_to(stub).as_posix()}", path.read_bytes())
         return prepared, lock
 
-    opened = place.agreed(f"to open {loc.url}", prepare if place.main else None)
-    return opened if place.main else (dict(loc.group("r").attrs), None)
+    opened = world.agreed(f"to open {loc.url}", prepare if world.main else None)
+    return opened if world.main else (dict(loc.group("r").attrs), None)
 
 
-def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, place, progress) -> None:
+def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, world) -> None:
     """This rank's blocks (r, r + N, ...) that are not committed yet, written in the background."""
-    rank, world = place.rank, place.size
+    rank, ranks = world.rank, world.size
     refs, owners = _plan_visual(outcomes, opts.block_size) if opts.signals == "stored" else ({}, {})
     dataset = _IndexedDataset(
         outcomes, image_root, backend.preprocess, pad_id(backend.tokenizer), backend.pad_color
     )
     num_blocks = math.ceil(len(outcomes) / opts.block_size)
-    mine = [b for b in range(rank, num_blocks, world)]
+    mine = [b for b in range(rank, num_blocks, ranks)]
     todo = [b for b in mine if not loc.exists(part_key(b))]
     size = lambda b: min(len(outcomes), (b + 1) * opts.block_size) - b * opts.block_size  # noqa: E731
     written = {"bytes": 0}
     bar = progress_bar(
         sum(size(b) for b in mine),
-        f"rank {rank}" if world > 1 else "build",
+        f"rank {rank}" if ranks > 1 else "build",
         initial=sum(size(b) for b in mine if b not in todo),
         unit="sample",
-        disable=not progress,
+        disable=not opts.progress,
     )
 
     def on_written(block, n, nbytes):

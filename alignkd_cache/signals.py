@@ -129,8 +129,7 @@ def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = T
     """Sample j of a teacher forward (a backend's VLMOutput over `batch`) as a TeacherSignal on the
     teacher's sequence: the build and the resident teacher both take their signals here.
 
-    `options` carries logit_targets, topk, draws, seed, attn_heads and logit_positions (BuildOptions
-    or OnlineOptions). with_visual=False leaves the visual tokens out (another sample stores them).
+    `options`: a SignalOptions (a BuildOptions is one). with_visual=False leaves the visual tokens out (another sample stores them).
     Tensors stay on the forward's device; logit targets are computed there.
     """
     attention = visual = None
@@ -152,6 +151,25 @@ def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = T
         sample_id=sample.id,
     )
     return TeacherSignal(attention, visual, logits, batch.image_keys[j])
+
+
+@dataclass
+class SignalOptions:
+    """How a teacher's forward becomes signals, the same for a cache build (BuildOptions extends it)
+    and a resident teacher (`alignkd-train online`): the one place for their defaults, which the CLI
+    reads (cli/options.py)."""
+
+    template: str = "v1"
+    topk: int = 64
+    logit_targets: str = "topk"  # or "sampled", or "full" (online only)
+    logit_positions: str = "answer"  # or "text"
+    attn_heads: str = "all"  # or "mean"
+    max_length: int = 2048
+    draws: int = 50  # sampled targets: draws per position
+    seed: int = 0  # sampled targets' per-sample seed base
+
+    def __post_init__(self):
+        check_options(self, ONLINE_KINDS)
 
 
 def check_options(options, kinds: tuple[str, ...] = KINDS) -> None:
@@ -184,9 +202,9 @@ def sample_seed(seed: int, sample_id: str) -> int:
 def logit_targets(
     logits: torch.Tensor,
     positions: torch.Tensor,
-    kind: str = "topk",
-    k: int = 64,
-    draws: int = 50,
+    kind: str = SignalOptions.logit_targets,
+    k: int = SignalOptions.topk,
+    draws: int = SignalOptions.draws,
     seed: int = 0,
     sample_id: str = "",
 ) -> LogitTargets:

@@ -36,10 +36,9 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.images import load_image
 from alignkd_cache.signals import (
-    ONLINE_KINDS,
+    SignalOptions,
     TeacherSignal,
     cache_kind,
-    check_options,
     pool_visual,
     sample_signal,
 )
@@ -83,23 +82,6 @@ class TeacherSignalSource(TrainingSource, Protocol):
 
     def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
         """One TeacherSignal per sample of `micro`, on the student's sequence, on `device`."""
-
-
-@dataclass
-class OnlineOptions:
-    """How a resident teacher's signals are taken: the build's options of the same names."""
-
-    template: str = "v1"
-    topk: int = 64
-    logit_targets: str = "topk"  # or "sampled", or "full" (online only)
-    draws: int = 50
-    seed: int = 0  # sampled targets' per-sample seed base
-    max_length: int = 2048
-    attn_heads: str = "all"  # or "mean"
-    logit_positions: str = "answer"
-
-    def __post_init__(self):
-        check_options(self, ONLINE_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +356,8 @@ class OnlineSource(torch.utils.data.Dataset):
     `sample_signal`, so a cache and this source produce the same signals in the same order.
     """
 
-    def __init__(self, teacher, student, data, image_root, options: OnlineOptions | None = None):
-        options = options or OnlineOptions()
+    def __init__(self, teacher, student, data, image_root, options: SignalOptions | None = None):
+        options = options or SignalOptions()
         if tokenizer_sha256(teacher.tokenizer) != tokenizer_sha256(student.tokenizer):
             raise CompatibilityError(
                 "tokenizer: the teacher's and the student's tokenizers differ; logit KD needs one vocabulary"
@@ -480,7 +462,14 @@ class DataSource(SampleDataset):
 
     route = "none (cross-entropy only)"
 
-    def __init__(self, model, data, image_root, template="v1", max_length=2048):
+    def __init__(
+        self,
+        model,
+        data,
+        image_root,
+        template=SignalOptions.template,
+        max_length=SignalOptions.max_length,
+    ):
         tok = Tokenization(
             model.tokenizer, template, model.image_token_id, model.num_visual_tokens, max_length
         )

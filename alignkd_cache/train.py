@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +37,9 @@ from alignkd_cache.losses import (
     Normalisers,
     total_loss,
 )
+from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import progress_bar
+from alignkd_cache.signals import SignalOptions
 from alignkd_cache.sources import TeacherSignalSource, TrainingSource
 from alignkd_cache.store.lock import lock_dir
 
@@ -61,33 +63,6 @@ RESUME_MUST_MATCH = (
     "bf16",
     "loss",
 )
-
-
-@dataclass
-class TrainOptions:
-    out: str
-    loss: LossConfig
-    lr: float = 2e-5
-    batch_size: int = 4
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 0
-    bf16: bool = False
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_checkpointing: bool = False
-    freeze_adapters: bool = False
-    resume: bool = False
-    save_every: int | None = None  # optimizer steps between checkpoints (always one at the end)
-    stop_after: int | None = None  # stop this invocation after N steps, checkpointed (schedule unchanged)
-    num_workers: int = 0
-    device: str | None = None
-    progress: bool = True
-    log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
-    extra: dict = field(default_factory=dict)  # provenance recorded in the output
-    run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,20 +588,22 @@ def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: 
 
 def from_cache(
     student: str,
-    cache: str,
+    cache,
     image_root,
     opts: TrainOptions,
     template: str | None = None,
     storage_options=None,
 ) -> dict:
-    """Distil from a cache: the teacher never loads (a `layer0` cache loads its layer-0 stub)."""
+    """Distil from a cache (a path or URL, or a CacheReader already open, as the CLI's): the teacher
+    never loads (a `layer0` cache loads its layer-0 stub)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import cache_source
     from alignkd_cache.store.reader import CacheReader
 
+    reader = cache if isinstance(cache, CacheReader) else CacheReader(cache, storage_options)
     world = distributed.init(opts.device)
     backend = load_backend(student, device=world.device)
-    source = cache_source(CacheReader(cache, storage_options), backend, image_root, template, world.device)
+    source = cache_source(reader, backend, image_root, template, world.device)
     return train(backend, source, opts)
 
 
@@ -640,7 +617,7 @@ def online(
     teacher_dtype: str = "float32",
 ) -> dict:
     """Distil with the teacher resident (eval mode, no grad), signals computed every step as the
-    build computes them (`signal_options`: a sources.OnlineOptions)."""
+    build computes them (`signal_options`: a signals.SignalOptions)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import OnlineSource
 
@@ -655,7 +632,12 @@ def online(
 
 
 def finetune(
-    model: str, data, image_root, opts: TrainOptions, template: str = "v1", max_length: int = 2048
+    model: str,
+    data,
+    image_root,
+    opts: TrainOptions,
+    template: str = SignalOptions.template,
+    max_length: int = SignalOptions.max_length,
 ) -> dict:
     """Plain next-token fine-tuning, no teacher: the same loop with the cross-entropy term alone."""
     from alignkd_cache.backends import load_backend

@@ -16,6 +16,7 @@ Tiny random teachers have flatter attention than a trained 7B: rerun on a real t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from dataclasses import replace
@@ -129,7 +130,9 @@ def main():
     )
     data = dataset(tmp / "data", args.samples)
     opts = BuildOptions(codecs="lossless", topk=16, template="v1", batch_size=8)
-    build_cache(str(teacher), data, tmp / "data", str(tmp / "exact.zarr"), opts, progress=False)
+    build_cache(
+        str(teacher), data, tmp / "data", str(tmp / "exact.zarr"), dataclasses.replace(opts, progress=False)
+    )
     reader = CacheReader(str(tmp / "exact.zarr"))
     heads, dim = reader.attrs["num_heads"], reader.attrs["visual_dim"]
     adapters = (torch.nn.Conv2d(heads, 4, 1), torch.nn.Conv1d(dim, 32, 1))

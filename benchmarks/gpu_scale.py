@@ -29,6 +29,7 @@ section, so an interrupted run still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -71,7 +72,7 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
-from alignkd_cache.sources import CacheSource, Layer0Source, OnlineOptions, OnlineSource
+from alignkd_cache.sources import CacheSource, Layer0Source, SignalOptions, OnlineSource
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
@@ -542,7 +543,13 @@ def measure_build(
     result: dict = {"options": asdict(options)}
     with peak_memory(device, result):
         start = time.perf_counter()
-        build_cache(str(teacher_dir), data["path"], data["image_root"], str(store), options, progress=False)
+        build_cache(
+            str(teacher_dir),
+            data["path"],
+            data["image_root"],
+            str(store),
+            dataclasses.replace(options, progress=False),
+        )
         synchronize(device)
         wall = time.perf_counter() - start
     info = cache_info(str(store))
@@ -646,7 +653,7 @@ def measure_train(
     def online() -> dict:
         teacher = load_backend(teacher_dir, dtype=getattr(torch, scale.dtype), device=device)
         teacher.model.eval().requires_grad_(False)
-        options = OnlineOptions(template=TEMPLATE, topk=scale.topk)
+        options = SignalOptions(template=TEMPLATE, topk=scale.topk)
         source = OnlineSource(teacher, student, data["path"], data["image_root"], options)
         return measure_training(run, scale, student, source)
 

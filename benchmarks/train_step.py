@@ -108,8 +108,7 @@ def prepare(work: Path, tiny: bool, n_images: int) -> None:
             data / "train.json",
             data,
             str(out),
-            BuildOptions(signals=kind),
-            progress=False,
+            BuildOptions(signals=kind, progress=False),
         )
     # The student with the teacher's vision tower (as MobileVLM V2 1.7B has the 7B's): layer0-shared.
     shutil.copytree(work / "student", work / "student-shared")

@@ -9,35 +9,13 @@ import click
 
 import alignkd_cache
 from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
+from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
 from alignkd_cache.data import TEMPLATES
-from alignkd_cache.images import DEFAULT_MAX_PIXELS, PIL_MAX_PIXELS
+from alignkd_cache.images import PIL_MAX_PIXELS
+from alignkd_cache.options import BuildOptions
 from alignkd_cache.progress import quiet_libraries
 from alignkd_cache.signals import ATTN_HEADS, CACHE_KINDS, KINDS, LOGIT_POSITIONS
 from alignkd_cache.store.codecs import PRESETS
-
-
-def _options(pairs: tuple[str, ...]) -> dict | None:
-    """--storage-option key=value (repeatable) -> fsspec storage_options (values parsed as JSON if they can be)."""
-    if not pairs:
-        return None
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r}: expected key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-storage_option = click.option(
-    "--storage-option",
-    "storage",
-    multiple=True,
-    help="fsspec option for remote stores, key=value (repeatable).",
-)
 
 
 @click.group(cls=Commands)
@@ -64,84 +42,61 @@ def main():
 @click.option(
     "--out", required=True, help="Cache location: a directory or an fsspec URL (s3://bucket/cache)."
 )
-@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
-@click.option(
-    "--topk", type=click.IntRange(1), default=64, show_default=True, help="Top-k ids per logit position."
-)
-@click.option(
-    "--signals",
+@field_option(BuildOptions, "template", type=click.Choice(TEMPLATES))
+@field_option(BuildOptions, "topk", type=click.IntRange(1), help="Top-k ids per logit position.")
+@field_option(
+    BuildOptions,
+    "signals",
     type=click.Choice(CACHE_KINDS),
-    default="stored",
-    show_default=True,
     help="stored: every signal on disk (share outputs only). layer0: logit targets plus the teacher's "
     "layer-0 stub, which recomputes the attention and visual tokens exactly at training time "
     "(smaller, exact; the receiving team holds the teacher's first layer and vision path).",
 )
-@click.option("--logit-targets", type=click.Choice(KINDS), default="topk", show_default=True)
-@click.option(
-    "--draws",
-    type=click.IntRange(1),
-    default=50,
-    show_default=True,
-    help="Draws per position for sampled targets.",
-)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of sampled targets.")
-@click.option("--logit-positions", type=click.Choice(LOGIT_POSITIONS), default="answer", show_default=True)
-@click.option("--attn-heads", type=click.Choice(ATTN_HEADS), default="all", show_default=True)
-@click.option("--codecs", type=click.Choice(list(PRESETS)), default="balanced", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option(
-    "--block-size", type=click.IntRange(1), default=64, show_default=True, help="Samples per committed block."
-)
-@click.option(
-    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True
-)
-@click.option("--device", type=Device(), default="cpu", show_default=True)
-@click.option(
-    "--vision-tower",
-    default=None,
+@field_option(BuildOptions, "logit_targets", type=click.Choice(KINDS))
+@field_option(BuildOptions, "draws", type=click.IntRange(1), help="Draws per position for sampled targets.")
+@field_option(BuildOptions, "seed", type=click.IntRange(0), help="Seed of sampled targets.")
+@field_option(BuildOptions, "logit_positions", type=click.Choice(LOGIT_POSITIONS))
+@field_option(BuildOptions, "attn_heads", type=click.Choice(ATTN_HEADS))
+@field_option(BuildOptions, "codecs", type=click.Choice(list(PRESETS)))
+@field_option(BuildOptions, "batch_size", type=click.IntRange(1))
+@field_option(BuildOptions, "block_size", type=click.IntRange(1), help="Samples per committed block.")
+@field_option(BuildOptions, "dtype", type=click.Choice(["float32", "float16", "bfloat16"]))
+@field_option(BuildOptions, "device", type=Device())
+@field_option(
+    BuildOptions,
+    "vision_tower",
     help="MobileVLM teachers: CLIP tower directory or hub id[@revision], instead of mm_vision_tower.",
 )
-@click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N records.")
-@click.option("--max-length", type=click.IntRange(1), default=2048, show_default=True)
-@click.option("--on-too-long", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
-@click.option(
-    "--on-bad-sample",
+@field_option(BuildOptions, "limit", type=click.IntRange(0), help="Only the first N records.")
+@field_option(BuildOptions, "max_length", type=click.IntRange(1))
+@field_option(BuildOptions, "on_too_long", type=click.Choice(["skip", "error"]))
+@field_option(
+    BuildOptions,
+    "on_bad_sample",
     type=click.Choice(["error", "skip"]),
-    default="error",
-    show_default=True,
     help="A bad record or image (see the pre-flight report): stop before the teacher loads, or skip it "
     "(recorded in the manifest with its reason).",
 )
-@click.option(
-    "--max-image-pixels",
+@field_option(
+    BuildOptions,
+    "max_image_pixels",
     type=click.IntRange(1, PIL_MAX_PIXELS),
-    default=DEFAULT_MAX_PIXELS,
-    show_default=True,
     help="Refuse images with more pixels (decompression bombs), each with its own error.",
 )
-@click.option(
-    "--report",
+@field_option(
+    BuildOptions,
+    "report",
     type=click.Path(dir_okay=False),
-    default=None,
     help="Where the pre-flight report's full problem list goes (default: OUT.preflight.json beside OUT).",
 )
-@click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
+@field_option(BuildOptions, "resume", help="Continue an interrupted build with the same settings.")
 @storage_option
-def build(teacher, data, image_root, out, resume, storage, report, **options):
+def build(teacher, data, image_root, out, storage, **options):
     """Run the teacher once over a dataset and write its signals."""
-    from alignkd_cache.build import BuildOptions, build_cache
+    from alignkd_cache.build import build_cache
 
-    attrs = build_cache(
-        teacher,
-        data,
-        image_root,
-        out,
-        BuildOptions(**options),
-        resume=resume,
-        storage_options=_options(storage),
-        report=report,
-    )
+    options = BuildOptions(**options, storage_options=parse_storage_options(storage))
+    attrs = build_cache(teacher, data, image_root, out, options)
     if attrs is not None:
         c = attrs["counts"]
         click.echo(f"{out}: {c['written']} written, {c['skipped']} skipped, {c['images']} images")
@@ -155,7 +110,7 @@ def info(store, as_json, storage):
     """Counts, provenance and bytes per signal per sample."""
     from alignkd_cache.store.info import cache_info
 
-    i = cache_info(store, _options(storage))
+    i = cache_info(store, parse_storage_options(storage))
     if as_json:
         click.echo(json.dumps(i, indent=2))
         return
@@ -189,7 +144,7 @@ def verify(store, storage):
     """Read every chunk and check checksums, schema, shapes, NaN/inf and the manifest."""
     from alignkd_cache.store.verify import verify as run
 
-    report = run(store, _options(storage))
+    report = run(store, parse_storage_options(storage))
     for line in report.lines():
         click.echo(line, err=True)
     if not report.ok:
@@ -208,7 +163,7 @@ def merge(stores, out, storage):
     """Merge caches of the same teacher, tokenizer, template and options."""
     from alignkd_cache.store.merge import merge_caches
 
-    attrs = merge_caches(list(stores), out, _options(storage))
+    attrs = merge_caches(list(stores), out, parse_storage_options(storage))
     click.echo(f"{out}: {attrs['counts']['written']} samples from {len(stores)} caches")
 
 
@@ -220,7 +175,7 @@ def copy(src, dst, storage):
     """Copy a cache between local and remote stores, then verify the copy."""
     from alignkd_cache.store.copy import copy_cache
 
-    options = _options(storage)
+    options = parse_storage_options(storage)
     report = copy_cache(src, dst, options, options)
     click.echo(f"{dst}: copied and verified ({report.samples_checked} samples)")
 
@@ -239,7 +194,13 @@ def show(store, sample_id, image_root, head, tokens, out, storage):
 
     click.echo(
         show_attention(
-            store, sample_id, image_root, out, head=head, tokens=tokens, storage_options=_options(storage)
+            store,
+            sample_id,
+            image_root,
+            out,
+            head=head,
+            tokens=tokens,
+            storage_options=parse_storage_options(storage),
         )
     )
 

@@ -9,6 +9,7 @@ import click
 
 import alignkd_cache
 from alignkd_cache.cli.errors import Commands, Device
+from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.losses import (
     ATTN_LOSSES,
@@ -19,10 +20,13 @@ from alignkd_cache.losses import (
     parse_weights,
     vis_settings,
 )
+from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import quiet_libraries
-from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS
+from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS, SignalOptions
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
+train_option = functools.partial(field_option, TrainOptions)
+signal_option = functools.partial(field_option, SignalOptions)
 
 
 def training_options(command, weights: str = DISTILL_WEIGHTS):
@@ -40,51 +44,30 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             show_default=True,
             help="Loss weights; 0 switches a term off.",
         ),
-        click.option("--lr", default=2e-5, show_default=True, type=click.FloatRange(0, min_open=True)),
-        click.option(
-            "--batch-size",
-            default=4,
-            show_default=True,
-            type=click.IntRange(1),
-            help="Samples per micro-batch per process.",
-        ),
-        click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(1)),
-        click.option("--epochs", default=1, show_default=True, type=click.IntRange(1)),
-        click.option(
-            "--max-steps",
-            default=None,
+        train_option("lr", type=click.FloatRange(0, min_open=True)),
+        train_option("batch_size", type=click.IntRange(1), help="Samples per micro-batch per process."),
+        train_option("grad_accum", type=click.IntRange(1)),
+        train_option("epochs", type=click.IntRange(1)),
+        train_option(
+            "max_steps",
             type=click.IntRange(1),
             help="Stop after this many optimizer steps (the schedule spans them).",
         ),
-        click.option(
-            "--seed",
-            default=0,
-            show_default=True,
-            type=click.IntRange(0),
-            help="Batch order and adapter init.",
-        ),
-        click.option("--bf16", is_flag=True, help="bf16 autocast for the forward passes (losses stay fp32)."),
-        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint."),
-        click.option("--warmup-ratio", default=0.03, show_default=True, type=click.FloatRange(0, 1)),
-        click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(0)),
-        click.option(
-            "--max-grad-norm",
-            default=1.0,
-            show_default=True,
-            type=click.FloatRange(0),
-            help="0 disables clipping.",
-        ),
-        click.option("--grad-checkpointing", is_flag=True),
-        click.option(
-            "--freeze-adapters",
-            is_flag=True,
+        train_option("seed", type=click.IntRange(0), help="Batch order and adapter init."),
+        train_option("bf16", help="bf16 autocast for the forward passes (losses stay fp32)."),
+        train_option("resume", help="Continue from OUT/checkpoint."),
+        train_option("warmup_ratio", type=click.FloatRange(0, 1)),
+        train_option("weight_decay", type=click.FloatRange(0)),
+        train_option("max_grad_norm", type=click.FloatRange(0), help="0 disables clipping."),
+        train_option("grad_checkpointing"),
+        train_option(
+            "freeze_adapters",
             help="Keep the adapters at their random init (the public code's effective behaviour).",
         ),
-        click.option(
-            "--attn-loss",
+        field_option(
+            LossConfig,
+            "attn_loss",
             type=click.Choice(ATTN_LOSSES),
-            default="mse-adapter",
-            show_default=True,
             help="mse-adapter and kl-headmean: ours (docs/training.md); the -2025-01 and -2024-12 "
             "variants: the public revisions' formulas as published.",
         ),
@@ -108,43 +91,27 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             default=None,
             help="Default: topk-tail for top-k targets, sampled for sampled, full for full.",
         ),
-        click.option(
-            "--save-every",
+        train_option(
+            "save_every",
             type=click.IntRange(1),
-            default=None,
             help="Checkpoint every N optimizer steps (one is always written at the end).",
         ),
-        click.option(
-            "--stop-after",
+        train_option(
+            "stop_after",
             type=click.IntRange(1),
-            default=None,
             help="Stop this run after N steps with a checkpoint; --resume continues it.",
         ),
-        click.option(
-            "--num-workers",
-            default=0,
-            show_default=True,
-            type=click.IntRange(0),
-            help="DataLoader worker processes.",
-        ),
-        click.option(
-            "--device",
-            type=Device(),
-            default=None,
-            help="cpu, cuda, cuda:1 ... (default: cuda when available).",
-        ),
-        click.option(
-            "--log-grad-norms",
-            is_flag=True,
+        train_option("num_workers", type=click.IntRange(0), help="DataLoader worker processes."),
+        train_option("device", type=Device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        train_option(
+            "log_grad_norms",
             help="Log each term's gradient norm per step in metrics.jsonl (one extra backward per term).",
         ),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 
 
-def make_options(kw: dict, target_kind: str):
-    from alignkd_cache.train import TrainOptions
-
+def make_options(kw: dict, target_kind: str) -> TrainOptions:
     k, weight = vis_settings(kw.pop("vis_preset"), kw.pop("vis_topk"), kw.pop("vis_topk_weight"))
     loss = LossConfig(
         weights=parse_weights(kw.pop("weights")),
@@ -173,14 +140,16 @@ def main():
     default=None,
     help="Refuse unless the cache used this template (default: the cache's).",
 )
+@storage_option
 @training_options
-def from_cache_command(student, cache, image_root, template, **kw):
+def from_cache_command(student, cache, image_root, template, storage, **kw):
     """Train the student on cached teacher signals; the teacher never loads."""
     from alignkd_cache.store.reader import CacheReader
     from alignkd_cache.train import from_cache
 
-    kind = CacheReader(cache).attrs["logit_targets"]
-    summary = from_cache(student, cache, image_root, make_options(kw, kind), template)
+    reader = CacheReader(cache, parse_storage_options(storage))  # opened once: from_cache reads it
+    opts = make_options(kw, reader.attrs["logit_targets"])
+    summary = from_cache(student, reader, image_root, opts, template)
     click.echo(json.dumps(summary))
 
 
@@ -191,26 +160,14 @@ def from_cache_command(student, cache, image_root, template, **kw):
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
-@click.option(
-    "--topk",
-    default=64,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Top-k logit targets (as `alignkd-cache build`).",
-)
-@click.option("--logit-targets", type=click.Choice(ONLINE_KINDS), default="topk", show_default=True)
-@click.option(
-    "--draws",
-    default=50,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Sampled targets: draws per position.",
-)
-@click.option(
+@signal_option("template", type=click.Choice(TEMPLATES))
+@signal_option("topk", type=click.IntRange(1), help="Top-k logit targets (as `alignkd-cache build`).")
+@signal_option("logit_targets", type=click.Choice(ONLINE_KINDS))
+@signal_option("draws", type=click.IntRange(1), help="Sampled targets: draws per position.")
+@signal_option(
+    "seed",
     "--sample-seed",
-    default=0,
-    show_default=True,
+    "sample_seed",
     type=click.IntRange(0),
     help="Sampled targets: the seed (as the build's --seed).",
 )
@@ -220,22 +177,19 @@ def from_cache_command(student, cache, image_root, template, **kw):
     default="float32",
     show_default=True,
 )
-@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--attn-heads",
+@signal_option("max_length", type=click.IntRange(1))
+@signal_option(
+    "attn_heads",
     type=click.Choice(ATTN_HEADS),
-    default="all",
-    show_default=True,
     help="Attention signals per head, or their mean (as `alignkd-cache build`).",
 )
 @training_options
 def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
     """Train the student with the teacher resident: the reference the cache is compared against."""
-    from alignkd_cache.sources import OnlineOptions
     from alignkd_cache.train import online
 
     fields = ("template", "topk", "logit_targets", "draws", "max_length", "attn_heads")
-    signal_options = OnlineOptions(**{f: kw.pop(f) for f in fields}, seed=kw.pop("sample_seed"))
+    signal_options = SignalOptions(**{f: kw.pop(f) for f in fields}, seed=kw.pop("sample_seed"))
     opts = make_options(kw, signal_options.logit_targets)
     summary = online(teacher, student, data, image_root, opts, signal_options, teacher_dtype)
     click.echo(json.dumps(summary))
@@ -249,8 +203,8 @@ def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
     "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
 )
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
-@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
+@signal_option("template", type=click.Choice(TEMPLATES))
+@signal_option("max_length", type=click.IntRange(1))
 @functools.partial(training_options, weights="ce=1,logit=0,vis=0,attn=0")
 def finetune_command(model, data, image_root, template, max_length, **kw):
     """Plain cross-entropy fine-tuning, no teacher (how the demo trains its teacher).

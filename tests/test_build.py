@@ -3,6 +3,7 @@ torchrun, S3, merge, and reading with nothing but zarr + pyarrow."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ def lossless_cache(llava_teacher_dir, digits_dataset, tmp_path_factory) -> str:
     path, root = digits_dataset
     out = str(tmp_path_factory.mktemp("caches") / "lossless.zarr")
     build_cache(
-        str(llava_teacher_dir), path, root, out, BuildOptions(codecs="lossless", **OPTS), progress=False
+        str(llava_teacher_dir), path, root, out, BuildOptions(codecs="lossless", **OPTS, progress=False)
     )
     return out
 
@@ -90,12 +91,17 @@ def test_refuses_non_empty_store_and_changed_options(lossless_cache, llava_teach
             path,
             root,
             lossless_cache,
-            BuildOptions(codecs="lossless", **OPTS),
-            progress=False,
+            BuildOptions(codecs="lossless", **OPTS, progress=False),
         )
     with pytest.raises(IncompatibleCache, match="options.topk"):
         opts = BuildOptions(**(OPTS | {"codecs": "lossless", "topk": 4}))
-        build_cache(str(llava_teacher_dir), path, root, lossless_cache, opts, resume=True, progress=False)
+        build_cache(
+            str(llava_teacher_dir),
+            path,
+            root,
+            lossless_cache,
+            dataclasses.replace(opts, resume=True, progress=False),
+        )
 
 
 def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_dir, digits_dataset, tmp_path):
@@ -109,7 +115,11 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
         batch_size=4,
     )
     attrs = build_cache(
-        str(mobilevlm_teacher_dir), path, root, str(tmp_path / "m.zarr"), opts, progress=False
+        str(mobilevlm_teacher_dir),
+        path,
+        root,
+        str(tmp_path / "m.zarr"),
+        dataclasses.replace(opts, progress=False),
     )
     # `plain` takes one question and one answer (preprocess_plain): the multi-turn digit-3 is skipped.
     assert attrs["family"] == "mobilevlm" and (attrs["counts"]["written"], attrs["counts"]["skipped"]) == (
@@ -137,14 +147,13 @@ def test_vision_tower_option_replaces_mm_vision_tower(mobilevlm_teacher_dir, dig
     (moved / "config.json").write_text(json.dumps(config))
     opts = dict(limit=2, codecs="lossless", block_size=2)
     with pytest.raises(Exception, match="no-such-tower"):
-        build_cache(str(moved), path, root, str(tmp_path / "a.zarr"), BuildOptions(**opts), progress=False)
+        build_cache(str(moved), path, root, str(tmp_path / "a.zarr"), BuildOptions(**opts, progress=False))
     attrs = build_cache(
         str(moved),
         path,
         root,
         str(tmp_path / "b.zarr"),
-        BuildOptions(vision_tower=tower, **opts),
-        progress=False,
+        BuildOptions(vision_tower=tower, **opts, progress=False),
     )
     assert attrs["options"]["vision_tower"] == tower and attrs["counts"]["written"] == 2
     assert verify(str(tmp_path / "b.zarr")).ok
@@ -275,9 +284,7 @@ def test_build_to_s3_read_and_copy_back(
         path,
         root,
         url,
-        BuildOptions(codecs="lossless", **OPTS),
-        storage_options=s3_server,
-        progress=False,
+        BuildOptions(codecs="lossless", **OPTS, storage_options=s3_server, progress=False),
     )
     remote = CacheReader(url, s3_server)
     local = CacheReader(lossless_cache)
@@ -303,8 +310,7 @@ def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cach
             tmp_path / f"{name}.json",
             root,
             str(tmp_path / f"{name}.zarr"),
-            opts,
-            progress=False,
+            dataclasses.replace(opts, progress=False),
         )
     attrs = merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")], str(tmp_path / "ab.zarr"))
     assert attrs["counts"]["written"] == 10 and len(attrs["merged_from"]) == 2
@@ -324,8 +330,7 @@ def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cach
         tmp_path / "b.json",
         root,
         str(tmp_path / "b4.zarr"),
-        BuildOptions(**(OPTS | {"codecs": "lossless", "topk": 4})),
-        progress=False,
+        BuildOptions(**(OPTS | {"codecs": "lossless", "topk": 4}), progress=False),
     )
     with pytest.raises(IncompatibleCache, match="options.topk"):
         merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "b4.zarr")], str(tmp_path / "y.zarr"))
@@ -334,8 +339,7 @@ def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cach
         tmp_path / "b.json",
         root,
         str(tmp_path / "bp.zarr"),
-        BuildOptions(**(OPTS | {"codecs": "lossless", "template": "plain"})),
-        progress=False,
+        BuildOptions(**(OPTS | {"codecs": "lossless", "template": "plain"}), progress=False),
     )
     with pytest.raises(IncompatibleCache, match="template"):
         merge_caches([str(tmp_path / "a.zarr"), str(tmp_path / "bp.zarr")], str(tmp_path / "z.zarr"))
@@ -420,7 +424,13 @@ def test_a_layer0_cache_on_s3_carries_its_stub(
 
     path, root = digits_dataset
     url, options = "s3://caches/layer0", BuildOptions(codecs="lossless", signals="layer0", **OPTS)
-    build_cache(str(llava_teacher_dir), path, root, url, options, storage_options=s3_server, progress=False)
+    build_cache(
+        str(llava_teacher_dir),
+        path,
+        root,
+        url,
+        dataclasses.replace(options, storage_options=s3_server, progress=False),
+    )
     assert verify(url, s3_server).ok
     copy_cache(url, str(tmp_path / "back.zarr"), src_options=s3_server)
     student = load_backend(llava_student_dir)

@@ -301,7 +301,7 @@ def test_a_legacy_false_teachers_cache_trains_a_legacy_student(sp_mobilevlms, im
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"id": n, **c} for n, c in CASES.items()], ensure_ascii=False))
     attrs = build_cache(
-        str(teacher.source), data, images, str(tmp_path / "c.zarr"), BuildOptions(topk=4), progress=False
+        str(teacher.source), data, images, str(tmp_path / "c.zarr"), BuildOptions(topk=4, progress=False)
     )
     # Schema 2.x: the preprocessing record of issue 10 (2.1 only added the optional `signals`).
     assert attrs["schema_version"].startswith("2.") and attrs["counts"]["written"] == len(CASES)

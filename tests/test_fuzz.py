@@ -2,6 +2,7 @@
 through every command that reads one, with 0 outcomes other than a clean refusal or an identical
 result. ALIGNKD_FUZZ_MUTATIONS / _SEED / _REPORT let benchmarks/fuzz.py run it longer."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,7 +44,7 @@ def good(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
     data, root = digits_dataset
     good = tmp_path_factory.mktemp("fuzz") / "good.zarr"
     opts = BuildOptions(template="v1", topk=8, batch_size=4, block_size=4)
-    build_cache(str(llava_teacher_dir), data, root, str(good), opts, progress=False)
+    build_cache(str(llava_teacher_dir), data, root, str(good), dataclasses.replace(opts, progress=False))
     return good
 
 
@@ -69,7 +70,7 @@ def test_fuzz_a_layer0_cache(tmp_path, llava_teacher_dir, llava_student_dir, dig
     data, root = digits_dataset
     good = tmp_path / "good.zarr"
     opts = BuildOptions(template="v1", topk=8, batch_size=4, block_size=4, signals="layer0")
-    build_cache(str(llava_teacher_dir), data, root, str(good), opts, progress=False)
+    build_cache(str(llava_teacher_dir), data, root, str(good), dataclasses.replace(opts, progress=False))
     renamed(good, tmp_path / "good2.zarr")
     mutations = int(os.environ.get("ALIGNKD_FUZZ_LAYER0_MUTATIONS", "60"))
     report = load_fuzz().fuzz(

@@ -4,6 +4,7 @@ both head modes), with the student's tower shared when it is the teacher's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.layer0 import vision_tower
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
-from alignkd_cache.sources import CacheSource, Layer0Source, OnlineOptions, OnlineSource
+from alignkd_cache.sources import CacheSource, Layer0Source, SignalOptions, OnlineSource
 from alignkd_cache.store.copy import copy_cache
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.merge import merge_caches
@@ -34,7 +35,7 @@ from alignkd_cache.train import build_adapters, trainable_model_parameters
 def build(teacher_dir, digits_dataset, out: Path, **options) -> Path:
     data, root = digits_dataset
     opts = BuildOptions(codecs="lossless", batch_size=4, **options)
-    build_cache(str(teacher_dir), data, root, str(out), opts, progress=False)
+    build_cache(str(teacher_dir), data, root, str(out), dataclasses.replace(opts, progress=False))
     return out
 
 
@@ -200,7 +201,7 @@ def test_a_layer0_cache_gives_the_online_loss_and_gradients(
     teacher = load_backend(llava_teacher_dir)
     cfg = LossConfig(parse_weights(""))
     offline = Layer0Source(CacheReader(str(caches[("llava", "layer0", "all")])), student, root)
-    online = OnlineSource(teacher, student, data, root, OnlineOptions())
+    online = OnlineSource(teacher, student, data, root, SignalOptions())
     (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
     for term in ("ce", "logit", "vis", "attn"):
         assert off[term] > 0 and abs(off[term] - on[term]) <= 1e-5, (term, off[term], on[term])
@@ -312,12 +313,24 @@ def test_resume_refuses_another_stub_or_kind(tmp_path, llava_teacher_dir, tokeni
     with pytest.raises(
         IncompatibleCache, match="its layer-0 stub has sha256 .*use a new --out or the original teacher"
     ):
-        build_cache(str(other), data, root, str(partial), options, resume=True, progress=False)
+        build_cache(
+            str(other), data, root, str(partial), dataclasses.replace(options, resume=True, progress=False)
+        )
     stored = BuildOptions(codecs="lossless", batch_size=4, limit=4)
     with pytest.raises(IncompatibleCache, match="signals: stored 'layer0', now 'stored'"):
-        build_cache(str(llava_teacher_dir), data, root, str(partial), stored, resume=True, progress=False)
+        build_cache(
+            str(llava_teacher_dir),
+            data,
+            root,
+            str(partial),
+            dataclasses.replace(stored, resume=True, progress=False),
+        )
     again = build_cache(
-        str(llava_teacher_dir), data, root, str(partial), options, resume=True, progress=False
+        str(llava_teacher_dir),
+        data,
+        root,
+        str(partial),
+        dataclasses.replace(options, resume=True, progress=False),
     )
     assert again["layer0"] == CacheReader(str(partial)).attrs["layer0"]  # the same teacher: the same stub
 

@@ -4,6 +4,8 @@ Same batch (the whole digit set: images, a multi-turn sample, text-only samples)
 adapter init; one loss and one backward per source, compared term by term and gradient by gradient.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from alignkd_cache.losses import LossConfig, parse_weights, total_loss
 from alignkd_cache.sources import (
     CacheSource,
     CompatibilityError,
-    OnlineOptions,
+    SignalOptions,
     OnlineSource,
     student_positions,
 )
@@ -31,8 +33,7 @@ def caches(tmp_path_factory, llava_teacher_dir, digits_dataset):
             data,
             root,
             str(out / codecs),
-            BuildOptions(codecs=codecs, batch_size=4),
-            progress=False,
+            BuildOptions(codecs=codecs, batch_size=4, progress=False),
         )
     return out
 
@@ -71,7 +72,7 @@ def loss_and_grads(student, source, cfg, seed=0, bf16=False):
 def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False, attn_heads="all"):
     data, root = digits_dataset
     offline = CacheSource(CacheReader(str(cache_dir)), student, root)
-    online = OnlineSource(teacher, student, data, root, OnlineOptions(topk=topk, attn_heads=attn_heads))
+    online = OnlineSource(teacher, student, data, root, SignalOptions(topk=topk, attn_heads=attn_heads))
     assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
     return loss_and_grads(student, offline, cfg, bf16=bf16), loss_and_grads(student, online, cfg, bf16=bf16)
 
@@ -111,7 +112,13 @@ def test_head_mean_cache_gives_the_online_head_mean_loss(
     """The online source takes its signals with the build's own extraction, head mean included."""
     data, root = digits_dataset
     options = BuildOptions(codecs="lossless", batch_size=4, attn_heads="mean")
-    build_cache(str(llava_teacher_dir), data, root, str(tmp_path / "mean"), options, progress=False)
+    build_cache(
+        str(llava_teacher_dir),
+        data,
+        root,
+        str(tmp_path / "mean"),
+        dataclasses.replace(options, progress=False),
+    )
     cfg = LossConfig(parse_weights(""), attn_loss=attn_loss)
     (off, g_off), (on, g_on) = compare(
         student, teacher, tmp_path / "mean", digits_dataset, cfg, attn_heads="mean"
@@ -125,11 +132,11 @@ def test_full_vocabulary_online_equals_topk_tail_with_k_the_vocabulary(student, 
     vocab = teacher.model.get_output_embeddings().weight.shape[0]
     cfg = LossConfig(parse_weights("ce=0,vis=0,attn=0"), logit_loss="topk-tail")
     topk = loss_and_grads(
-        student, OnlineSource(teacher, student, data, root, OnlineOptions(topk=vocab)), cfg
+        student, OnlineSource(teacher, student, data, root, SignalOptions(topk=vocab)), cfg
     )[0]
     full_cfg = LossConfig(parse_weights("ce=0,vis=0,attn=0"), logit_loss="full")
     full = loss_and_grads(
-        student, OnlineSource(teacher, student, data, root, OnlineOptions(logit_targets="full")), full_cfg
+        student, OnlineSource(teacher, student, data, root, SignalOptions(logit_targets="full")), full_cfg
     )[0]
     assert full["logit"] == pytest.approx(topk["logit"], abs=1e-5)
 

@@ -25,7 +25,7 @@ from alignkd_cache.train import ADAPTERS_FILE, TrainOptions, batch_plan, build_a
 def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
     data, root = digits_dataset
     out = tmp_path_factory.mktemp("train_cache") / "cache"
-    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
+    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless", progress=False))
     return out
 
 
@@ -151,7 +151,7 @@ def test_resume_refuses_another_student_cache_or_loss_naming_it(
         from_cache(str(other), str(cache), root, resume)
     balanced = tmp_path / "balanced"
     build_cache(
-        str(llava_teacher_dir), data, root, str(balanced), BuildOptions(codecs="balanced"), progress=False
+        str(llava_teacher_dir), data, root, str(balanced), BuildOptions(codecs="balanced", progress=False)
     )
     with pytest.raises(ValueError, match=r"run\.signals\.options\.codecs \(\"lossless\" -> \"balanced\"\)"):
         from_cache(str(llava_student_dir), str(balanced), root, resume)
@@ -300,7 +300,7 @@ def test_head_mean_cache_trains_with_kl_headmean_or_a_one_head_adapter(
     data, root = digits_dataset
     mean_cache = tmp_path / "mean"
     build_cache(
-        str(llava_teacher_dir), data, root, str(mean_cache), BuildOptions(attn_heads="mean"), progress=False
+        str(llava_teacher_dir), data, root, str(mean_cache), BuildOptions(attn_heads="mean", progress=False)
     )
     out = tmp_path / "kl"
     from_cache(

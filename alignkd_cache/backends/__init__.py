@@ -60,7 +60,12 @@ def detect_family(path: str | Path) -> str:
     """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id)."""
     from alignkd_cache.backends.checkpoint import resolve_checkpoint
 
-    config_file = resolve_checkpoint(path) / "config.json"
+    return _family(resolve_checkpoint(path), path)
+
+
+def _family(local: Path, path: str | Path) -> str:
+    """The family of the resolved checkpoint `local` (`path`: what the user gave, for messages)."""
+    config_file = local / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"model {path}: {config_file} is missing, so this is not a Hugging Face checkpoint; "
@@ -81,14 +86,21 @@ def detect_family(path: str | Path) -> str:
 def load_backend(
     path: str | Path, *, dtype=torch.float32, device="cpu", family: str | None = None, **kwargs
 ) -> Backend:
-    """Load a teacher or student by local path or hub id (`org/name[@revision]`, see resolve_checkpoint)."""
-    family = family or detect_family(path)
+    """Load a teacher or student by local path or hub id (`org/name[@revision]`, see resolve_checkpoint).
+
+    The reference is resolved here, once, to a local directory (for a hub id without a revision: one
+    snapshot), and everything after reads that directory, so the family, the weights, the tokenizer
+    and the processor all come from the same files."""
+    from alignkd_cache.backends.checkpoint import resolve_checkpoint
+
+    local = resolve_checkpoint(path)
+    family = family or _family(local, path)
     if family == "llava":
         from alignkd_cache.backends.llava import LlavaBackend
 
-        return LlavaBackend.load(path, dtype=dtype, device=device, **kwargs)
+        return LlavaBackend.load(local, dtype=dtype, device=device, model_id=str(path), **kwargs)
     if family == "mobilevlm":
         from alignkd_cache.backends.mobilevlm import MobileVLMBackend
 
-        return MobileVLMBackend.load(path, dtype=dtype, device=device, **kwargs)
+        return MobileVLMBackend.load(local, dtype=dtype, device=device, model_id=str(path), **kwargs)
     raise ValueError(f"unknown model family {family!r}; choose 'llava' or 'mobilevlm'")

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
-from alignkd_cache.backends.checkpoint import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.checkpoint import fingerprint
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.images import pad_color, pad_to_square
 
@@ -49,13 +49,16 @@ class LlavaBackend:
         self.num_visual_tokens = patches + (1 if strategy == "full" else 0)
 
     @classmethod
-    def load(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> LlavaBackend:
+    def load(
+        cls, local: Path, dtype=torch.float32, device="cpu", model_id: str | None = None, **kwargs
+    ) -> LlavaBackend:
+        """From a resolved checkpoint directory (load_backend resolves); `model_id`: what the user named."""
+        model_id = model_id or str(local)
         if kwargs:
             raise ValueError(
-                f"{path}: options {sorted(kwargs)} do not apply to an HF LLaVA checkpoint "
+                f"{model_id}: options {sorted(kwargs)} do not apply to an HF LLaVA checkpoint "
                 "(its vision tower is inside it); drop them"
             )
-        local = resolve_checkpoint(path)
         model = LlavaForConditionalGeneration.from_pretrained(
             local,
             dtype=dtype,
@@ -65,7 +68,7 @@ class LlavaBackend:
         model.to(device).eval()
         tokenizer = load_tokenizer(local)
         image_processor = AutoImageProcessor.from_pretrained(local)
-        return cls(model, tokenizer, image_processor, str(path), local)
+        return cls(model, tokenizer, image_processor, model_id, local)
 
     def preprocess(self, image) -> torch.Tensor:
         """Pad to a square with the processor's mean, as LlavaImageProcessor(do_pad=True), then process."""

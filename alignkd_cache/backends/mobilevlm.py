@@ -156,8 +156,12 @@ def _read_prefix(files: list[Path], prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_tower(config: dict, weights: dict, override, dtype) -> tuple[CLIPVisionModel, str | None]:
-    """(tower, reference): the tower from `override`, else the checkpoint, else `mm_vision_tower`."""
+def _load_tower(
+    config: dict, weights: dict, override, dtype
+) -> tuple[CLIPVisionModel, str | None, Path | None]:
+    """(tower, reference, its resolved directory): the tower from `override`, else the checkpoint,
+    else `mm_vision_tower`. The reference is resolved once, here; its directory also gives the
+    image processor."""
     if override is None and weights:
         vision_config = config.get("mm_vision_config")
         vision_config = (
@@ -170,25 +174,26 @@ def _load_tower(config: dict, weights: dict, override, dtype) -> tuple[CLIPVisio
         # Recent CLIPVisionModel versions dropped the `vision_model.` level; older ones keep it.
         nested = next(iter(tower.state_dict())).startswith("vision_model.")
         tower.load_state_dict({("vision_model." if nested else "") + k: v for k, v in weights.items()})
-        return tower.to(dtype), None
+        return tower.to(dtype), None, None
     reference = override if override is not None else config.get("mm_vision_tower")
     if not reference:
         raise ValueError(
             "the checkpoint has no vision tower weights and no mm_vision_tower; pass vision_tower="
         )
+    local = resolve_checkpoint(reference)
     with _quiet_transformers():  # a full CLIPModel checkpoint also holds the unused text tower
         tower = CLIPVisionModel.from_pretrained(
-            str(resolve_checkpoint(reference)), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+            str(local), dtype=dtype, attn_implementation="sdpa", use_safetensors=True
         )
-    return tower, str(reference)
+    return tower, str(reference), local
 
 
-def _image_processor(places) -> CLIPImageProcessorPil | None:
+def _image_processor(directories: list[Path | None]) -> CLIPImageProcessorPil | None:
     """The CLIP processor settings the official code reads: the tower's preprocessor_config.json
-    (MobileVLM loads CLIPImageProcessor from mm_vision_tower), else the checkpoint's."""
-    for place in places:
-        if place is not None and (resolve_checkpoint(place) / "preprocessor_config.json").is_file():
-            return CLIPImageProcessorPil.from_pretrained(str(resolve_checkpoint(place)))
+    (MobileVLM loads CLIPImageProcessor from mm_vision_tower), else the checkpoint's (both resolved)."""
+    for directory in directories:
+        if directory is not None and (directory / "preprocessor_config.json").is_file():
+            return CLIPImageProcessorPil.from_pretrained(str(directory))
     return None
 
 
@@ -234,18 +239,27 @@ class MobileVLMBackend:
         self.visual_dim = int(config["hidden_size"])
 
     @classmethod
-    def load(cls, path, dtype=torch.float32, device="cpu", vision_tower=None, **kwargs) -> MobileVLMBackend:
+    def load(
+        cls,
+        local: Path,
+        dtype=torch.float32,
+        device="cpu",
+        vision_tower=None,
+        model_id: str | None = None,
+        **kwargs,
+    ) -> MobileVLMBackend:
+        """From a resolved checkpoint directory (load_backend resolves); `model_id`: what the user named."""
         if kwargs:
             raise TypeError(f"MobileVLMBackend.load got unknown options {sorted(kwargs)}")
-        local = resolve_checkpoint(path)
+        model_id = model_id or str(local)
         config = json.loads((local / "config.json").read_text())
         if config.get("mm_projector_type", "ldpnetv2") != "ldpnetv2":
             raise ValueError(
-                f"{path}: mm_projector_type {config['mm_projector_type']!r}; only MobileVLM V2's ldpnetv2 is supported"
+                f"{model_id}: mm_projector_type {config['mm_projector_type']!r}; only MobileVLM V2's ldpnetv2 is supported"
             )
         if config.get("mm_vision_select_feature", "patch") != "patch":
             raise ValueError(
-                f"{path}: mm_vision_select_feature {config['mm_vision_select_feature']!r}; LDPv2 needs 'patch' (no CLS)"
+                f"{model_id}: mm_vision_select_feature {config['mm_vision_select_feature']!r}; LDPv2 needs 'patch' (no CLS)"
             )
         files = _checkpoint_files(local)
         llm_config = llama_config(config)
@@ -259,11 +273,13 @@ class MobileVLMBackend:
             config["mm_hidden_size"], config["hidden_size"], config.get("mm_ldp_grid", DEFAULT_GRID)
         )
         projector.load_state_dict(_read_prefix(files, PROJECTOR_PREFIX))
-        tower, tower_ref = _load_tower(config, _read_prefix(files, TOWER_PREFIX), vision_tower, dtype)
+        tower, tower_ref, tower_dir = _load_tower(
+            config, _read_prefix(files, TOWER_PREFIX), vision_tower, dtype
+        )
         select_layer = config.get("mm_vision_select_layer", -2)
         model = MobileVLM(llm, projector.to(dtype), tower, select_layer).to(device).eval()
-        processor = _image_processor([tower_ref, local])
-        return cls(model, config, tokenizer, str(path), local, tower_ref, processor)
+        processor = _image_processor([tower_dir, local])
+        return cls(model, config, tokenizer, model_id, local, tower_ref, processor)
 
     def preprocess(self, image) -> torch.Tensor:
         """expand2square with the processor's mean, then the CLIP processor (a square passes as is)."""
