@@ -1,6 +1,6 @@
 """Click options made from the options dataclasses: a default is written once, on the field.
 
-`field_option(BuildOptions, "topk", ...)` is `--topk` with the field's default (shown in --help);
+`field_option(BuildOptions, "topk", ...)` is `--topk` with the field's default (shown in the help);
 tests/test_cli.py checks every command's defaults against its dataclasses, so a literal default
 written here by hand cannot drift either."""
 
@@ -23,7 +23,8 @@ def field_default(cls, name: str):
 
 
 def field_option(cls, name: str, *decls: str, **kwargs):
-    """`--name-with-dashes` (or `decls`) defaulting to `cls.name`'s default; shown unless None."""
+    """The option named after the field (underscores as dashes), or `decls`, defaulting to the
+    field's default; the default is shown unless it is None."""
     default = field_default(cls, name)
     kwargs.setdefault("show_default", default is not None)
     is_flag = isinstance(default, bool)
