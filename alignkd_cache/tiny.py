@@ -147,6 +147,25 @@ def build_tiny_llava(
 
 
 # Over 60 lines only through its 16 keyword arguments and imports; the body reads top to bottom.
+def _mobilevlm_config(llama: dict, vision_hidden: int, grid: int, out: Path, tower: str) -> dict:
+    """The config.json of a tiny MobileVLM V2 (its LLM sizes in `llama`); a separate tower lives in
+    `<out>-clip`, named by mm_vision_tower."""
+    from alignkd_cache.backends.mobilevlm import MOBILEVLM_V2_VISION
+
+    return {
+        "architectures": ["MobileLlamaForCausalLM"],
+        "model_type": "mobilevlm",
+        **llama,
+        "hidden_act": "silu",
+        **MOBILEVLM_V2_VISION,
+        "mm_hidden_size": vision_hidden,
+        "mm_vision_tower": str(out.parent / f"{out.name}-clip")
+        if tower == "separate"
+        else "tiny-clip (inside this checkpoint)",
+        "mm_ldp_grid": grid,
+    }
+
+
 def build_tiny_mobilevlm(
     out_dir: str | Path,
     tokenizer,
@@ -175,7 +194,6 @@ def build_tiny_mobilevlm(
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
     from alignkd_cache.backends.mobilevlm import (
-        MOBILEVLM_V2_VISION,
         LDPv2Projector,
         MobileVLM,
         MobileVLMBackend,
@@ -186,18 +204,8 @@ def build_tiny_mobilevlm(
         raise ValueError(f"tower={tower!r}; choose 'inside' or 'separate'")
     tok = _load_tokenizer(tokenizer)
     out = Path(out_dir)
-    config = {
-        "architectures": ["MobileLlamaForCausalLM"],
-        "model_type": "mobilevlm",
-        **_llama_sizes(tok, layers, hidden, heads, kv_heads, init_std),
-        "hidden_act": "silu",
-        **MOBILEVLM_V2_VISION,
-        "mm_hidden_size": vision_hidden,
-        "mm_vision_tower": str(out.parent / f"{out.name}-clip")
-        if tower == "separate"
-        else "tiny-clip (inside this checkpoint)",
-        "mm_ldp_grid": grid,
-    }
+    llama = _llama_sizes(tok, layers, hidden, heads, kv_heads, init_std)
+    config = _mobilevlm_config(llama, vision_hidden, grid, out, tower)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(
         _clip_config(vision_layers, vision_hidden, vision_heads, image_size, patch_size, init_std)

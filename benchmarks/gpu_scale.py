@@ -72,7 +72,7 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
-from alignkd_cache.sources import CacheSource, Layer0Source, SignalOptions, OnlineSource
+from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader

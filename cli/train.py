@@ -29,6 +29,78 @@ train_option = functools.partial(field_option, TrainOptions)
 signal_option = functools.partial(field_option, SignalOptions)
 
 
+# The training commands' options, in the order the help lists them: the optimizer and schedule, the losses, the run.
+OPTIMIZER_OPTIONS = [
+    train_option("lr", type=click.FloatRange(0, min_open=True)),
+    train_option("batch_size", type=click.IntRange(1), help="Samples per micro-batch per process."),
+    train_option("grad_accum", type=click.IntRange(1)),
+    train_option("epochs", type=click.IntRange(1)),
+    train_option(
+        "max_steps",
+        type=click.IntRange(1),
+        help="Stop after this many optimizer steps (the schedule spans them).",
+    ),
+    train_option("seed", type=click.IntRange(0), help="Batch order and adapter init."),
+    train_option("bf16", help="bf16 autocast for the forward passes (losses stay fp32)."),
+    train_option("resume", help="Continue from OUT/checkpoint."),
+    train_option("warmup_ratio", type=click.FloatRange(0, 1)),
+    train_option("weight_decay", type=click.FloatRange(0)),
+    train_option("max_grad_norm", type=click.FloatRange(0), help="0 disables clipping."),
+    train_option("grad_checkpointing"),
+    train_option(
+        "freeze_adapters",
+        help="Keep the adapters at their random init (the public code's effective behaviour).",
+    ),
+]
+LOSS_OPTIONS = [
+    field_option(
+        LossConfig,
+        "attn_loss",
+        type=click.Choice(ATTN_LOSSES),
+        help="mse-adapter and kl-headmean: ours (docs/training.md); the -2025-01 and -2024-12 "
+        "variants: the public revisions' formulas as published.",
+    ),
+    click.option(
+        "--vis-preset",
+        type=click.Choice(sorted(VIS_PRESETS)),
+        default="2025-01",
+        show_default=True,
+        help="k / top-k weight: 2025-01 = 16 / 1, 2024-12 = 32 / 0.1.",
+    ),
+    click.option("--vis-topk", type=click.IntRange(1), default=None, help="Override the preset's k."),
+    click.option(
+        "--vis-topk-weight",
+        type=click.FloatRange(0),
+        default=None,
+        help="Override the preset's top-k weight.",
+    ),
+    click.option(
+        "--logit-loss",
+        type=click.Choice(LOGIT_LOSSES),
+        default=None,
+        help="Default: topk-tail for top-k targets, sampled for sampled, full for full.",
+    ),
+]
+RUN_OPTIONS = [
+    train_option(
+        "save_every",
+        type=click.IntRange(1),
+        help="Checkpoint every N optimizer steps (one is always written at the end).",
+    ),
+    train_option(
+        "stop_after",
+        type=click.IntRange(1),
+        help="Stop this run after N steps with a checkpoint; --resume continues it.",
+    ),
+    train_option("num_workers", type=click.IntRange(0), help="DataLoader worker processes."),
+    train_option("device", type=Device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    train_option(
+        "log_grad_norms",
+        help="Log each term's gradient norm per step in metrics.jsonl (one extra backward per term).",
+    ),
+]
+
+
 def training_options(command, weights: str = DISTILL_WEIGHTS):
     """The options the training commands share; `weights` is the --weights default."""
     options = [
@@ -44,69 +116,9 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             show_default=True,
             help="Loss weights; 0 switches a term off.",
         ),
-        train_option("lr", type=click.FloatRange(0, min_open=True)),
-        train_option("batch_size", type=click.IntRange(1), help="Samples per micro-batch per process."),
-        train_option("grad_accum", type=click.IntRange(1)),
-        train_option("epochs", type=click.IntRange(1)),
-        train_option(
-            "max_steps",
-            type=click.IntRange(1),
-            help="Stop after this many optimizer steps (the schedule spans them).",
-        ),
-        train_option("seed", type=click.IntRange(0), help="Batch order and adapter init."),
-        train_option("bf16", help="bf16 autocast for the forward passes (losses stay fp32)."),
-        train_option("resume", help="Continue from OUT/checkpoint."),
-        train_option("warmup_ratio", type=click.FloatRange(0, 1)),
-        train_option("weight_decay", type=click.FloatRange(0)),
-        train_option("max_grad_norm", type=click.FloatRange(0), help="0 disables clipping."),
-        train_option("grad_checkpointing"),
-        train_option(
-            "freeze_adapters",
-            help="Keep the adapters at their random init (the public code's effective behaviour).",
-        ),
-        field_option(
-            LossConfig,
-            "attn_loss",
-            type=click.Choice(ATTN_LOSSES),
-            help="mse-adapter and kl-headmean: ours (docs/training.md); the -2025-01 and -2024-12 "
-            "variants: the public revisions' formulas as published.",
-        ),
-        click.option(
-            "--vis-preset",
-            type=click.Choice(sorted(VIS_PRESETS)),
-            default="2025-01",
-            show_default=True,
-            help="k / top-k weight: 2025-01 = 16 / 1, 2024-12 = 32 / 0.1.",
-        ),
-        click.option("--vis-topk", type=click.IntRange(1), default=None, help="Override the preset's k."),
-        click.option(
-            "--vis-topk-weight",
-            type=click.FloatRange(0),
-            default=None,
-            help="Override the preset's top-k weight.",
-        ),
-        click.option(
-            "--logit-loss",
-            type=click.Choice(LOGIT_LOSSES),
-            default=None,
-            help="Default: topk-tail for top-k targets, sampled for sampled, full for full.",
-        ),
-        train_option(
-            "save_every",
-            type=click.IntRange(1),
-            help="Checkpoint every N optimizer steps (one is always written at the end).",
-        ),
-        train_option(
-            "stop_after",
-            type=click.IntRange(1),
-            help="Stop this run after N steps with a checkpoint; --resume continues it.",
-        ),
-        train_option("num_workers", type=click.IntRange(0), help="DataLoader worker processes."),
-        train_option("device", type=Device(), help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-        train_option(
-            "log_grad_norms",
-            help="Log each term's gradient norm per step in metrics.jsonl (one extra backward per term).",
-        ),
+        *OPTIMIZER_OPTIONS,
+        *LOSS_OPTIONS,
+        *RUN_OPTIONS,
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), command)
 

@@ -85,3 +85,39 @@ def test_cli_installs_inside_the_package_and_nowhere_else():
     assert Path(alignkd_cache.cli.__file__).resolve().parent == repo / "cli"
     scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
     assert all(target.startswith("alignkd_cache.cli.") for target in scripts.values())
+
+
+# Each command's options and the dataclasses they fill; --sample-seed fills SignalOptions.seed.
+OPTION_CLASSES = {
+    ("alignkd-cache", "build"): ["BuildOptions"],
+    ("alignkd-train", "from-cache"): ["TrainOptions", "LossConfig"],
+    ("alignkd-train", "online"): ["SignalOptions", "TrainOptions", "LossConfig"],
+    ("alignkd-train", "finetune"): ["SignalOptions", "TrainOptions", "LossConfig"],
+}
+RENAMED = {"sample_seed": "seed"}
+# Fields a command computes from its options (a preset, the cache's target kind), not defaults.
+FILLED_BY_THE_COMMAND = {"weights", "logit_loss", "vis_topk", "vis_topk_weight"}
+
+
+def test_every_click_default_is_its_dataclass_default():
+    """A default lives on its dataclass field; the CLI shows that value (changing topk is one line)."""
+    import dataclasses
+
+    from alignkd_cache import losses, options, signals
+    from alignkd_cache.cli.options import field_default
+
+    classes = {c.__name__: c for c in (options.BuildOptions, options.TrainOptions, losses.LossConfig)}
+    classes["SignalOptions"] = signals.SignalOptions
+    checked = 0
+    for (script, sub), names in OPTION_CLASSES.items():
+        for param in SCRIPTS[script].commands[sub].params:
+            field = RENAMED.get(param.name, param.name)
+            owner = next(
+                (classes[n] for n in names if field in {f.name for f in dataclasses.fields(classes[n])}), None
+            )
+            if owner is None or param.required or field in FILLED_BY_THE_COMMAND:
+                continue
+            assert param.default == field_default(owner, field), (script, sub, param.name)
+            checked += 1
+    assert checked >= 45
+    assert options.BuildOptions().topk == signals.SignalOptions().topk == 64  # inherited, not repeated

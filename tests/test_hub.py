@@ -100,3 +100,60 @@ def test_build_train_and_eval_by_hub_id_offline(offline, hf_home, digits_dataset
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["model"] == "org/student" and report["n"] == 10
+
+
+def counting(monkeypatch, module_names, name):
+    """Wrap the real function `name` wherever these modules imported it; returns its calls' arguments."""
+    import importlib
+
+    calls = []
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        real = getattr(module, name)
+
+        def wrapped(*args, _real=real, **kwargs):
+            calls.append(args[0] if args else kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+BACKEND_MODULES = [
+    "alignkd_cache.backends.checkpoint",
+    "alignkd_cache.backends.mobilevlm",
+]
+
+
+def test_each_model_reference_is_resolved_once(offline, mobilevlm_teacher_dir, monkeypatch):
+    """A hub id without a revision is one snapshot_download: the family, weights, tokenizer, tower and
+    processor must all come from one resolution, so every reference is resolved once per load."""
+    calls = counting(monkeypatch, BACKEND_MODULES, "resolve_checkpoint")
+    load_backend("org/student")
+    assert calls == ["org/student"]
+    calls.clear()
+    load_backend(mobilevlm_teacher_dir, vision_tower="org/clip")
+    assert sorted(map(str, calls)) == sorted([str(mobilevlm_teacher_dir), "org/clip"])
+
+
+def test_train_cli_opens_the_cache_once(
+    built_cache, llava_student_dir, digits_dataset, tmp_path, monkeypatch
+):
+    """`from-cache` reads the cache's target kind and trains on the same open reader: one trust check."""
+    from alignkd_cache.store import reader as reader_module
+
+    opened = []
+    real_init = reader_module.CacheReader.__init__
+
+    def counting_init(self, *args, **kwargs):
+        opened.append(args[0] if args else kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(reader_module.CacheReader, "__init__", counting_init)
+    resolved = counting(monkeypatch, BACKEND_MODULES, "resolve_checkpoint")
+    result = CliRunner().invoke(train_cli.main, ["from-cache", "--student", str(llava_student_dir),
+                                                 "--cache", str(built_cache), "--image-root", str(digits_dataset[1]),
+                                                 "--out", str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert opened == [str(built_cache)]
+    assert resolved == [str(llava_student_dir)]

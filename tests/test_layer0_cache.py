@@ -20,7 +20,7 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.layer0 import vision_tower
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
-from alignkd_cache.sources import CacheSource, Layer0Source, SignalOptions, OnlineSource
+from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
 from alignkd_cache.store.copy import copy_cache
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.merge import merge_caches

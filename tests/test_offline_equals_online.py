@@ -15,8 +15,8 @@ from alignkd_cache.losses import LossConfig, parse_weights, total_loss
 from alignkd_cache.sources import (
     CacheSource,
     CompatibilityError,
-    SignalOptions,
     OnlineSource,
+    SignalOptions,
     student_positions,
 )
 from alignkd_cache.store.reader import CacheReader

@@ -150,19 +150,21 @@ def plot(results, path: Path) -> Path:
 
 # Over 60 lines because it is one template of the whole results.md, read as the document it writes.
 def write_report(results, out: Path) -> Path:
+    """results.md (and its figure) under `out`: the results, then the setup, the environment, how the
+    recipe was chosen and every command run."""
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     plot(results, figures / "demo-accuracy.png")
+    sections = [_results_section(results), _setup_section(results), _environment_section(results)]
+    text = "".join([*sections, RECIPE_SECTION, _commands_section(results)])
+    path = out / "results.md"
+    path.write_text(text)
+    return path
+
+
+def _results_section(results) -> str:
     r = results.recipe
-    minutes = results.seconds["total"] / 60
-    stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items() if k != "total")
-    load = (
-        ""
-        if results.load is None
-        else f"; 5-minute load average {results.load:.1f} at the end (above the core count, other jobs shared the CPU)"
-    )
-    environment = "\n".join(f"| {k} | {v} |" for k, v in results.environment.items())
-    text = f"""# Demo results: Align-KD in miniature, on real scanned digits
+    return f"""# Demo results: Align-KD in miniature, on real scanned digits
 
 Produced by this command, which wrote this file (docs/results.md is a copy of it, unedited):
 
@@ -185,7 +187,19 @@ Each variant minus CE only, paired by seed (mean, 95% Student-t interval):
 
 ![accuracy by variant](figures/demo-accuracy.png)
 
-## Setup
+"""
+
+
+def _setup_section(results) -> str:
+    r = results.recipe
+    minutes = results.seconds["total"] / 60
+    stage_times = ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items() if k != "total")
+    load = (
+        ""
+        if results.load is None
+        else f"; 5-minute load average {results.load:.1f} at the end (above the core count, other jobs shared the CPU)"
+    )
+    return f"""## Setup
 
 - Data: 2x2 grids of real 8x8 scans (scikit-learn `load_digits`), {r.cell} px per digit; questions
   on position ("Which digit is top-left?"), presence ("Is there a 7 in the image?") and count
@@ -205,7 +219,12 @@ Each variant minus CE only, paired by seed (mean, 95% Student-t interval):
 - Vision: {r.vision}.
 - Time: {minutes:.1f} min in all ({stage_times}){load}.
 
-## Environment
+"""
+
+
+def _environment_section(results) -> str:
+    environment = "\n".join(f"| {k} | {v} |" for k, v in results.environment.items())
+    return f"""## Environment
 
 The demo pins, before torch loads, what made its numbers differ between machines: one torch thread
 and the AVX2 code paths of torch's kernels, MKL and oneDNN. Without the pins the thread count and
@@ -222,7 +241,10 @@ never reused.
 |---|---|
 {environment}
 
-## How this recipe was chosen
+"""
+
+
+RECIPE_SECTION = """## How this recipe was chosen
 
 Earlier layouts (16 visual tokens of 8 px patches, two frozen random CLIP layers, the Vicuna `v1`
 system prompt) left the teacher at the answer prior for 700+ steps at every learning rate tried;
@@ -238,12 +260,13 @@ One cached sample's layer-0 text->vision attention (`alignkd-cache show`):
 
 ![teacher attention](figures/demo-attention.png)
 
-## Every command this run executed
+"""
+
+
+def _commands_section(results) -> str:
+    return f"""## Every command this run executed
 
 ```bash
 {chr(10).join(results.commands)}
 ```
 """
-    path = out / "results.md"
-    path.write_text(text)
-    return path
