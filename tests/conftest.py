@@ -7,12 +7,15 @@ through the same code paths a user's checkpoint takes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm, build_tokenizer
 
 DIGIT_SIDE = 32  # the tiny vision towers' input size
@@ -117,3 +120,29 @@ def digits_dataset(tmp_path_factory) -> tuple[Path, Path]:
     path = root / "digits.json"
     path.write_text(json.dumps(records, indent=1))
     return path, root
+
+
+# A command run as a user runs it: offline, one thread per process (two cores are shared).
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_ok(*args) -> subprocess.CompletedProcess:
+    """Run a command (offline, one thread) and assert that it succeeded, showing its stderr if not."""
+    result = subprocess.run(args, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def build_digits_cache(teacher_dir, digits_dataset, out: Path, **options) -> Path:
+    """A lossless cache of the digits (batch 4) by `teacher_dir`, other options as given."""
+    data, root = digits_dataset
+    opts = BuildOptions(codecs="lossless", batch_size=4, progress=False, **options)
+    build_cache(str(teacher_dir), data, root, str(out), opts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_cache(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
+    """The llava teacher's lossless signals for the digits, built once for every test that only
+    reads them (tests that change a cache copy it first)."""
+    return build_digits_cache(llava_teacher_dir, digits_dataset, tmp_path_factory.mktemp("shared") / "llava")

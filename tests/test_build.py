@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
@@ -181,9 +182,6 @@ def build_args(teacher, data, root, out) -> list[str]:
             "--topk", "8", "--batch-size", "2", "--block-size", "2"]  # fmt: skip
 
 
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.mark.slow
 def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
     root = digits_dataset[1]
@@ -191,11 +189,13 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     subprocess.run(
         cli(*build_args(llava_teacher_dir, big_dataset, root, reference)),
         check=True,
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
     )
     proc = subprocess.Popen(
-        cli(*build_args(llava_teacher_dir, big_dataset, root, killed)), env=ENV, stderr=subprocess.DEVNULL
+        cli(*build_args(llava_teacher_dir, big_dataset, root, killed)),
+        env=SUBPROCESS_ENV,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while not list((killed / "parts").glob("*.parquet")) and time.time() < deadline and proc.poll() is None:
@@ -211,7 +211,7 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     (killed / "zarr.6e22086d58ac42c49164894caac98a09.partial").write_bytes(b"{")
     done = subprocess.run(
         cli(*build_args(llava_teacher_dir, big_dataset, root, killed), "--resume"),
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
         text=True,
     )
@@ -228,12 +228,12 @@ def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, d
     subprocess.run(
         cli(*build_args(llava_teacher_dir, big_dataset, root, single)),
         check=True,
-        env=ENV,
+        env=SUBPROCESS_ENV,
         capture_output=True,
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "alignkd_cache.cli.cache", *build_args(llava_teacher_dir, big_dataset, root, multi)]  # fmt: skip
-    run = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    run = subprocess.run(torchrun, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_cache(single, multi)
     assert verify(str(multi)).ok
@@ -241,12 +241,12 @@ def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, d
     # Resuming a complete cache: every rank learns from the store that it is complete (rank 1 used to
     # go on to a barrier that rank 0, already returned, never joined).
     torchrun[torchrun.index("--master_port") + 1] = str(free_port())
-    again = subprocess.run([*torchrun, "--resume"], env=ENV, capture_output=True, text=True)
+    again = subprocess.run([*torchrun, "--resume"], env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_cache(single, multi)
     # Rank 0 alone opens --out; its refusal stops rank 1 too, each in one line, rank 0's first.
     torchrun[torchrun.index("--master_port") + 1] = str(free_port())
-    refused = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    refused = subprocess.run(torchrun, env=SUBPROCESS_ENV, capture_output=True, text=True)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
     assert refused.returncode != 0 and errors[0] == (
         f"Error: {multi} is not empty; pass --resume to continue that build, or choose a new --out"

@@ -137,7 +137,7 @@ def test_each_model_reference_is_resolved_once(offline, mobilevlm_teacher_dir, m
 
 
 def test_train_cli_opens_the_cache_once(
-    built_cache, llava_student_dir, digits_dataset, tmp_path, monkeypatch
+    llava_cache, llava_student_dir, digits_dataset, tmp_path, monkeypatch
 ):
     """`from-cache` reads the cache's target kind and trains on the same open reader: one trust check."""
     from alignkd_cache.store import reader as reader_module
@@ -152,8 +152,8 @@ def test_train_cli_opens_the_cache_once(
     monkeypatch.setattr(reader_module.CacheReader, "__init__", counting_init)
     resolved = counting(monkeypatch, BACKEND_MODULES, "resolve_checkpoint")
     result = CliRunner().invoke(train_cli.main, ["from-cache", "--student", str(llava_student_dir),
-                                                 "--cache", str(built_cache), "--image-root", str(digits_dataset[1]),
+                                                 "--cache", str(llava_cache), "--image-root", str(digits_dataset[1]),
                                                  "--out", str(tmp_path / "run"), "--max-steps", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert opened == [str(built_cache)]
+    assert opened == [str(llava_cache)]
     assert resolved == [str(llava_student_dir)]

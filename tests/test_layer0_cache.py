@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_digits_cache, run_ok
 from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
@@ -32,26 +31,21 @@ from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm
 from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 
-def build(teacher_dir, digits_dataset, out: Path, **options) -> Path:
-    data, root = digits_dataset
-    opts = BuildOptions(codecs="lossless", batch_size=4, **options)
-    build_cache(str(teacher_dir), data, root, str(out), dataclasses.replace(opts, progress=False))
-    return out
-
-
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, llava_teacher_dir, mobilevlm_teacher_dir, digits_dataset) -> dict:
+def caches(tmp_path_factory, llava_teacher_dir, mobilevlm_teacher_dir, digits_dataset, llava_cache) -> dict:
     """(family, kind, attn_heads) -> a cache of the digits built by that family's tiny teacher."""
     out = tmp_path_factory.mktemp("layer0_caches")
     teachers = {"llava": llava_teacher_dir, "mobilevlm": mobilevlm_teacher_dir}
-    return {
-        (family, kind, heads): build(
+    built = {
+        (family, kind, heads): build_digits_cache(
             teachers[family], digits_dataset, out / f"{family}-{kind}-{heads}", signals=kind, attn_heads=heads
         )
         for family in teachers
         for kind in ("stored", "layer0")
         for heads in ("all", "mean")
+        if (family, kind, heads) != ("llava", "stored", "all")
     }
+    return built | {("llava", "stored", "all"): llava_cache}
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +233,7 @@ def test_merge_needs_identical_stubs_and_copy_carries_the_stub(caches, tmp_path,
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps([dict(r, id=f"again-{r['id']}") for r in records]))
     teacher = CacheReader(str(first)).attrs["teacher"]["model_id"]
-    second = build(teacher, (renamed, root), tmp_path / "second", signals="layer0")
+    second = build_digits_cache(teacher, (renamed, root), tmp_path / "second", signals="layer0")
     merged = merge_caches([str(first), str(second)], str(tmp_path / "merged"))
     assert merged["layer0"] == CacheReader(str(first)).attrs["layer0"] and verify(str(tmp_path / "merged")).ok
     assert merged["counts"]["written"] == 2 * CacheReader(str(first)).attrs["counts"]["written"]
@@ -256,20 +250,14 @@ def test_the_commands_build_train_and_report_a_layer0_cache(tmp_path, llava_teac
     metrics.jsonl say the signals were recomputed, and what share of each step that took."""
     data, root = digits_dataset
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-    def run(*args):
-        result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
 
     module = [sys.executable, "-m"]
-    run(*module, "alignkd_cache.cli.cache", "build", "--teacher", str(llava_teacher_dir), "--data", str(data),
+    run_ok(*module, "alignkd_cache.cli.cache", "build", "--teacher", str(llava_teacher_dir), "--data", str(data),
         "--image-root", str(root), "--out", str(cache), "--signals", "layer0")  # fmt: skip
-    info = run(*module, "alignkd_cache.cli.cache", "info", str(cache)).stdout
+    info = run_ok(*module, "alignkd_cache.cli.cache", "info", str(cache)).stdout
     assert "kind: layer0 (attention and visual tokens recomputed from the stub" in info
-    run(*module, "alignkd_cache.cli.cache", "verify", str(cache))
-    trained = run(*module, "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+    run_ok(*module, "alignkd_cache.cli.cache", "verify", str(cache))
+    trained = run_ok(*module, "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                   "-m", "alignkd_cache.cli.train", "from-cache", "--student", str(llava_teacher_dir),
                   "--cache", str(cache), "--image-root", str(root), "--out", str(run_dir), "--max-steps", "2")  # fmt: skip
     assert "teacher signals: layer0, student's tower shared" in trained.stderr  # the student is the teacher
@@ -304,7 +292,7 @@ def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_p
 
 
 def test_resume_refuses_another_stub_or_kind(tmp_path, llava_teacher_dir, tokenizer_dir, digits_dataset):
-    partial = build(llava_teacher_dir, digits_dataset, tmp_path / "c", signals="layer0", limit=4)
+    partial = build_digits_cache(llava_teacher_dir, digits_dataset, tmp_path / "c", signals="layer0", limit=4)
     data, root = digits_dataset
     other = build_tiny_llava(
         tmp_path / "other", tokenizer_dir, layers=3, hidden=64, heads=4, kv_heads=2, seed=11

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import build_digits_cache
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
@@ -24,18 +25,13 @@ from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, llava_teacher_dir, digits_dataset):
-    data, root = digits_dataset
-    out = tmp_path_factory.mktemp("proof_caches")
-    for codecs in ("lossless", "balanced"):
-        build_cache(
-            str(llava_teacher_dir),
-            data,
-            root,
-            str(out / codecs),
-            BuildOptions(codecs=codecs, batch_size=4, progress=False),
-        )
-    return out
+def caches(tmp_path_factory, llava_teacher_dir, digits_dataset, llava_cache):
+    """codecs -> a cache of the digits; the lossless one is the session's."""
+    out = tmp_path_factory.mktemp("proof_caches") / "balanced"
+    return {
+        "lossless": llava_cache,
+        "balanced": build_digits_cache(llava_teacher_dir, digits_dataset, out, codecs="balanced"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +76,7 @@ def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=Fals
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, caches, digits_dataset, bf16):
     cfg = LossConfig(parse_weights(""))
-    (off, g_off), (on, g_on) = compare(student, teacher, caches / "lossless", digits_dataset, cfg, bf16=bf16)
+    (off, g_off), (on, g_on) = compare(student, teacher, caches["lossless"], digits_dataset, cfg, bf16=bf16)
     print(f"\nlossless cache vs online ({'bf16' if bf16 else 'fp32'}):", {k: (off[k], on[k]) for k in off})
     for term in ("loss", "ce", "logit", "vis", "attn"):
         assert off[term] > 0, term
@@ -90,7 +86,7 @@ def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, ca
 
 def test_balanced_lossy_cache_is_within_one_percent(student, teacher, caches, digits_dataset):
     cfg = LossConfig(parse_weights(""))
-    (off, g_off), (on, g_on) = compare(student, teacher, caches / "balanced", digits_dataset, cfg)
+    (off, g_off), (on, g_on) = compare(student, teacher, caches["balanced"], digits_dataset, cfg)
     cosine = float(torch.nn.functional.cosine_similarity(g_off, g_on, dim=0))
     rel = {k: abs(off[k] - on[k]) / abs(on[k]) for k in off}
     print(f"\nbalanced cache vs online: relative loss differences {rel}, gradient cosine {cosine:.6f}")
@@ -100,7 +96,7 @@ def test_balanced_lossy_cache_is_within_one_percent(student, teacher, caches, di
 
 def test_kl_headmean_and_revision_presets_agree_too(student, teacher, caches, digits_dataset):
     cfg = LossConfig(parse_weights(""), attn_loss="kl-headmean", vis_topk=32, vis_topk_weight=0.1)
-    (off, g_off), (on, g_on) = compare(student, teacher, caches / "lossless", digits_dataset, cfg)
+    (off, g_off), (on, g_on) = compare(student, teacher, caches["lossless"], digits_dataset, cfg)
     assert abs(off["attn"] - on["attn"]) <= 1e-5 and off["attn"] > 0
     torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
 
@@ -143,7 +139,7 @@ def test_full_vocabulary_online_equals_topk_tail_with_k_the_vocabulary(student, 
 
 def test_mismatched_tokenizer_or_template_is_refused(student, caches, digits_dataset, mobilevlm_student_dir):
     _, root = digits_dataset
-    reader = CacheReader(str(caches / "lossless"))
+    reader = CacheReader(str(caches["lossless"]))
     # The MobileVLM student's tokenizer lacks LLaVA's added <image> token: another vocabulary.
     with pytest.raises(CompatibilityError, match="tokenizer: the cache's teacher tokenizer"):
         CacheSource(reader, load_backend(mobilevlm_student_dir), root)

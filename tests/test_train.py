@@ -1,13 +1,13 @@
 """The trainer: batch plan, metrics, output, adapters, resume, refusals, pooling, options, eval."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 from run_logs import UNTIMED_OUT, free_port, metrics, untimed
 from safetensors.torch import load_file
 
@@ -22,11 +22,8 @@ from alignkd_cache.train import ADAPTERS_FILE, TrainOptions, batch_plan, build_a
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
-    data, root = digits_dataset
-    out = tmp_path_factory.mktemp("train_cache") / "cache"
-    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless", progress=False))
-    return out
+def cache(llava_cache):
+    return llava_cache
 
 
 def options(out, **kw):
@@ -190,7 +187,6 @@ def test_text_only_micro_batches_train_with_only_the_image_terms_on(
 
 def torchrun_from_cache(student, cache, root, out, *args, succeed=True):
     """`alignkd-train from-cache` on two gloo ranks under torchrun, batch size 2."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cli = ["-m", "alignkd_cache.cli.train", "from-cache", "--student", str(student), "--cache", str(cache)]
     common = ["--image-root", str(root), "--out", str(out), "--batch-size", "2"]
@@ -198,7 +194,7 @@ def torchrun_from_cache(student, cache, root, out, *args, succeed=True):
         [*torchrun, "--master-port", str(free_port()), *cli, *common, *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=SUBPROCESS_ENV,
         timeout=600,
     )
     assert (result.returncode == 0) == succeed, result.stderr[-3000:]

@@ -1,29 +1,21 @@
 """End to end through the commands: build a cache, train from it (one process and two DDP ranks), eval."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import SUBPROCESS_ENV, run_ok
 from run_logs import free_port, metrics, untimed
 
 pytestmark = pytest.mark.slow
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run(*args):
-    result = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
 def cli_cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
     data, root = digits_dataset
     out = tmp_path_factory.mktemp("cli") / "cache"
-    run(
+    run_ok(
         "alignkd-cache",
         "build",
         "--teacher",
@@ -69,8 +61,8 @@ def test_ddp_two_gloo_ranks_match_one_process_accumulating(
     _, root = digits_dataset
     one, two = tmp_path / "one", tmp_path / "two"
     cli = [sys.executable, "-m", "alignkd_cache.cli.train"]
-    run(*cli, *train_args(llava_student_dir, cli_cache, root, one, "--grad-accum", "2"))
-    run(
+    run_ok(*cli, *train_args(llava_student_dir, cli_cache, root, one, "--grad-accum", "2"))
+    run_ok(
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -93,7 +85,7 @@ def test_cli_trains_refuses_and_evaluates(
 ):
     data, root = digits_dataset
     out = tmp_path / "run"
-    result = run(
+    result = run_ok(
         "alignkd-train",
         *train_args(
             llava_student_dir,
@@ -116,10 +108,10 @@ def test_cli_trains_refuses_and_evaluates(
         ["alignkd-train", *train_args(mobilevlm_student_dir, cli_cache, root, tmp_path / "no")],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=SUBPROCESS_ENV,
     )
     assert refused.returncode != 0 and "tokenizer" in refused.stderr
-    result = run(
+    result = run_ok(
         "alignkd-train",
         "eval",
         "--model",
