@@ -8,7 +8,8 @@ supervised when its first character lies in an answer span, so no piece is token
 
 Positions, per sample (all later stages key on them):
 - V: the visual-token positions (a contiguous run, empty for text-only samples);
-- T: the text positions strictly after the last visual token (the queries that can see the image);
+- T: the query positions, the text positions strictly after the last visual token (the layer-0
+  attention signal's queries: the ones that can see the image; not `--logit-positions text`);
 - P: the logit positions whose next token is supervised (logits[p] predicts input_ids[p + 1]).
 """
 
@@ -64,7 +65,7 @@ class TokenizedSample:
         return list(range(self.visual_start, self.visual_start + self.num_visual))
 
     @property
-    def text_positions(self) -> list[int]:
+    def query_positions(self) -> list[int]:
         if self.visual_start < 0:
             return []
         return list(range(self.visual_start + self.num_visual, len(self.input_ids)))
@@ -450,7 +451,7 @@ class Batch:
     image_index: list[int | None]  # sample -> row of pixel_values
     image_keys: list[str | None]  # sample -> content hash of its image
     visual_positions: list[torch.Tensor]
-    text_positions: list[torch.Tensor]
+    query_positions: list[torch.Tensor]
     supervised_positions: list[torch.Tensor]
     samples: list[TokenizedSample] = field(repr=False, default_factory=list)
 
@@ -465,7 +466,7 @@ class Batch:
             self.image_index,
             self.image_keys,
             [move(p) for p in self.visual_positions],
-            [move(p) for p in self.text_positions],
+            [move(p) for p in self.query_positions],
             [move(p) for p in self.supervised_positions],
             self.samples,
         )
@@ -508,7 +509,7 @@ def collate(
         image_index=image_index,
         image_keys=keys,
         visual_positions=[as_long(s.visual_positions) for s in samples],
-        text_positions=[as_long(s.text_positions) for s in samples],
+        query_positions=[as_long(s.query_positions) for s in samples],
         supervised_positions=[as_long(s.supervised_positions) for s in samples],
         samples=list(samples),
     )

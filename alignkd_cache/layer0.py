@@ -19,13 +19,14 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from alignkd_cache.backends import VLMOutput, load_backend
+from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.capture import spliced_forward
 from alignkd_cache.store.provenance import file_sha256
 from alignkd_cache.store.stub import FORMAT, MANIFEST, STUB_DIR, stub_sha256, verify_layer0
@@ -128,12 +129,26 @@ def project(backend, features: torch.Tensor) -> torch.Tensor:
     return backend.model.mm_projector(features.to(backend.model.dtype))
 
 
-def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> VLMOutput:
+@dataclass
+class Layer0Signals:
+    """What the stub recomputes for a batch, as the build stores it (float32); no logits: the stub
+    has no lm_head, and the logit targets come from the cache.
+
+    attention: per sample, the layer-0 text->vision probabilities (H, or 1 for a head mean, |T|,
+        N_v); None for text-only samples.
+    visual: (n_images, N_v, D) projected visual tokens, one row per batch.pixel_values row; None
+        when the batch has no image.
+    """
+
+    attention: list[torch.Tensor | None]
+    visual: torch.Tensor | None
+
+
+def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> Layer0Signals:
     """A batch's layer-0 slices and visual tokens from the stub, as the build stores them (float32).
 
     `features`: the tower features of batch.pixel_values from a tower with the stub's tower_sha256
-    (e.g. the student's frozen one), so the stub's tower does not run again. VLMOutput.logits holds
-    layer 0's hidden states (no lm_head is run): nothing should read it.
+    (e.g. the student's frozen one), so the stub's tower does not run again.
     """
     if attn_heads not in ("all", "mean"):
         raise ValueError(f"attn_heads {attn_heads!r}: choose 'all' or 'mean'")
@@ -146,7 +161,7 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
                 features = tower_features(stub, batch.pixel_values)
             visual = project(stub, features.to(stub.model.device))
         llm = stub.model.model.language_model if stub.family == "llava" else stub.model.llm.model
-        signals = spliced_forward(
+        captured = spliced_forward(
             batch,
             embed_tokens=llm.get_input_embeddings(),
             decoder=llm,
@@ -157,11 +172,9 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
         )
     attention = [
         None if a is None else (a.float().mean(0, keepdim=True) if attn_heads == "mean" else a.float())
-        for a in signals.attention
+        for a in captured.attention
     ]
-    return VLMOutput(
-        logits=signals.logits, attention=attention, visual=None if visual is None else visual.float()
-    )
+    return Layer0Signals(attention, None if visual is None else visual.float())
 
 
 def stub_directory(loc, attrs: dict) -> Path:

@@ -317,7 +317,7 @@ def logit_loss(
 def total_loss(
     student,
     batch,
-    targets: list[TeacherSignal],
+    signals: list[TeacherSignal],
     cfg: LossConfig,
     adapters: nn.ModuleDict,
     norm: Normalisers | None = None,
@@ -335,14 +335,14 @@ def total_loss(
     if cfg.on("ce"):
         terms["ce"] = cross_entropy(student.logits, batch.labels, "sum") / tokens
     if cfg.on("logit"):
-        logits = [t.logits for t in targets]
+        logits = [t.logits for t in signals]
         terms["logit"] = logit_loss(list(student.logits), logits, cfg.logit_loss, "sum") / tokens
     with_image = [i for i, j in enumerate(batch.image_index) if j is not None]
     if with_image and cfg.on("attn"):
         terms["attn"] = (
             attention_loss(
                 [student.attention[i] for i in with_image],
-                [_need(targets[i].attention, "attention", batch.ids[i]) for i in with_image],
+                [_need(signals[i].attention, "attention", batch.ids[i]) for i in with_image],
                 cfg.attn_loss,
                 adapters["attn"] if cfg.attn_loss in ADAPTER_ATTN_LOSSES else None,
                 "sum",
@@ -353,9 +353,9 @@ def total_loss(
         terms["vis"] = (
             vision_loss(
                 [student.visual[batch.image_index[i]] for i in with_image],
-                [_need(targets[i].visual, "visual tokens", batch.ids[i]) for i in with_image],
+                [_need(signals[i].visual, "visual tokens", batch.ids[i]) for i in with_image],
                 [
-                    _need(targets[i].attention, "attention (for the top-k focus)", batch.ids[i])
+                    _need(signals[i].attention, "attention (for the top-k focus)", batch.ids[i])
                     for i in with_image
                 ],
                 adapters["vis"],

@@ -53,7 +53,7 @@ class CompatibilityError(ValueError):
 class MicroBatch:
     student: Batch
     teacher: Batch | None  # online: the teacher's own batch, run on the main process
-    targets: list[TeacherSignal] | None  # cache: decoded in the loader (workers, if any)
+    signals: list[TeacherSignal] | None  # cache: decoded in the loader (workers, if any)
 
 
 @runtime_checkable
@@ -205,7 +205,7 @@ class CacheSource(torch.utils.data.Dataset):
         return MicroBatch(batch, None, [t for _, _, t in items])
 
     def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
-        return [t.to(device) for t in micro.targets]
+        return [t.to(device) for t in micro.signals]
 
     route = "cache"
 
@@ -280,7 +280,7 @@ class Layer0Source(CacheSource):
         recomputed = layer0.recompute(self.stub, micro.teacher, self.attn_heads, features)
         out = []
         for i, (cached, teacher, student) in enumerate(
-            zip(micro.targets, micro.teacher.samples, micro.student.samples, strict=True)
+            zip(micro.signals, micro.teacher.samples, micro.student.samples, strict=True)
         ):
             row = micro.teacher.image_index[i]
             visual = None if row is None else recomputed.visual[row]

@@ -182,7 +182,7 @@ class Trainee(torch.nn.Module):
         self.loss = loss
         self.autocast = autocast
 
-    def forward(self, micro, teacher: list | None, norm: Normalisers | None):
+    def forward(self, micro, signals: list | None, norm: Normalisers | None):
         """(loss, terms) of one micro-batch; `micro` None (a rank with no micro-batch this step)
         gives a zero loss. Every trainable parameter is in the loss's graph, at zero weight where
         no term reached it: it gets a zero gradient (AdamW treats it the same whichever rank
@@ -196,7 +196,7 @@ class Trainee(torch.nn.Module):
         autocast = torch.autocast(device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with autocast:
             output = self.student.forward(micro.student, capture=self.loss.on("attn"))
-        loss, terms = total_loss(output, micro.student.to(device), teacher, self.loss, self.adapters, norm)
+        loss, terms = total_loss(output, micro.student.to(device), signals, self.loss, self.adapters, norm)
         return loss + touch, terms
 
 
@@ -226,12 +226,12 @@ def train_step(
     signals_s = 0.0  # this rank's time getting teacher signals (a resident teacher or a recompute)
     for micro, last in with_last(micros):
         started = time.perf_counter()
-        teacher = None if micro is None else signals_of(micro)
+        signals = None if micro is None else signals_of(micro)
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
         signals_s += time.perf_counter() - started
         with nullcontext() if last or module is trainee else trainee.no_sync():
-            loss, terms = trainee(micro, teacher, norm)
+            loss, terms = trainee(micro, signals, norm)
             if log_grad_norms:
                 add_term_gradients(term_grads, terms, module.loss.weights, model_params)
             # DDP averages gradients over ranks; the terms are already divided by the step's global

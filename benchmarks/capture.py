@@ -94,7 +94,7 @@ def run_route(backend: MobileVLMBackend, batch, route: str):
     )
     return [
         out.attentions[0][b][:, t][:, :, v]
-        for b, (t, v) in enumerate(zip(batch.text_positions, batch.visual_positions, strict=True))
+        for b, (t, v) in enumerate(zip(batch.query_positions, batch.visual_positions, strict=True))
     ]
 
 

@@ -410,7 +410,7 @@ def write_dataset(root: Path, tokenizer, scale: Scale, seed: int) -> dict:
     if skips:
         raise RuntimeError(f"synthetic data: {len(skips)} samples were skipped: {skips[:3]}")
     lengths = [len(s.input_ids) for s in samples]
-    text_rows = [len(s.text_positions) for s in samples]
+    text_rows = [len(s.query_positions) for s in samples]
     supervised = [len(s.supervised_positions) for s in samples]
     return {
         "path": str(path),

@@ -85,7 +85,7 @@ def test_layer0_slice_equals_eager_reference(teacher, digits_dataset, template):
         if sample.visual_start < 0:
             assert signals.attention[b] is None
             continue
-        t, v = batch.text_positions[b], batch.visual_positions[b]
+        t, v = batch.query_positions[b], batch.visual_positions[b]
         expected = reference[b][:, t][:, :, v]
         got = signals.attention[b]
         assert got.shape == (teacher.num_heads, len(t), teacher.num_visual_tokens)

@@ -60,7 +60,7 @@ def test_positions_follow_the_spliced_image(tmp_path, tokenizer, template):
     (record,) = record_file(tmp_path, vqa())
     s = tokenize(record, tok_for(tokenizer, template))
     ids = s.input_ids
-    V, T, P = s.visual_positions, s.text_positions, s.supervised_positions
+    V, T, P = s.visual_positions, s.query_positions, s.supervised_positions
     assert [ids[v] for v in V] == [IMAGE_TOKEN] * N_V
     assert IMAGE_TOKEN not in [ids[i] for i in range(len(ids)) if i not in V]
     assert list(range(V[-1] + 1, len(ids))) == T
@@ -101,7 +101,7 @@ def test_multi_turn_v1_supervises_every_answer_and_no_question(tmp_path, tokeniz
 def test_text_only_sample_has_no_visual_or_text_query_positions(tmp_path, tokenizer):
     (record,) = record_file(tmp_path, vqa(image=None, q="What is two plus two?", a="4"))
     s = tokenize(record, tok_for(tokenizer, "v1"))
-    assert s.visual_positions == [] and s.text_positions == [] and s.num_visual == 0
+    assert s.visual_positions == [] and s.query_positions == [] and s.num_visual == 0
     assert IMAGE_TOKEN not in s.input_ids
     assert s.supervised_positions
 
@@ -159,7 +159,7 @@ def test_batches_equal_samples_one_at_a_time(tmp_path, tokenizer):
         assert torch.equal(batch.labels[i, :n], one.labels[0])
         assert (batch.labels[i, n:] == IGNORE_INDEX).all() and (batch.attention_mask[i, n:] == 0).all()
         assert (batch.input_ids[i, n:] == tokenizer.pad_token_id).all()
-        for field in ("visual_positions", "text_positions", "supervised_positions"):
+        for field in ("visual_positions", "query_positions", "supervised_positions"):
             assert torch.equal(getattr(batch, field)[i], getattr(one, field)[0])
         if one.pixel_values is not None:
             assert torch.equal(batch.pixel_values[batch.image_index[i]], one.pixel_values[0])

@@ -144,7 +144,7 @@ def test_image_in_a_later_turn_moves_to_the_front_of_that_turn_once(sp_dirs, tmp
     )
     before = tok.decode([t for t in s.input_ids[: s.visual_start] if t >= 0])
     assert before.endswith("A tall scan.</s>USER: ") and "Describe" in before
-    assert tok.decode(s.input_ids[s.text_positions[0] :]).startswith("\nWhat digit? ASSISTANT: 3</s>")
+    assert tok.decode(s.input_ids[s.query_positions[0] :]).startswith("\nWhat digit? ASSISTANT: 3</s>")
 
 
 @pytest.mark.parametrize("legacy", LEGACY)

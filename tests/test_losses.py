@@ -402,7 +402,7 @@ def test_attention_loss_is_nonzero_and_trains_layer0_queries_and_keys(llava_stud
     # A teacher slice with more heads: the student's own slice, perturbed and repeated.
     teacher = [torch.cat([a.detach(), a.detach().flip(-1)]) for a in signals.attention]
     for a, sample in zip(teacher, batch.samples, strict=True):
-        assert a.shape == (2 * student.num_heads, len(sample.text_positions), student.num_visual_tokens)
+        assert a.shape == (2 * student.num_heads, len(sample.query_positions), student.num_visual_tokens)
     torch.manual_seed(0)
     loss = attention_loss(
         signals.attention, teacher, "mse-adapter", HeadAdapter(2 * student.num_heads, student.num_heads)

@@ -233,4 +233,4 @@ def test_reader_decodes_head_count_from_rows(tmp_path):
     reader = CacheReader(url)
     signal = reader.read(reader.ids[0])
     assert signal.attention.shape[0] == H
-    assert signal.attention.shape[1] == len(tokenized_from_row(reader.row(reader.ids[0])).text_positions)
+    assert signal.attention.shape[1] == len(tokenized_from_row(reader.row(reader.ids[0])).query_positions)

@@ -30,7 +30,7 @@ CAPTURE_ATTENTION = "alignkd_layer0_capture"
 
 @dataclass
 class CaptureRequest:
-    text_positions: list[torch.Tensor]
+    query_positions: list[torch.Tensor]
     visual_positions: list[torch.Tensor]
     key_mask: torch.Tensor  # (B, S) bool: keys that are real tokens
     slices: list[torch.Tensor | None] | None = field(default=None)
@@ -41,10 +41,10 @@ _REQUEST: ContextVar[CaptureRequest | None] = ContextVar("alignkd_layer0_request
 
 @contextmanager
 def layer0_capture(
-    text_positions, visual_positions, attention_mask: torch.Tensor
+    query_positions, visual_positions, attention_mask: torch.Tensor
 ) -> Iterator[CaptureRequest]:
     """While active, layer 0 of a model using CAPTURE_ATTENTION fills `request.slices`."""
-    request = CaptureRequest(list(text_positions), list(visual_positions), attention_mask.bool())
+    request = CaptureRequest(list(query_positions), list(visual_positions), attention_mask.bool())
     token = _REQUEST.set(request)
     try:
         yield request
@@ -57,7 +57,7 @@ def text_to_vision_slice(
     key: torch.Tensor,
     scaling: float,
     key_mask: torch.Tensor,
-    text_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     visual_positions: torch.Tensor,
 ) -> torch.Tensor:
     """Attention probabilities of queries T over keys V for one sample, in float32.
@@ -68,16 +68,16 @@ def text_to_vision_slice(
     heads, kv_heads = query.shape[0], key.shape[0]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key heads")
-    if len(text_positions) == 0:
+    if len(query_positions) == 0:
         return query.new_zeros((heads, 0, len(visual_positions)), dtype=torch.float32)
-    width = int(text_positions.max()) + 1  # keys past the last query are never seen
-    q = query[:, text_positions].float()
+    width = int(query_positions.max()) + 1  # keys past the last query are never seen
+    q = query[:, query_positions].float()
     k = key[:, :width].float()
     # Group query heads onto their shared key head instead of copying keys per head.
-    q = q.reshape(kv_heads, heads // kv_heads, len(text_positions), -1)
-    scores = torch.einsum("gqtd,gsd->gqts", q, k).reshape(heads, len(text_positions), width) * scaling
+    q = q.reshape(kv_heads, heads // kv_heads, len(query_positions), -1)
+    scores = torch.einsum("gqtd,gsd->gqts", q, k).reshape(heads, len(query_positions), width) * scaling
     keys = torch.arange(width, device=query.device)
-    allowed = (keys[None, :] <= text_positions[:, None]) & key_mask[:width][None, :]
+    allowed = (keys[None, :] <= query_positions[:, None]) & key_mask[:width][None, :]
     log_norm = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1, keepdim=True)
     return (scores[:, :, visual_positions] - log_norm).exp()
 
@@ -92,7 +92,7 @@ def capture_attention(module, query, key, value, attention_mask, scaling=None, d
             if len(visual) == 0
             else text_to_vision_slice(query[b], key[b], scale, request.key_mask[b], text, visual)
             for b, (text, visual) in enumerate(
-                zip(request.text_positions, request.visual_positions, strict=True)
+                zip(request.query_positions, request.visual_positions, strict=True)
             )
         ]
     return sdpa_attention_forward(
@@ -128,7 +128,7 @@ def spliced_forward(
         embeds = embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(feats).to(embeds.dtype))
     request = None
     if capture:
-        with layer0_capture(batch.text_positions, batch.visual_positions, batch.attention_mask) as request:
+        with layer0_capture(batch.query_positions, batch.visual_positions, batch.attention_mask) as request:
             hidden = decoder(
                 inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False
             ).last_hidden_state
