@@ -148,10 +148,16 @@ def digits_batch(backend, root: Path, n: int = 8):
     return dataset.collate([dataset[i] for i in range(len(dataset))])
 
 
+CE_ONLY = "ce=1,logit=0,vis=0,attn=0"
+
+
 def cpu_times(repeats: int) -> dict:
     from alignkd_cache.backends import load_backend
     from alignkd_cache.layer0 import load_layer0, recompute, save_layer0
+    from alignkd_cache.losses import LossConfig, parse_weights
+    from alignkd_cache.sources import MicroBatch
     from alignkd_cache.tiny import build_tiny_llava, build_tokenizer
+    from alignkd_cache.train import Trainee, train_step, trainable_model_parameters
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -165,18 +171,15 @@ def cpu_times(repeats: int) -> dict:
         save_layer0(teacher, root / "layer0")
         stub = load_layer0(root / "layer0")
         batch = digits_batch(student, root)
+        # The trainer's own step, cross-entropy only: what a recompute adds to.
         student.model.train()
-        optimizer = torch.optim.AdamW(student.model.parameters(), lr=1e-5)
-
-        def train_step():
-            signals = student.forward(batch)
-            logits = signals.logits[:, :-1].flatten(0, 1)
-            loss = torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:].flatten().clamp(min=0))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
-        steps = {"recompute": lambda: recompute(stub, batch), "student_train_step": train_step}
+        optimizer = torch.optim.AdamW(trainable_model_parameters(student.model), lr=1e-5)
+        trainee = Trainee(student, torch.nn.ModuleDict(), LossConfig(parse_weights(CE_ONLY)), None)
+        micro = MicroBatch(batch, None, None)
+        steps = {
+            "recompute": lambda: recompute(stub, batch),
+            "student_train_step": lambda: train_step(trainee, [micro], lambda m: None, None, optimizer),
+        }
         times = {name: [] for name in steps}
         for _ in range(repeats + 1):  # the first round warms up and is dropped
             for name, step in steps.items():

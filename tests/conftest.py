@@ -134,9 +134,9 @@ def run_ok(*args) -> subprocess.CompletedProcess:
 
 
 def build_digits_cache(teacher_dir, digits_dataset, out: Path, **options) -> Path:
-    """A lossless cache of the digits (batch 4) by `teacher_dir`, other options as given."""
+    """A cache of the digits by `teacher_dir`: lossless, batch 4, unless `options` say otherwise."""
     data, root = digits_dataset
-    opts = BuildOptions(codecs="lossless", batch_size=4, progress=False, **options)
+    opts = BuildOptions(**{"codecs": "lossless", "batch_size": 4, "progress": False, **options})
     build_cache(str(teacher_dir), data, root, str(out), opts)
     return out
 
