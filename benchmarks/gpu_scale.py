@@ -29,7 +29,6 @@ section, so an interrupted run still leaves what it measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import importlib.util
 import json
@@ -70,6 +69,7 @@ from alignkd_cache.data import (
     tokenize,
     tokenize_all,
 )
+from alignkd_cache.distributed import World
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.signals import logit_targets
 from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
@@ -77,13 +77,7 @@ from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
-from alignkd_cache.train import (
-    Trainee,
-    build_adapters,
-    source_signals,
-    train_step,
-    trainable_model_parameters,
-)
+from alignkd_cache.train import TrainOptions, setup_trainee, source_signals, train_step
 
 TEMPLATE = "v1"
 SAMPLES_PER_IMAGE = 2  # every image serves two samples, so the build's image dedup is exercised
@@ -539,17 +533,12 @@ def measure_build(
         dtype=scale.dtype,
         device=str(device),
         block_size=scale.block_size,
+        progress=False,
     )
-    result: dict = {"options": asdict(options)}
+    result: dict = {"options": options.recorded()}
     with peak_memory(device, result):
         start = time.perf_counter()
-        build_cache(
-            str(teacher_dir),
-            data["path"],
-            data["image_root"],
-            str(store),
-            dataclasses.replace(options, progress=False),
-        )
+        build_cache(str(teacher_dir), data["path"], data["image_root"], str(store), options)
         synchronize(device)
         wall = time.perf_counter() - start
     info = cache_info(str(store))
@@ -589,13 +578,9 @@ def measure_training(run: Run, scale: Scale, student, source) -> dict:
     (about 20 GB of weights and AdamW state) would take more of the time budget than the steps."""
     device = run.device
     cfg = LossConfig(weights=parse_weights(""))  # ce, logit, vis and attn all on
-    student.model.train()
-    params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed=0).to(device)
-    params += list(adapters.parameters())
-    optimizer = torch.optim.AdamW(params, lr=2e-5)
-    dtype = getattr(torch, scale.dtype)
-    trainee = Trainee(student, adapters, cfg, autocast=dtype if dtype != torch.float32 else None)
+    # The trainer's own setup (what trains, the adapters, AdamW); bf16 autocast as --bf16 gives it.
+    opts = TrainOptions(out="", loss=cfg, bf16=scale.dtype == "bfloat16", device=str(device))
+    trainee, optimizer = setup_trainee(student, source, opts, World(device=device))
     steps = scale.warmup + scale.repeats
     loader = iter(
         torch.utils.data.DataLoader(
