@@ -487,8 +487,9 @@ def measure_forward(run: Run, scale: Scale, teacher_dir: Path, data: dict) -> di
 
         return timed(targets, device, scale.warmup, scale.repeats)
 
-    # The build moves each sample's full (S, vocab) logits to the host before its top-k; at 7B shapes
-    # that is ~100 MB per sample. Taking the top-k on the device moves only k ids and values.
+    # The build takes the top-k on the device (build.py), moving only k ids and values per position;
+    # topk_on_host measures the alternative, moving each sample's full (S, vocab) logits to the
+    # host first (~100 MB per sample at 7B shapes).
     run.guarded("forward.topk_on_host", topk, False)
     run.guarded("forward.topk_on_device", topk, True)
     if importlib.util.find_spec("flash_attn") is None or device.type != "cuda":
@@ -678,8 +679,9 @@ def ratios(summary: dict) -> dict:
         "topk_host_over_device": ratio(
             get("forward", "topk_on_host", "median_s"), get("forward", "topk_on_device", "median_s")
         ),
-        # Above 1: the build's serial host work per batch (images, then the top-k after moving the
-        # full logits) takes longer than the teacher's forward, so the GPU idles more than it works.
+        # Above 1: serial host work per batch (images, then a top-k after moving the full logits,
+        # which the build avoids by taking it on the device) would take longer than the teacher's
+        # forward, so the GPU would idle more than it works.
         "host_prepare_and_topk_over_capture_forward": ratio(
             total(get("forward", "prepare_batch", "median_s"), get("forward", "topk_on_host", "median_s")),
             get("forward", "capture_sdpa", "median_s"),
