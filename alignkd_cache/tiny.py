@@ -147,9 +147,9 @@ def build_tiny_llava(
 
 
 # Over 60 lines only through its 16 keyword arguments and imports; the body reads top to bottom.
-def _mobilevlm_config(llama: dict, vision_hidden: int, grid: int, out: Path, tower: str) -> dict:
-    """The config.json of a tiny MobileVLM V2 (its LLM sizes in `llama`); a separate tower lives in
-    `<out>-clip`, named by mm_vision_tower."""
+def mobilevlm_config(llama: dict, vision_hidden: int, grid: int, vision_tower: str) -> dict:
+    """A MobileVLM V2 config.json: the LLM's sizes in `llama` (LlamaConfig's names), the V2 vision
+    settings, and `vision_tower` as mm_vision_tower (a directory, or a note that it is inside)."""
     from alignkd_cache.backends.mobilevlm import MOBILEVLM_V2_VISION
 
     return {
@@ -159,9 +159,7 @@ def _mobilevlm_config(llama: dict, vision_hidden: int, grid: int, out: Path, tow
         "hidden_act": "silu",
         **MOBILEVLM_V2_VISION,
         "mm_hidden_size": vision_hidden,
-        "mm_vision_tower": str(out.parent / f"{out.name}-clip")
-        if tower == "separate"
-        else "tiny-clip (inside this checkpoint)",
+        "mm_vision_tower": vision_tower,
         "mm_ldp_grid": grid,
     }
 
@@ -205,7 +203,10 @@ def build_tiny_mobilevlm(
     tok = _load_tokenizer(tokenizer)
     out = Path(out_dir)
     llama = _llama_sizes(tok, layers, hidden, heads, kv_heads, init_std)
-    config = _mobilevlm_config(llama, vision_hidden, grid, out, tower)
+    # A separate tower lives in `<out>-clip`, named by mm_vision_tower.
+    tower_dir = str(out.parent / f"{out.name}-clip")
+    inside = "tiny-clip (inside this checkpoint)"
+    config = mobilevlm_config(llama, vision_hidden, grid, tower_dir if tower == "separate" else inside)
     torch.manual_seed(seed)
     vision = CLIPVisionModel(
         _clip_config(vision_layers, vision_hidden, vision_heads, image_size, patch_size, init_std)

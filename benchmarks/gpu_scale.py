@@ -53,7 +53,6 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION
 from alignkd_cache.backends.mobilevlm import (
     IMAGE_TOKEN_ID,
-    MOBILEVLM_V2_VISION,
     LDPv2Projector,
     MobileVLM,
     MobileVLMBackend,
@@ -76,7 +75,7 @@ from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, Signa
 from alignkd_cache.store.codecs import PRESETS
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer
+from alignkd_cache.tiny import DEFAULT_CORPUS, build_tokenizer, mobilevlm_config
 from alignkd_cache.train import TrainOptions, setup_trainee, source_signals, train_step
 
 TEMPLATE = "v1"
@@ -277,11 +276,9 @@ def default_dtype(dtype: torch.dtype):
 # Setup: models in the MobileVLM V2 layout, and a synthetic LLaVA-format dataset
 
 
-def mobilevlm_config(llm: LLM, tower: Tower, grid: int, vocab: int, tokenizer) -> dict:
-    """A MobileVLM V2 config.json (see docs/method.md §4) at the given sizes."""
-    return {
-        "architectures": ["MobileLlamaForCausalLM"],
-        "model_type": "mobilevlm",
+def scaled_mobilevlm_config(llm: LLM, tower: Tower, grid: int, vocab: int, tokenizer) -> dict:
+    """A MobileVLM V2 config.json (see docs/method.md §4) at the given sizes, the tower inside."""
+    llama = {
         "vocab_size": vocab,
         "hidden_size": llm.hidden,
         "intermediate_size": llm.intermediate,
@@ -290,17 +287,13 @@ def mobilevlm_config(llm: LLM, tower: Tower, grid: int, vocab: int, tokenizer) -
         "num_key_value_heads": llm.heads,
         "max_position_embeddings": llm.max_positions,
         "rms_norm_eps": llm.rms_eps,
-        "hidden_act": "silu",
         "initializer_range": 0.02,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
-        **MOBILEVLM_V2_VISION,
-        "mm_hidden_size": tower.hidden,
-        "mm_vision_tower": "random CLIP ViT (inside this checkpoint)",
-        "mm_ldp_grid": grid,
     }
+    return mobilevlm_config(llama, tower.hidden, grid, "random CLIP ViT (inside this checkpoint)")
 
 
 def write_model(out: Path, llm: LLM, scale: Scale, tokenizer, device: torch.device, seed: int) -> dict:
@@ -308,7 +301,7 @@ def write_model(out: Path, llm: LLM, scale: Scale, tokenizer, device: torch.devi
     saved by MobileVLMBackend.save_pretrained in the original layout with the tower inside."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
-    config = mobilevlm_config(llm, scale.tower, scale.grid, scale.vocab, tokenizer)
+    config = scaled_mobilevlm_config(llm, scale.tower, scale.grid, scale.vocab, tokenizer)
     t = scale.tower
     vision_config = CLIPVisionConfig(
         hidden_size=t.hidden,
