@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import SUBPROCESS_ENV
 from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.cli.train import main as train_cli
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
 from alignkd_cache.store.merge import merge_caches
 from alignkd_cache.store.provenance import IncompatibleCache
@@ -275,7 +277,7 @@ def s3_server():
 
 @pytest.mark.slow
 def test_build_to_s3_read_and_copy_back(
-    s3_server, llava_teacher_dir, digits_dataset, lossless_cache, tmp_path
+    s3_server, llava_teacher_dir, llava_student_dir, digits_dataset, lossless_cache, tmp_path
 ):
     path, root = digits_dataset
     url = "s3://caches/direct"
@@ -291,6 +293,12 @@ def test_build_to_s3_read_and_copy_back(
     assert remote.ids == local.ids
     assert torch.equal(remote.read("digit-1").attention, local.read("digit-1").attention)
     assert verify(url, s3_server).ok
+    # The train CLI reaches the store with --storage-option, as the cache commands do.
+    storage = [f"--storage-option={key}={value}" for key, value in s3_server.items()]
+    trained = CliRunner().invoke(train_cli, ["from-cache", "--student", str(llava_student_dir), "--cache", url,
+                                             "--image-root", str(root), "--out", str(tmp_path / "run"),
+                                             "--max-steps", "1", *storage])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
     from alignkd_cache.store.copy import copy_cache
 
     copy_cache(lossless_cache, "s3://caches/copied", dst_options=s3_server)
