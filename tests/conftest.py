@@ -146,3 +146,21 @@ def llava_cache(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
     """The llava teacher's lossless signals for the digits, built once for every test that only
     reads them (tests that change a cache copy it first)."""
     return build_digits_cache(llava_teacher_dir, digits_dataset, tmp_path_factory.mktemp("shared") / "llava")
+
+
+@pytest.fixture(scope="session")
+def cli_built_cache(llava_teacher_dir, digits_dataset, tmp_path_factory):
+    """(store, image_root, args): `alignkd-cache build` run in-process on the digits, for the CLI
+    tests that read a cache (its build's output is checked here)."""
+    from click.testing import CliRunner
+
+    from alignkd_cache.cli.cache import main
+
+    path, root = digits_dataset
+    out = tmp_path_factory.mktemp("cli") / "c.zarr"
+    args = ["build", "--teacher", str(llava_teacher_dir), "--data", str(path), "--image-root", str(root),
+            "--out", str(out), "--topk", "8", "--block-size", "4", "--batch-size", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "10 written, 0 skipped, 8 images" in result.output
+    return out, root, args

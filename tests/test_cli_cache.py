@@ -13,15 +13,8 @@ from alignkd_cache.cli.cache import main
 
 
 @pytest.fixture(scope="module")
-def built(llava_teacher_dir, digits_dataset, tmp_path_factory):
-    path, root = digits_dataset
-    out = tmp_path_factory.mktemp("cli") / "c.zarr"
-    args = ["build", "--teacher", str(llava_teacher_dir), "--data", str(path), "--image-root", str(root),
-            "--out", str(out), "--topk", "8", "--block-size", "4", "--batch-size", "2"]  # fmt: skip
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert "10 written, 0 skipped, 8 images" in result.output
-    return out, root, args
+def built(cli_built_cache):
+    return cli_built_cache
 
 
 def test_info_reports_counts_provenance_and_ratios(built):
