@@ -98,4 +98,3 @@ class TrainOptions:
     progress: bool = True
     log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
     extra: dict = field(default_factory=dict)  # provenance recorded in the output
-    run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -277,7 +277,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     """Train `student` (a Backend) on `source` (a sources.TrainingSource). Returns a summary."""
     world = distributed.init(opts.device)
     out = Path(opts.out)
-    opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
+    run = run_identity(student, source)  # before any step changes the student
     locking = partial(lock_dir, out, "a training run") if world.main else None
     lock = world.agreed(f"to lock {out}", locking)  # noqa: F841 - held until train() returns
     trainee, optimizer = setup_trainee(student, source, opts, world)
@@ -288,7 +288,9 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total, math.ceil(opts.warmup_ratio * total))
     )
-    step = world.agreed("to resume", partial(start_step, out, trainee, optimizer, scheduler, opts, world))
+    step = world.agreed(
+        "to resume", partial(start_step, out, trainee, optimizer, scheduler, opts, world, run)
+    )
     # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
     wrapped = DistributedDataParallel(trainee, forward_sync_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
@@ -322,13 +324,13 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
             bar.set_postfix(loss=f"{result['loss']:.4f}")
         bar.update(1)
         if opts.save_every and step % opts.save_every == 0 and step < end:
-            save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
+            save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
     bar.close()
 
-    save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
+    save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
     finished = step >= total
     if finished:
-        save = partial(save_output, out, student, trainee.adapters, source, opts, step)
+        save = partial(save_output, out, student, trainee.adapters, source, opts, step, run)
         world.agreed(f"to save the student into {out}", save if world.main else None)
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
 
@@ -354,11 +356,13 @@ def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Tr
     return trainee, optimizer
 
 
-def start_step(out: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World) -> int:
+def start_step(
+    out: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World, run: dict
+) -> int:
     """0, or with --resume the step of the checkpoint loaded; the metrics log is cut to match."""
     step = 0
     if opts.resume and latest_checkpoint(out / CHECKPOINT_DIR):
-        step = load_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, world)
+        step = load_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, world, run)
     elif opts.resume:
         print(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from step 0")
     if world.main:
@@ -452,24 +456,33 @@ def _brief(value) -> str:
     return text if len(text) <= 24 else text[:20] + "..."
 
 
-def _options_record(opts: TrainOptions) -> dict:
-    record = asdict(opts)
-    record["loss"] = asdict(opts.loss)
-    return record
+def _options_record(opts: TrainOptions, run: dict) -> dict:
+    """What a checkpoint and the output record of a run: its options, and `run` (run_identity,
+    what --resume must find the same)."""
+    return asdict(opts) | {"loss": asdict(opts.loss), "run": run}
 
 
 def save_checkpoint(
-    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, step: int, world: World
+    path: Path,
+    trainee: Trainee,
+    optimizer,
+    scheduler,
+    opts: TrainOptions,
+    step: int,
+    world: World,
+    run: dict,
 ) -> None:
     """Rank 0 writes path.tmp fully (state.json last), then swaps it in, so a crash mid-write leaves
     the previous checkpoint; a crash between the two renames leaves both, and the newest is kept.
     Every rank returns once it is written, or raises if it could not be."""
-    write = partial(_write_checkpoint, path, trainee, optimizer, scheduler, opts, step, world.size)
+    write = partial(
+        _write_checkpoint, path, trainee, optimizer, scheduler, _options_record(opts, run), step, world.size
+    )
     world.agreed(f"to save a checkpoint into {path}", write if world.main else None)
 
 
 def _write_checkpoint(
-    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, step: int, world_size: int
+    path: Path, trainee: Trainee, optimizer, scheduler, options: dict, step: int, world_size: int
 ):
     newest = latest_checkpoint(path)
     if newest is not None and newest != path:  # a save killed between its renames: promote its result
@@ -491,7 +504,7 @@ def _write_checkpoint(
     record = {
         "step": step,
         "world_size": world_size,
-        "options": _options_record(opts),
+        "options": options,
         "optimizer": state,
         "scheduler": scheduler.state_dict(),
     }
@@ -527,11 +540,11 @@ def latest_checkpoint(path: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World
+    path: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOptions, world: World, run: dict
 ) -> int:
     path = latest_checkpoint(path) or path
     record = json.loads((path / "state.json").read_text())
-    changed = resume_mismatches(record["options"], _options_record(opts))
+    changed = resume_mismatches(record["options"], _options_record(opts, run))
     if record["world_size"] != world.size:
         changed.append(f"world size ({record['world_size']} -> {world.size})")
     if changed:
@@ -562,7 +575,7 @@ def load_checkpoint(
 # Output
 
 
-def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: int) -> None:
+def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: int, run: dict) -> None:
     """The student as its backend saves it (load_backend loads it back), the adapters beside it."""
     student.model.eval()
     student.save_pretrained(out)
@@ -577,7 +590,7 @@ def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: 
         "tool_version": alignkd_cache.__version__,
         "steps": step,
         "signals": source.describe(),
-        "options": _options_record(opts),
+        "options": _options_record(opts, run),
     }
     (out / "alignkd_train.json").write_text(json.dumps(record, indent=1, default=str))
 
