@@ -42,6 +42,7 @@ from alignkd_cache.signals import (
     check_options,
     pool_visual,
     sample_signal,
+    stored_heads,
 )
 from alignkd_cache.store.provenance import attrs_pad_color, file_sha256
 
@@ -191,7 +192,7 @@ class CacheSource(torch.utils.data.Dataset):
             respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
         ]
         check_images(self.samples, image_root)
-        self.teacher_heads = 1 if attrs["attn_heads"] == "mean" else int(attrs["num_heads"])
+        self.teacher_heads = stored_heads(attrs["attn_heads"], attrs["num_heads"])
         self.teacher_dim = int(attrs["visual_dim"])
         self.template = attrs["template"]
 
@@ -396,7 +397,7 @@ class OnlineSource(torch.utils.data.Dataset):
         ]
         check_images(self.samples, image_root)
         self.image_root = image_root
-        self.teacher_heads = 1 if options.attn_heads == "mean" else teacher.num_heads
+        self.teacher_heads = stored_heads(options.attn_heads, teacher.num_heads)
         self.teacher_dim = teacher.visual_dim
         self.pad_id, self.teacher_pad_id = pad_id(student.tokenizer), pad_id(teacher.tokenizer)
 

@@ -39,11 +39,14 @@ def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size:
     }  # fmt: skip
 
 
-def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> list[SampleResult]:
-    """n samples: every 4th text-only, every 5th skipped, images shared by pairs of samples."""
+def synthetic_results(
+    n: int, seed: int = 0, logit_targets: str = "topk", start: int = 0
+) -> list[SampleResult]:
+    """Samples start..start+n-1: every 4th text-only, every 5th skipped, images shared by pairs of
+    samples (an even `start` keeps each pair in one call)."""
     rng = np.random.default_rng(seed)
     results, owner = [], {}
-    for i in range(n):
+    for i in range(start, start + n):
         sid = f"s{i}"
         if i % 5 == 4:
             results.append(SampleResult(i, sid, image=None, skip_reason="12 tokens > max length 8"))
@@ -93,16 +96,21 @@ def write_synthetic_store(
     loc.group("w").attrs.update(attrs)
     results = synthetic_results(n, logit_targets=logit_targets)
     bs = attrs["block_size"]
-    refs, rows = {}, {}
-    for r in results:  # the owner of an image gets the next row of its block, as build plans it
-        if r.signal is not None and r.signal.visual is not None:
-            b = r.index // bs
-            refs[r.image] = (b, rows.get(b, 0))
-            rows[b] = refs[r.image][1] + 1
-        elif r.sample is not None and r.image:
-            r.visual_ref = refs[r.image]
+    plan_visual_rows(results, bs)
     num_blocks = -(-n // bs)
     for b in range(num_blocks):
         write_block(loc, b, results[b * bs : (b + 1) * bs], attrs)
     finalize(loc, attrs, n, num_blocks)
     return results
+
+
+def plan_visual_rows(results: list[SampleResult], block_size: int) -> None:
+    """The owner of an image gets the next row of its block, as build plans it; the others point at it."""
+    refs, rows = {}, {}
+    for r in results:
+        if r.signal is not None and r.signal.visual is not None:
+            b = r.index // block_size
+            refs[r.image] = (b, rows.get(b, 0))
+            rows[b] = refs[r.image][1] + 1
+        elif r.sample is not None and r.image:
+            r.visual_ref = refs[r.image]
