@@ -176,11 +176,13 @@ def main():
 @training_options
 def from_cache_command(student, cache, image_root, template, **kw):
     """Train the student on cached teacher signals; the teacher never loads."""
-    from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.train import from_cache
+    from alignkd_cache import distributed
+    from alignkd_cache.train import from_cache, open_for_job
 
-    kind = CacheReader(cache).attrs["logit_targets"]
-    summary = from_cache(student, cache, image_root, make_options(kw, kind), template)
+    reader = open_for_job(cache, None, distributed.init(kw["device"]))  # the command's one open
+    summary = from_cache(
+        student, reader, image_root, make_options(kw, reader.attrs["logit_targets"]), template
+    )
     click.echo(json.dumps(summary))
 
 

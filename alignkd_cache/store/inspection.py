@@ -40,6 +40,10 @@ class Inspection:
     table: pa.Table | None = None
     blocks: BlockRows | None = None
 
+    def __post_init__(self):
+        root = self.loc.local_root
+        self.local_root = None if root is None else str(root)
+
     def add(self, what: str, sample: str | None = None) -> None:
         self.problems.append((sample, what))
 
@@ -86,9 +90,8 @@ class Inspection:
         """The file's bytes, or None when it holds more than MAX_JSON_BYTES. A local file is read
         directly (the tree walk found it a regular file under no symlink): hundreds of thousands of
         documents through the zarr store's event loop would cost a millisecond each."""
-        root = self.loc.local_root
-        if root is None:
+        if self.local_root is None:
             return None if self.loc.size(key) > MAX_JSON_BYTES else self.loc.read_bytes(key)
-        with open(os.path.join(root, key), "rb") as f:
+        with open(os.path.join(self.local_root, key), "rb") as f:
             data = f.read(MAX_JSON_BYTES + 1)
         return None if len(data) > MAX_JSON_BYTES else data

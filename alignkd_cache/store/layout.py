@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +71,7 @@ def block_specs(
 def chunking(shape: tuple, dtype) -> tuple[tuple, tuple]:
     """(inner chunk shape, shard shape): one shard per array, chunks of about CHUNK_BYTES (one visual
     row each)."""
-    itemsize = np.dtype(dtype).itemsize
-    row_bytes = max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+    row_bytes = max(1, np.dtype(dtype).itemsize * math.prod(shape[1:]))
     chunk_rows = 1 if len(shape) == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
     chunks = tuple(max(1, c) for c in (chunk_rows, *shape[1:]))
     shard_rows = max(1, -(-shape[0] // chunk_rows)) * chunk_rows

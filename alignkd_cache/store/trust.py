@@ -18,8 +18,14 @@ problem, naming the sample and the field:
 
 from __future__ import annotations
 
+import io
+import json
+
+import pyarrow.parquet as pq
+
 from alignkd_cache.store.inspection import MAX_PROBLEMS, Inspection
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import MANIFEST_KEY, sha256
 from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.trust_arrays import check_arrays
 from alignkd_cache.store.trust_attrs import check_attrs
@@ -71,4 +77,18 @@ def inspect(
         if found.problems:  # later steps trust what earlier ones checked
             break
     del found.problems[max_problems:]
+    return found
+
+
+def adopt(url: str, storage_options: dict | None = None) -> Inspection:
+    """A cache another process of this job has just opened with `open_cache` (torchrun: rank 0),
+    without repeating its checks: the attributes and the manifest are read again, and the manifest
+    must still have the sha256 the attributes record."""
+    loc = Location(url, storage_options, read_only=True)
+    found = Inspection(str(url), loc)
+    found.attrs = json.loads(loc.read_bytes("zarr.json"))["attributes"]
+    data = loc.read_bytes(MANIFEST_KEY)
+    if data is None or sha256(data) != found.attrs["manifest_sha256"]:
+        raise UntrustedCache(f"{url}: {MANIFEST_KEY} changed after another rank checked it; {FIX}")
+    found.table = pq.read_table(io.BytesIO(data))
     return found
