@@ -10,7 +10,8 @@ tiny student's tokenizer hash.
 
     python benchmarks/open_cost.py --dir /tmp/scale --samples 10000 100000 1000000 [--verify-max 100000]
 
-Caches already in --dir are reused (writing 1M samples takes about 40 minutes on 2 cores).
+Caches already in --dir are reused, and an interrupted write resumes at its first uncommitted block
+(1M samples take about 40 minutes on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from store_synthetic import attrs_for, plan_visual_rows, synthetic_results  # no
 
 from alignkd_cache.store.finalize import finalize  # noqa: E402
 from alignkd_cache.store.location import Location  # noqa: E402
+from alignkd_cache.store.manifest import part_key  # noqa: E402
 from alignkd_cache.store.writer import write_block  # noqa: E402
 
 BLOCK_SIZE = 64
@@ -63,34 +67,55 @@ def student_and_images(work: Path) -> tuple[Path, Path, list[str], str]:
     return student, root, keys, tokenizer_sha256(load_tokenizer(student))
 
 
-def write_scale_cache(url: str, n: int, image_keys: list[str], tokenizer: str) -> None:
-    """n synthetic samples through the real writer, one block in memory at a time, then finalize."""
+def write_scale_cache(url: str, n: int, image_keys: list[str], tokenizer: str, jobs: int) -> None:
+    """n synthetic samples through the real writer, then finalize. Blocks are independent (as a
+    multi-rank build's), so `jobs` processes write runs of them, one block in memory at a time."""
     attrs = attrs_for(block_size=BLOCK_SIZE) | {"tokenizer_sha256": tokenizer}
     loc = Location(url)
-    loc.group("w").attrs.update(attrs)
+    loc.group("a").attrs.update(attrs)
     num_blocks = -(-n // BLOCK_SIZE)
-    for b in range(num_blocks):
+    runs = [range(b, min(num_blocks, b + 256)) for b in range(0, num_blocks, 256)]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(
+            pool.map(
+                write_blocks,
+                [url] * len(runs),
+                [n] * len(runs),
+                runs,
+                [image_keys] * len(runs),
+                [attrs] * len(runs),
+            )
+        )
+    finalize(loc, attrs, n, num_blocks)
+
+
+def write_blocks(url: str, n: int, blocks: range, image_keys: list[str], attrs: dict) -> None:
+    loc = Location(url)
+    for b in blocks:
+        if loc.exists(part_key(b)):  # committed by an earlier, interrupted run
+            continue
         start = b * BLOCK_SIZE
         results = synthetic_results(min(BLOCK_SIZE, n - start), seed=b, start=start, image_keys=image_keys)
         plan_visual_rows(results, BLOCK_SIZE)
         write_block(loc, b, results, attrs)
-    finalize(loc, attrs, n, num_blocks)
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a fresh process running `command`; it must succeed."""
+def measure(command: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in GB) of a fresh process running `command` (with its
+    children); it must succeed. CPU time is the figure to compare on a shared, loaded machine."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{command} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 2**20  # KiB -> GiB
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # KiB -> GiB
 
 
 def commands(url: str, student: Path, images: Path, out: Path) -> dict[str, list[str]]:
     python, bin_dir = sys.executable, Path(sys.executable).parent
     return {
+        "baseline: alignkd-cache --version": [str(bin_dir / "alignkd-cache"), "--version"],
         "info": [str(bin_dir / "alignkd-cache"), "info", url, "--json"],
         "reader open": [
             python,
@@ -129,15 +154,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--verify-max", type=int, default=100_000, help="Verify only caches up to this size.")
     parser.add_argument("--write-only", action="store_true")
+    parser.add_argument("--write-jobs", type=int, default=2, help="Processes that write a cache's blocks.")
     a = parser.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     student, images, keys, tokenizer = student_and_images(a.dir)
-    results: dict[str, dict[int, tuple[float, float]]] = {}
+    results: dict[str, dict[int, tuple[float, float, float]]] = {}
     for n in a.samples:
         url = str(a.dir / f"c{n}.zarr")
         if not (Path(url) / "manifest.parquet").exists():
             started = time.perf_counter()
-            write_scale_cache(url, n, keys, tokenizer)
+            write_scale_cache(url, n, keys, tokenizer, a.write_jobs)
             print(f"wrote {n} samples in {time.perf_counter() - started:.0f} s", flush=True)
         if a.write_only:
             continue
@@ -150,10 +176,11 @@ def main() -> None:
         report(results)
 
 
-def report(results: dict[str, dict[int, tuple[float, float]]]) -> None:
-    """A markdown table: time and peak RSS per size (verify: per sample), and growth exponents."""
+def report(results: dict[str, dict[int, tuple[float, float, float]]]) -> None:
+    """A markdown table: wall time, CPU time and peak RSS per size (verify: CPU per sample), and
+    the growth exponents of CPU time and RSS."""
     sizes = sorted({n for by_size in results.values() for n in by_size})
-    print("| measure | " + " | ".join(f"{n:,} samples" for n in sizes) + " | time exponent | RSS exponent |")
+    print("| measure | " + " | ".join(f"{n:,} samples" for n in sizes) + " | CPU exponent | RSS exponent |")
     print("|---|" + "---|" * (len(sizes) + 2))
     for name, by_size in results.items():
         cells = []
@@ -161,13 +188,13 @@ def report(results: dict[str, dict[int, tuple[float, float]]]) -> None:
             if n not in by_size:
                 cells.append("-")
                 continue
-            seconds, gb = by_size[n]
-            per = f" ({seconds / n * 1e6:.0f} us/sample)" if name.startswith("verify") else ""
-            cells.append(f"{seconds:.1f} s{per}, {gb:.2f} GB")
+            wall, cpu, gb = by_size[n]
+            per = f" = {cpu / n * 1e6:.0f} us/sample" if name.startswith("verify") else ""
+            cells.append(f"{wall:.1f} s wall, {cpu:.1f} s CPU{per}, {gb:.2f} GB")
         ns = sorted(by_size)
-        t = exponent(ns, [by_size[n][0] for n in ns])
-        m = exponent(ns, [by_size[n][1] for n in ns])
-        print(f"| {name} | " + " | ".join(cells) + f" | {t:.2f} | {m:.2f} |")
+        cpu_exponent = exponent(ns, [by_size[n][1] for n in ns])
+        rss_exponent = exponent(ns, [by_size[n][2] for n in ns])
+        print(f"| {name} | " + " | ".join(cells) + f" | {cpu_exponent:.2f} | {rss_exponent:.2f} |")
     print(json.dumps({name: {str(n): v for n, v in by_size.items()} for name, by_size in results.items()}))
 
 
