@@ -71,7 +71,7 @@ def block_specs(
 def chunking(shape: tuple, dtype) -> tuple[tuple, tuple]:
     """(inner chunk shape, shard shape): one shard per array, chunks of about CHUNK_BYTES (one visual
     row each)."""
-    row_bytes = max(1, np.dtype(dtype).itemsize * math.prod(shape[1:]))
+    row_bytes = max(1, _itemsize(dtype) * math.prod(shape[1:]))
     chunk_rows = 1 if len(shape) == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
     chunks = tuple(max(1, c) for c in (chunk_rows, *shape[1:]))
     shard_rows = max(1, -(-shape[0] // chunk_rows)) * chunk_rows
@@ -129,3 +129,8 @@ def _template(dtype: str, ndim: int, encoding: str | None) -> dict:
     store = MemoryStore()
     create_array(zarr.open_group(store, mode="w"), "a", (1,) * ndim, dtype, encoding)
     return _document(store, "a/zarr.json")
+
+
+@functools.cache
+def _itemsize(dtype) -> int:
+    return np.dtype(dtype).itemsize
