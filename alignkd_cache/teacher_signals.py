@@ -211,8 +211,8 @@ class CacheSource(torch.utils.data.Dataset):
         # sample): nothing per sample is held. `picture` resolves each image when it is read.
         self.teacher_samples = CachedSamples(reader)
         self.samples = CachedSamples(reader, (student.image_token_id, student.num_visual_tokens))
-        supervised = pc.list_value_length(reader.written.column("supervised_positions"))
-        images = reader.written.column("image").is_valid()
+        supervised = pc.list_value_length(reader.column("supervised_positions"))
+        images = reader.column("image").is_valid()
         self.counts = SampleCounts(
             supervised.to_numpy().astype(np.int64), images.to_numpy(zero_copy_only=False)
         )

@@ -131,10 +131,9 @@ def test_an_untampered_manifest_passes_the_vectorised_rules(cache):
 
 def test_normalisers_from_columns_equal_those_from_the_samples(cache):
     reader = CacheReader(str(cache))
-    written = reader.written
     counts = SampleCounts(
-        np.array([len(p) for p in written.column("supervised_positions").to_pylist()], np.int64),
-        written.column("image").is_valid().to_numpy(zero_copy_only=False),
+        np.array([len(p) for p in reader.column("supervised_positions").to_pylist()], np.int64),
+        reader.column("image").is_valid().to_numpy(zero_copy_only=False),
     )
     student = CachedSamples(reader, (7, 4))  # respliced: another image token and visual-token count
     assert len(student) == len(reader) == len(reader.ids)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -51,22 +52,25 @@ class CacheReader:
         self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
         # open_cache refuses a damaged or edited cache up front
         found = (adopt if checked else open_cache)(url, storage_options)
-        self.loc, self.attrs, table = found.loc, found.attrs, found.table
-        # The manifest stays in Arrow columns; a row becomes a dict only when it is read.
-        status = table.column("status")
-        self.written = table.filter(pc.equal(status, "written"))
-        self._skipped = table.filter(pc.equal(status, "skipped")).select(["id", "skip_reason"])
+        self.loc, self.attrs, self.table = found.loc, found.attrs, found.table
+        # The manifest stays in Arrow columns, not copied; a row becomes a dict when it is read.
+        written = pc.equal(self.table.column("status"), "written")
+        self._written = np.flatnonzero(written.to_numpy(zero_copy_only=False))  # row of each written sample
         self._reset_process_state()
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """A manifest column over the written samples, in dataset order."""
+        return self.table.column(name).take(self._written)
 
     @functools.cached_property
     def ids(self) -> list[str]:
         """The written samples' ids in dataset order (built on first use)."""
-        return self.written.column("id").to_pylist()
+        return self.column("id").to_pylist()
 
     @functools.cached_property
     def rows(self) -> list[dict]:
         """Every written row as a dict (built on first use; `row_at` reads one)."""
-        return self.written.to_pylist()
+        return self.table.take(self._written).to_pylist()
 
     @functools.cached_property
     def _row_of(self) -> dict[str, int]:
@@ -74,7 +78,10 @@ class CacheReader:
 
     @functools.cached_property
     def skipped(self) -> dict[str, str]:
-        return dict(zip(*self._skipped.to_pydict().values(), strict=True))
+        skipped = self.table.filter(pc.equal(self.table.column("status"), "skipped"))
+        return dict(
+            zip(skipped.column("id").to_pylist(), skipped.column("skip_reason").to_pylist(), strict=True)
+        )
 
     def _reset_process_state(self) -> None:
         self._pid = os.getpid()
@@ -84,13 +91,13 @@ class CacheReader:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self.written.num_rows
+        return len(self._written)
 
     def row_at(self, i: int) -> dict:
         """The manifest row of the i-th written sample."""
         if not 0 <= i < len(self):
             raise IndexError(f"written sample {i} of {len(self)}")
-        return self.written.slice(i, 1).to_pylist()[0]
+        return self.table.slice(int(self._written[i]), 1).to_pylist()[0]
 
     def row(self, sample_id: str) -> dict:
         if sample_id not in self._row_of:
