@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,6 +118,25 @@ class Normalisers:
         """The counts of one micro-batch alone: each term becomes a mean over this batch."""
         tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
         return cls(tokens, sum(j is not None for j in batch.image_index))
+
+
+@dataclass
+class SampleCounts:
+    """Per dataset sample, what the Normalisers count: its supervised tokens and whether it has an
+    image. A source holds these as arrays (a cache's come from its manifest's columns), so that
+    the trainer needs no per-sample objects for its normalisers."""
+
+    tokens: np.ndarray  # int64
+    images: np.ndarray  # bool
+
+    @classmethod
+    def of(cls, samples) -> SampleCounts:
+        tokens = np.array([len(s.supervised_positions) for s in samples], np.int64)
+        return cls(tokens, np.array([s.image is not None for s in samples], bool))
+
+    def normalisers(self, indices: list[int]) -> Normalisers:
+        """The counts of these samples together."""
+        return Normalisers(int(self.tokens[indices].sum()), int(self.images[indices].sum()))
 
 
 def parse_weights(text: str) -> dict[str, float]:

@@ -189,9 +189,19 @@ def logit_positions(sample, which: str) -> list[int]:
     if which == "answer":
         return sample.supervised_positions
     if which == "text":
-        visual = set(sample.visual_positions)
-        return [p for p in range(len(sample.input_ids) - 1) if p + 1 not in visual]
+        return followed_by_text(len(sample.input_ids), sample.visual_start, sample.num_visual)
     raise ValueError(f"unknown --logit-positions {which!r}; choose one of {LOGIT_POSITIONS}")
+
+
+def followed_by_text(length: int, visual_start: int, num_visual: int) -> list[int]:
+    """The positions of a sequence whose next token is text (not visual): the "text" logit positions."""
+    visual = range(visual_start, visual_start + num_visual) if visual_start >= 0 else range(0)
+    return [p for p in range(length - 1) if p + 1 not in visual]
+
+
+def stored_heads(attn_heads: str, num_heads: int) -> int:
+    """The attention heads a signal holds: 1 with --attn-heads mean (their mean), else every head."""
+    return 1 if attn_heads == "mean" else int(num_heads)
 
 
 def sample_seed(seed: int, sample_id: str) -> int:

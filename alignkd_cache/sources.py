@@ -12,9 +12,12 @@ student's count; nothing else about the two models may differ, and what does is 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from alignkd_cache import layer0
@@ -35,12 +38,14 @@ from alignkd_cache.data import (
     tokenize_all,
 )
 from alignkd_cache.images import load_image
+from alignkd_cache.losses import SampleCounts
 from alignkd_cache.signals import (
     SignalOptions,
     TeacherSignal,
     cache_kind,
     pool_visual,
     sample_signal,
+    stored_heads,
 )
 from alignkd_cache.store.provenance import attrs_pad_color, file_sha256
 
@@ -60,7 +65,8 @@ class MicroBatch:
 class TrainingSource(Protocol):
     """What the trainer iterates: items by dataset index, batched by `collate`."""
 
-    samples: list[TokenizedSample]  # the student's sequences, in dataset order
+    samples: Sequence[TokenizedSample]  # the student's sequences, in dataset order
+    counts: SampleCounts  # per sample, what the step's normalisers count
     route: str  # where the teacher signals come from, for the log and metrics.jsonl
 
     def __len__(self) -> int: ...
@@ -145,6 +151,21 @@ def tokenized_from_row(row: dict) -> TokenizedSample:
     return TokenizedSample(row["id"], row["image"], list(ids), labels, row["visual_start"], row["num_visual"])
 
 
+class CachedSamples(Sequence):
+    """A cache's tokenized samples by position, each made from its manifest row when indexed: the
+    teacher's, or with `student` (image token id, visual tokens) respliced for the student."""
+
+    def __init__(self, reader, student: tuple[int, int] | None = None):
+        self.reader, self.student = reader, student
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> TokenizedSample:
+        teacher = tokenized_from_row(self.reader.row_at(i))
+        return teacher if self.student is None else respliced(teacher, *self.student)
+
+
 def _check_pooling(n_teacher: int, n_student: int, what: str) -> None:
     if n_teacher != n_student:
         try:
@@ -168,12 +189,21 @@ class CacheSource(torch.utils.data.Dataset):
         self.pad_id = pad_id(student.tokenizer)
         attrs = reader.attrs
         check_cache_matches(attrs, student, template, reader.url)
-        self.teacher_samples = [tokenized_from_row(r) for r in reader.rows]
-        self.samples = [
-            respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
-        ]
-        check_images(self.samples, image_root)
-        self.teacher_heads = 1 if attrs["attn_heads"] == "mean" else int(attrs["num_heads"])
+        # Built per index from the manifest's columns (in the DataLoader worker that reads the
+        # sample): nothing per sample is held. `picture` resolves each image when it is read.
+        self.teacher_samples = CachedSamples(reader)
+        self.samples = CachedSamples(reader, (student.image_token_id, student.num_visual_tokens))
+        supervised = pc.list_value_length(reader.column("supervised_positions"))
+        images = reader.column("image").is_valid()
+        self.counts = SampleCounts(
+            supervised.to_numpy().astype(np.int64), images.to_numpy(zero_copy_only=False)
+        )
+        if image_root is None and self.counts.images.any():
+            first = int(np.flatnonzero(self.counts.images)[0])
+            raise DataError(
+                f"sample {reader.row_at(first)['id']!r} has an image but no --image-root was given"
+            )
+        self.teacher_heads = stored_heads(attrs["attn_heads"], attrs["num_heads"])
         self.teacher_dim = int(attrs["visual_dim"])
         self.template = attrs["template"]
 
@@ -181,11 +211,17 @@ class CacheSource(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        student, teacher = self.samples[i], self.teacher_samples[i]
-        cached = self.reader.read(teacher.id)
+        student, teacher, cached = self.sample(i)
         picture = self.picture(student, cached)
         image = None if picture is None else (self.preprocess(picture), cached.image_key)
         return student, image, on_student(cached, teacher, student)
+
+    def sample(self, i: int) -> tuple[TokenizedSample, TokenizedSample, TeacherSignal]:
+        """The i-th sample as the student's sequence, the teacher's, and its cached signals: one
+        manifest row read."""
+        row = self.reader.row_at(i)
+        teacher = tokenized_from_row(row)
+        return respliced(teacher, *self.samples.student), teacher, self.reader.read_row(row)
 
     def picture(self, student: TokenizedSample, cached: TeacherSignal):
         """The sample's image, padded as the build padded it, checked against the cached content key."""
@@ -257,8 +293,7 @@ class Layer0Source(CacheSource):
         self.route = "layer0, student's tower shared" if self.tower else "layer0, the stub's own tower"
 
     def __getitem__(self, i):
-        student, teacher = self.samples[i], self.teacher_samples[i]
-        cached = self.reader.read(teacher.id)
+        student, teacher, cached = self.sample(i)
         picture = self.picture(student, cached)
         if picture is None:
             return student, None, teacher, None, cached
@@ -377,8 +412,9 @@ class OnlineSource(torch.utils.data.Dataset):
             respliced(s, student.image_token_id, student.num_visual_tokens) for s in self.teacher_samples
         ]
         check_images(self.samples, image_root)
+        self.counts = SampleCounts.of(self.samples)
         self.image_root = image_root
-        self.teacher_heads = 1 if options.attn_heads == "mean" else teacher.num_heads
+        self.teacher_heads = stored_heads(options.attn_heads, teacher.num_heads)
         self.teacher_dim = teacher.visual_dim
         self.pad_id, self.teacher_pad_id = pad_id(student.tokenizer), pad_id(teacher.tokenizer)
 
@@ -475,6 +511,7 @@ class DataSource(SampleDataset):
         )
         samples, self.skips = tokenize_all(read_records(data), tok)
         super().__init__(samples, image_root, model.preprocess, pad_id(model.tokenizer), model.pad_color)
+        self.counts = SampleCounts.of(samples)
         self.data, self.template = str(data), template
         self.data_sha256, self.max_length = file_sha256(data), max_length
 

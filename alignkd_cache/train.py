@@ -35,6 +35,7 @@ from alignkd_cache.losses import (
     HeadAdapter,
     LossConfig,
     Normalisers,
+    SampleCounts,
     total_loss,
 )
 from alignkd_cache.options import TrainOptions
@@ -149,14 +150,10 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 # The loop
 
 
-def step_normalisers(samples, step: list[list[int]]) -> Normalisers:
+def step_normalisers(counts: SampleCounts, step: list[list[int]]) -> Normalisers:
     """The counts of a whole optimizer step (every micro-batch of every rank). They come from the batch
-    plan and the tokenized samples, which every rank holds, so they need no all_reduce."""
-    chosen = [samples[i] for micro in step for i in micro]
-    return Normalisers(
-        tokens=sum(len(s.supervised_positions) for s in chosen),
-        images=sum(s.image is not None for s in chosen),
-    )
+    plan and the per-sample counts, which every rank holds, so they need no all_reduce."""
+    return counts.normalisers([i for micro in step for i in micro])
 
 
 def run_identity(student, source) -> dict:
@@ -311,7 +308,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
             wrapped,
             (next(loader) for _ in plan[step][world.rank :: world.size]),
             source_signals(source, world.device),
-            step_normalisers(source.samples, plan[step]),
+            step_normalisers(source.counts, plan[step]),
             optimizer,
             scheduler,
             opts.max_grad_norm,
@@ -599,6 +596,16 @@ def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: 
 # Entry points (the CLI calls these)
 
 
+def open_for_job(cache: str, storage_options, world: World):
+    """A CacheReader on every rank with one trust check per job: rank 0 checks, and the other ranks
+    adopt its verdict (World.agreed) and only read the attributes and the manifest."""
+    from alignkd_cache.store.reader import CacheReader
+
+    check = partial(CacheReader, cache, storage_options) if world.main else None
+    reader = world.agreed(f"to check the cache {cache}", check)
+    return reader if world.main else CacheReader(cache, storage_options, checked=True)
+
+
 def from_cache(
     student: str,
     cache,
@@ -607,14 +614,13 @@ def from_cache(
     template: str | None = None,
     storage_options=None,
 ) -> dict:
-    """Distil from a cache (a path or URL, or a CacheReader already open, as the CLI's): the teacher
-    never loads (a `layer0` cache loads its layer-0 stub)."""
+    """Distil from a cache (a path or URL, or a CacheReader from `open_for_job`, as the CLI's): the
+    teacher never loads (a `layer0` cache loads its layer-0 stub)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import cache_source
-    from alignkd_cache.store.reader import CacheReader
 
-    reader = cache if isinstance(cache, CacheReader) else CacheReader(cache, storage_options)
     world = distributed.init(opts.device)
+    reader = open_for_job(cache, storage_options, world) if isinstance(cache, str) else cache
     backend = load_backend(student, device=world.device)
     source = cache_source(reader, backend, image_root, template, world.device)
     return train(backend, source, opts)

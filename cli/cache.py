@@ -139,12 +139,15 @@ def info(store, as_json, storage):
 
 @main.command()
 @click.argument("store")
+@click.option(
+    "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Processes that read chunks."
+)
 @storage_option
-def verify(store, storage):
+def verify(store, jobs, storage):
     """Read every chunk and check checksums, schema, shapes, NaN/inf and the manifest."""
     from alignkd_cache.store.verify import verify as run
 
-    report = run(store, parse_storage_options(storage))
+    report = run(store, parse_storage_options(storage), jobs=jobs)
     for line in report.lines():
         click.echo(line, err=True)
     if not report.ok:

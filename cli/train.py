@@ -156,10 +156,11 @@ def main():
 @training_options
 def from_cache_command(student, cache, image_root, template, storage, **kw):
     """Train the student on cached teacher signals; the teacher never loads."""
-    from alignkd_cache.store.reader import CacheReader
-    from alignkd_cache.train import from_cache
+    from alignkd_cache import distributed
+    from alignkd_cache.train import from_cache, open_for_job
 
-    reader = CacheReader(cache, parse_storage_options(storage))  # opened once: from_cache reads it
+    world = distributed.init(kw["device"])
+    reader = open_for_job(cache, parse_storage_options(storage), world)  # the command's one open
     opts = make_options(kw, reader.attrs["logit_targets"])
     summary = from_cache(student, reader, image_root, opts, template)
     click.echo(json.dumps(summary))

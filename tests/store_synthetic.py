@@ -39,16 +39,22 @@ def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size:
     }  # fmt: skip
 
 
-def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> list[SampleResult]:
-    """n samples: every 4th text-only, every 5th skipped, images shared by pairs of samples."""
+def synthetic_results(
+    n: int, seed: int = 0, logit_targets: str = "topk", start: int = 0, image_keys: list[str] | None = None
+) -> list[SampleResult]:
+    """Samples start..start+n-1: every 4th text-only, every 5th skipped, images shared by pairs of
+    samples (an even `start` keeps each pair in one call). `image_keys`: real files' content keys;
+    pair p then uses file `img{p % len(image_keys)}.png` and its key (default: a file per pair,
+    keyed by its name)."""
     rng = np.random.default_rng(seed)
     results, owner = [], {}
-    for i in range(n):
+    for i in range(start, start + n):
         sid = f"s{i}"
         if i % 5 == 4:
             results.append(SampleResult(i, sid, image=None, skip_reason="12 tokens > max length 8"))
             continue
-        image = None if i % 4 == 3 else f"img{i // 2}.png"
+        pair = i // 2 if image_keys is None else i // 2 % len(image_keys)
+        image = None if i % 4 == 3 else f"img{pair}.png"
         n_text = int(rng.integers(3, 7))
         vs = 1 if image else -1
         ids = [1] + ([5] * NV if image else []) + rng.integers(6, VOCAB, n_text).tolist()
@@ -74,6 +80,7 @@ def synthetic_results(n: int, seed: int = 0, logit_targets: str = "topk") -> lis
         tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
         logits = LogitTargets(logit_targets, tensor(positions), tensor(top), tensor(values), tensor(tail))
         key = hashlib.sha256(image.encode()).hexdigest()[:32] if image else None
+        key = image_keys[pair] if image and image_keys else key
         signal = TeacherSignal(tensor(attention), tensor(visual), logits, key)
         results.append(SampleResult(i, sid, image=image, sample=sample, signal=signal))
     return results
@@ -93,16 +100,21 @@ def write_synthetic_store(
     loc.group("w").attrs.update(attrs)
     results = synthetic_results(n, logit_targets=logit_targets)
     bs = attrs["block_size"]
-    refs, rows = {}, {}
-    for r in results:  # the owner of an image gets the next row of its block, as build plans it
-        if r.signal is not None and r.signal.visual is not None:
-            b = r.index // bs
-            refs[r.image] = (b, rows.get(b, 0))
-            rows[b] = refs[r.image][1] + 1
-        elif r.sample is not None and r.image:
-            r.visual_ref = refs[r.image]
+    plan_visual_rows(results, bs)
     num_blocks = -(-n // bs)
     for b in range(num_blocks):
         write_block(loc, b, results[b * bs : (b + 1) * bs], attrs)
     finalize(loc, attrs, n, num_blocks)
     return results
+
+
+def plan_visual_rows(results: list[SampleResult], block_size: int) -> None:
+    """The owner of an image gets the next row of its block, as build plans it; the others point at it."""
+    refs, rows = {}, {}
+    for r in results:
+        if r.signal is not None and r.signal.visual is not None:
+            b = r.index // block_size
+            refs[r.image] = (b, rows.get(b, 0))
+            rows[b] = refs[r.image][1] + 1
+        elif r.sample is not None and r.image:
+            r.visual_ref = refs[r.image]

@@ -39,6 +39,11 @@ PRESETS: dict[str, dict[str, str]] = {
 
 FP8_MAX = 448.0
 
+# The numpy dtype each encoding stores (zarr has no bfloat16 or float8: their bits as unsigned ints).
+STORED_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "uint16", "fixed_u16": "uint16"}
+STORED_DTYPE |= {"sqrt_u8": "uint8", "fp8_row": "uint8"}
+RAW_DTYPE = "uint16"  # an array stored without an encoding: sampled targets' draw counts
+
 
 def encode(encoding: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """float32 array -> (stored array, per-row float32 scale or None)."""

@@ -9,31 +9,34 @@ A layer0 cache's stub is reported on its own (`stub`): it is paid once per cache
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 
+import pyarrow.compute as pc
+
 from alignkd_cache.signals import STORED_ARRAYS, cache_kind
-from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import open_cache
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
 SIGNALS: dict[str, list[str]] = {}
 for _name, (_field, _) in STORED_ARRAYS.items():
     SIGNALS.setdefault(_field, []).extend([_name, f"{_name}_scale"])
+SIGNAL_OF = {array: signal for signal, arrays in SIGNALS.items() for array in arrays}
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
     found = open_cache(url, storage_options)
     loc, attrs, table = found.loc, found.attrs, found.table
-    written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
-    reasons = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "skipped")
+    written = table.filter(pc.equal(table.column("status"), "written"))
+    reasons = table.filter(pc.equal(table.column("status"), "skipped")).column("skip_reason")
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
-    skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.column("skip_reason").to_pylist())
+    skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.to_pylist())
     n = max(1, written.num_rows)
-    stored = _stored_bytes(loc, attrs["num_blocks"])
-    attn_rows = sum(written.column("attention_rows").to_pylist())
-    logit_rows = sum(written.column("logit_rows").to_pylist())
-    with_image = sum(1 for b in written.column("visual_block").to_pylist() if b >= 0)
+    stored = _stored_bytes(loc, found.keys)
+    attn_rows = pc.sum(written.column("attention_rows")).as_py() or 0
+    logit_rows = pc.sum(written.column("logit_rows")).as_py() or 0
+    with_image = pc.sum(pc.greater_equal(written.column("visual_block"), 0)).as_py() or 0
     values_per_logit_row = 2 * attrs["topk"] + (1 if attrs["logit_targets"] == "topk" else 0)
     raw = {
         "attention": 2 * attn_rows * attrs["num_visual_tokens"],
@@ -83,11 +86,13 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     }
 
 
-def _stored_bytes(loc, num_blocks: int) -> dict[str, int]:
-    """Chunk bytes per signal over every block (metadata documents excluded)."""
-    group, stored = loc.group("r"), dict.fromkeys(SIGNALS, 0)
-    for b in range(num_blocks):
-        names = set(group[block_path(b)].array_keys())
-        for signal, arrays in SIGNALS.items():
-            stored[signal] += sum(loc.chunk_bytes(f"{block_path(b)}/{a}") for a in arrays if a in names)
+def _stored_bytes(loc, keys) -> dict[str, int]:
+    """Chunk bytes per signal over every block (metadata documents excluded), from the files the
+    trust check listed: no store listing per block."""
+    stored, root = dict.fromkeys(SIGNALS, 0), loc.local_root
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) > 4 and parts[0] == "blocks" and parts[3] == "c":
+            size = os.stat(os.path.join(root, key)).st_size if root is not None else loc.size(key)
+            stored[SIGNAL_OF[parts[2]]] += size
     return stored

@@ -77,10 +77,10 @@ def attrs_pad_color(attrs: dict) -> tuple[int, int, int]:
     return tuple(attrs["preprocessing"]["image"]["pad_color"])
 
 
-def _first_difference(stored, new, where: str) -> str | None:
+def first_difference(stored, new, where: str) -> str | None:
     if isinstance(stored, dict) and isinstance(new, dict):
         for key in sorted(set(stored) | set(new)):
-            diff = _first_difference(stored.get(key), new.get(key), f"{where}.{key}" if where else key)
+            diff = first_difference(stored.get(key), new.get(key), f"{where}.{key}" if where else key)
             if diff:
                 return diff
         return None
@@ -89,7 +89,7 @@ def _first_difference(stored, new, where: str) -> str | None:
 
 def check_resume(stored: dict, new: dict, url: str) -> None:
     """Refuse to resume a build whose teacher, data or options differ, naming the field."""
-    diff = _first_difference(cache_kind(stored), cache_kind(new), "signals")
+    diff = first_difference(cache_kind(stored), cache_kind(new), "signals")
     if diff:
         raise IncompatibleCache(f"cannot --resume {url}: {diff}; use a new --out or the original --signals")
     old_stub, new_stub = (a.get("layer0", {}).get("sha256") for a in (stored, new))
@@ -108,14 +108,14 @@ def check_resume(stored: dict, new: dict, url: str) -> None:
         "encodings",
     )
     for key in keys:
-        diff = _first_difference(stored.get(key), new.get(key), key)
+        diff = first_difference(stored.get(key), new.get(key), key)
         if diff:
             raise IncompatibleCache(
                 f"cannot --resume {url}: {diff}; use a new --out or the original settings"
             )
     options = {k: v for k, v in new["options"].items() if k not in RESUME_FREE_OPTIONS}
     before = {k: v for k, v in stored.get("options", {}).items() if k not in RESUME_FREE_OPTIONS}
-    diff = _first_difference(before, options, "options")
+    diff = first_difference(before, options, "options")
     if diff:
         raise IncompatibleCache(f"cannot --resume {url}: {diff}; use a new --out or the original settings")
 
@@ -126,13 +126,13 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
             f"cannot merge {url}: a {cache_kind(other)} cache into {cache_kind(first)} ones"
         )
     for key in MERGE_FIELDS:
-        diff = _first_difference(first.get(key), other.get(key), key)
+        diff = first_difference(first.get(key), other.get(key), key)
         if diff:
             raise IncompatibleCache(
                 f"cannot merge {url}: {diff} (caches must share teacher, tokenizer and template)"
             )
     for key in MERGE_OPTIONS:
-        diff = _first_difference(first["options"].get(key), other["options"].get(key), f"options.{key}")
+        diff = first_difference(first["options"].get(key), other["options"].get(key), f"options.{key}")
         if diff:
             raise IncompatibleCache(
                 f"cannot merge {url}: {diff} (caches must be built with the same options)"

@@ -8,6 +8,7 @@ has a fixed per-call cost that batching hides.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -15,13 +16,15 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import UntrustedCache, chunk_damage, open_cache
+from alignkd_cache.store.trust import UntrustedCache, adopt, chunk_damage, open_cache
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -35,22 +38,50 @@ class CacheError(UntrustedCache):
 
 
 class CacheReader:
-    """`cache_bytes` bounds the per-process memory of arrays kept whole (see `_rows`); 0 keeps none."""
+    """`cache_bytes` bounds the per-process memory of arrays kept whole (see `_rows`); 0 keeps none.
+    `checked`: another process of this job has just opened the cache with the full check (see
+    `trust.adopt`)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, cache_bytes: int = 256 * 2**20):
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        cache_bytes: int = 256 * 2**20,
+        checked: bool = False,
+    ):
         self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
-        found = open_cache(url, storage_options)  # refuses a damaged or edited cache up front
-        self.loc, self.attrs, table = found.loc, found.attrs, found.table
-        written = table.filter(table.column("status").to_numpy(zero_copy_only=False) == "written")
-        self.rows: list[dict] = written.to_pylist()
-        self.ids: list[str] = [r["id"] for r in self.rows]
-        self._row_of = {sid: i for i, sid in enumerate(self.ids)}
-        self.skipped: dict[str, str] = {
-            r["id"]: r["skip_reason"]
-            for r in table.select(["id", "status", "skip_reason"]).to_pylist()
-            if r["status"] == "skipped"
-        }
+        # open_cache refuses a damaged or edited cache up front
+        found = (adopt if checked else open_cache)(url, storage_options)
+        self.loc, self.attrs, self.table = found.loc, found.attrs, found.table
+        # The manifest stays in Arrow columns, not copied; a row becomes a dict when it is read.
+        written = pc.equal(self.table.column("status"), "written")
+        self._written = np.flatnonzero(written.to_numpy(zero_copy_only=False))  # row of each written sample
         self._reset_process_state()
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """A manifest column over the written samples, in dataset order."""
+        return self.table.column(name).take(self._written)
+
+    @functools.cached_property
+    def ids(self) -> list[str]:
+        """The written samples' ids in dataset order (built on first use)."""
+        return self.column("id").to_pylist()
+
+    @functools.cached_property
+    def rows(self) -> list[dict]:
+        """Every written row as a dict (built on first use; `row_at` reads one)."""
+        return self.table.take(self._written).to_pylist()
+
+    @functools.cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.ids)}
+
+    @functools.cached_property
+    def skipped(self) -> dict[str, str]:
+        skipped = self.table.filter(pc.equal(self.table.column("status"), "skipped"))
+        return dict(
+            zip(skipped.column("id").to_pylist(), skipped.column("skip_reason").to_pylist(), strict=True)
+        )
 
     def _reset_process_state(self) -> None:
         self._pid = os.getpid()
@@ -60,13 +91,19 @@ class CacheReader:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self._written)
+
+    def row_at(self, i: int) -> dict:
+        """The manifest row of the i-th written sample."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"written sample {i} of {len(self)}")
+        return self.table.slice(int(self._written[i]), 1).to_pylist()[0]
 
     def row(self, sample_id: str) -> dict:
         if sample_id not in self._row_of:
             why = f"it was skipped: {self.skipped[sample_id]}" if sample_id in self.skipped else "no such id"
             raise KeyError(f"sample {sample_id!r} is not in the cache {self.url} ({why})")
-        return self.rows[self._row_of[sample_id]]
+        return self.row_at(self._row_of[sample_id])
 
     def array(self, block: int, name: str):
         if os.getpid() != self._pid:  # forked worker: open its own handles and store session
@@ -108,7 +145,11 @@ class CacheReader:
 
     def read(self, sample_id: str) -> TeacherSignal:
         """The sample's signals on the teacher's sequence (its manifest row: `row`), float32."""
-        row = self.row(sample_id)
+        return self.read_row(self.row(sample_id))
+
+    def read_row(self, row: dict) -> TeacherSignal:
+        """The signals of a manifest row (from `row` or `row_at`)."""
+        sample_id = row["id"]
         try:
             return self._read(row)
         except MemoryError:

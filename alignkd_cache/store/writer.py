@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from alignkd_cache.signals import STORED_ARRAYS, TeacherSignal, array_encoding, stored_arrays
+from alignkd_cache.signals import STORED_ARRAYS, TeacherSignal, stored_arrays
 from alignkd_cache.store import codecs
+from alignkd_cache.store.layout import ArraySpec, block_specs, create_array
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path, part_key, to_table
-
-CHUNK_BYTES = 1 << 18  # small chunks: a random read of one sample decodes little it does not need
 
 
 @dataclass
@@ -43,30 +42,6 @@ class SampleResult:
     visual_ref: tuple[int, int] | None = None  # (block, row) of its image's visual tokens
 
 
-def create_array(
-    group: zarr.Group, name: str, shape: tuple, dtype, encoding: str | None = None
-) -> zarr.Array:
-    """An empty block array in the cache's layout (trust.py checks stored metadata against it)."""
-    itemsize = np.dtype(dtype).itemsize
-    row_bytes = max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64)))
-    chunk_rows = 1 if len(shape) == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
-    chunks = (chunk_rows, *shape[1:])
-    chunks = tuple(max(1, c) for c in chunks)
-    shard_rows = max(1, -(-shape[0] // chunk_rows)) * chunk_rows
-    return group.create_array(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=chunks,
-        shards=(shard_rows, *chunks[1:]),
-        compressors=codecs.compressors(),
-        fill_value=0,
-        # Write every chunk, even all-zero ones: a missing chunk must mean damage, never zeros.
-        config={"write_empty_chunks": True},
-        attributes={"encoding": encoding} if encoding else {},
-    )
-
-
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str | None = None) -> int:
     array = create_array(group, name, data.shape, data.dtype, encoding)
     if data.size:
@@ -80,10 +55,10 @@ def write_block(loc: Location, block: int, results: list[SampleResult], layout: 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in STORED_ARRAYS}
     rows = [_row(r, block, parts, width, layout["num_visual_tokens"]) for r in results]
     group = loc.group("a").create_group(block_path(block), overwrite=True)
-    stored = 0
+    stored, specs = 0, block_specs(layout, 0, 0, 0, width)
     for name in stored_arrays(layout):
-        encoding = array_encoding(name, layout)
-        values = _concat(name, parts[name], layout, width)
+        encoding = specs[name].encoding
+        values = _concat(parts[name], specs[name])
         data, scale = codecs.encode(encoding, values) if encoding else (values, None)
         stored += _write_array(group, name, data, encoding)
         if scale is not None:
@@ -129,21 +104,11 @@ def _row(r: SampleResult, block: int, parts: dict, width: int, num_visual: int) 
     }
 
 
-def _concat(name: str, parts: list[np.ndarray], layout: dict, width: int) -> np.ndarray:
-    """One block array from its per-sample parts, in its stored dtype before encoding."""
-    empty = {
-        "attention": ((0, layout["num_visual_tokens"]), np.float32),
-        "visual": ((0, layout["num_visual_tokens"], layout["visual_dim"]), np.float32),
-        "logit_ids": ((0, width), np.int64),
-        "logit_values": ((0, width), np.float32),
-        "logit_tail": ((0,), np.float32),
-    }[name]
-    values = np.concatenate(parts) if parts else np.zeros(*empty)
-    if name == "logit_ids":
-        return values.astype(layout["logit_id_dtype"])
-    if name == "logit_values" and layout["logit_targets"] != "topk":
-        return values.astype(np.uint16)  # draw counts
-    return values.astype(np.float32)
+def _concat(parts: list[np.ndarray], empty: ArraySpec) -> np.ndarray:
+    """One block array from its per-sample parts, in its values dtype before encoding (`empty`: the
+    array's spec with no rows)."""
+    values = np.concatenate(parts) if parts else np.zeros(empty.shape, empty.values_dtype)
+    return values.astype(empty.values_dtype)
 
 
 class BackgroundWriter:

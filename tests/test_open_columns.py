@@ -1,0 +1,178 @@
+"""Opening a cache works on the manifest's columns (issue #22): the vectorised row rules refuse
+exactly the rows the per-row rules refuse, with the same words; the trainer's normalisers come
+from columns; verify with several jobs reports what one job reports; a rank that adopts another
+rank's check still refuses a manifest changed since."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from store_synthetic import VOCAB, write_synthetic_store
+
+from alignkd_cache.losses import SampleCounts
+from alignkd_cache.signals import followed_by_text
+from alignkd_cache.store.inspection import Inspection
+from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import MANIFEST_KEY, to_table
+from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.store.trust import UntrustedCache, open_cache
+from alignkd_cache.store.trust_rows import WRITTEN_FIELDS, check_rows, row_problems
+from alignkd_cache.store.verify import verify
+from alignkd_cache.sources import CachedSamples
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    url = tmp_path_factory.mktemp("columns") / "c.zarr"
+    write_synthetic_store(str(url), n=40)
+    return url
+
+
+def per_row_reference(loc, found: Inspection) -> None:
+    """The rules row by row, as trust ran them before they ran on columns."""
+    rows, seen = found.table.to_pylist(), set()
+    for i, r in enumerate(rows):
+        row_problems(i, r, r["id"] in seen, found.attrs, found)
+        seen.add(r["id"])
+        if found.full:
+            return
+    statuses = [r["status"] for r in rows]
+    got = {"records": len(rows), "written": statuses.count("written"), "skipped": statuses.count("skipped")}
+    if any(found.attrs["counts"][k] != v for k, v in got.items()):
+        found.add(f"attribute counts {found.attrs['counts']} disagree with the manifest {got}")
+
+
+def tamper(rows: list[dict], rng: random.Random) -> None:
+    """One random edit of the kinds an attacker or a bug could make."""
+    written = [r for r in rows if r["status"] == "written"]
+    r = rng.choice(written if rng.random() < 0.8 else rows)  # most rules are on written rows
+    ids = r["input_ids"] or [1, 6]
+    n = len(ids)
+    same_length = [ids[:-1] + [token] for token in (5, VOCAB, VOCAB + 100, -3)] + [ids[:1] + [6] + ids[2:]]
+    edits = {
+        "input_ids": [[1], [6] * 70, [1, 6, 400], None, *same_length],
+        "visual_start": [-1, 0, 2, n, None],
+        "num_visual": [0, 8, 10],
+        "supervised_positions": [
+            [],
+            [n - 1],
+            [n - 3, n - 4],
+            [n - 2, n - 3],
+            [0],
+            [-1],
+            [n - 2, n - 2],
+            None,
+        ],
+        "logit_positions": [[], [n - 2], [0, n - 2], None],
+        "attention_rows": [0, 1, 7, None],
+        "logit_rows": [0, 3, None],
+        "attention_offset": [0, 5, -1],
+        "logit_offset": [0, 1],
+        "visual_block": [-1, 0, 1, 99],
+        "visual_row": [-1, 0, 1, 5],
+        "status": ["bogus", "skipped", "written"],
+        "skip_reason": [None, "x"],
+        "image": [None, "img0.png"],
+        "image_key": [None, "XYZ", "0" * 32],
+        "index": [0, 3],
+        "block": [-1, 0, 99],
+        "id": ["", rows[0]["id"]],
+    }
+    name = rng.choice(sorted(edits))
+    r[name] = copy.deepcopy(rng.choice(edits[name]))
+
+
+def as_built_with(rules: str, attrs: dict, rows: list[dict]) -> dict:
+    """The attributes and rows of a cache built with these options (so that only the edits are bad)."""
+    attrs = dict(attrs)
+    for r in (r for r in rows if r["status"] == "written"):
+        n_text = len(r["input_ids"]) - r["visual_start"] - r["num_visual"] if r["visual_start"] >= 0 else 0
+        if rules == "text":
+            r["logit_positions"] = followed_by_text(len(r["input_ids"]), r["visual_start"], r["num_visual"])
+            r["logit_rows"] = len(r["logit_positions"])
+        if rules == "mean heads":
+            r["attention_rows"] = n_text
+        if rules == "layer0":
+            r["attention_rows"], r["visual_block"], r["visual_row"] = 0, -1, -1
+    attrs |= {"text": {"logit_positions": "text"}, "mean heads": {"attn_heads": "mean"}}.get(rules, {})
+    return attrs | ({"signals": "layer0"} if rules == "layer0" else {})
+
+
+@pytest.mark.parametrize("rules", ["answer", "text", "mean heads", "layer0"])
+def test_vectorised_row_rules_refuse_what_the_per_row_rules_refuse_in_the_same_words(cache, rules):
+    good = open_cache(str(cache))
+    built = good.table.to_pylist()
+    attrs = as_built_with(rules, good.attrs, built)
+    rng, loc, refused = random.Random(rules), Location(str(cache), read_only=True), 0
+    for trial in range(200):
+        rows = copy.deepcopy(built)
+        for _ in range(trial % 3):  # trial 0: as built, which passes
+            tamper(rows, rng)
+        table = to_table(rows)
+        columns, reference = (Inspection(str(cache), loc, max_problems=5) for _ in range(2))
+        for found in (columns, reference):
+            found.attrs, found.table = attrs, table
+        check_rows(loc, columns)
+        per_row_reference(loc, reference)
+        assert columns.problems == reference.problems, rows
+        assert trial % 3 or not reference.problems
+        refused += bool(reference.problems)
+    assert refused > 80  # the edits do reach the rules
+
+
+def test_an_untampered_manifest_passes_the_vectorised_rules(cache):
+    found = open_cache(str(cache))
+    assert not found.problems and found.blocks.attention.sum() > 0
+
+
+def test_normalisers_from_columns_equal_those_from_the_samples(cache):
+    reader = CacheReader(str(cache))
+    counts = SampleCounts(
+        np.array([len(p) for p in reader.column("supervised_positions").to_pylist()], np.int64),
+        reader.column("image").is_valid().to_numpy(zero_copy_only=False),
+    )
+    student = CachedSamples(reader, (7, 4))  # respliced: another image token and visual-token count
+    assert len(student) == len(reader) == len(reader.ids)
+    reference = SampleCounts.of(list(student))
+    assert np.array_equal(counts.tokens, reference.tokens) and np.array_equal(counts.images, reference.images)
+    step = [[0, 3, 5], [len(reader) - 1, 2]]
+    assert counts.normalisers([i for m in step for i in m]) == reference.normalisers(
+        [0, 3, 5, len(reader) - 1, 2]
+    )
+    assert [reader.row_at(i)["id"] for i in range(len(reader))] == reader.ids
+
+
+def test_verify_with_two_jobs_reports_what_one_job_reports(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url), n=300)
+    shard = url / "blocks" / "b000003" / "attention" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    one, two = verify(str(url)), verify(str(url), jobs=2)
+    assert not one.ok and one.bad_samples
+    assert (one.problems, dict(one.bad_samples), one.samples_checked) == (
+        two.problems,
+        dict(two.bad_samples),
+        two.samples_checked,
+    )
+
+
+def test_a_rank_adopting_the_check_refuses_a_manifest_changed_since(tmp_path):
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    assert CacheReader(str(url), checked=True).ids == CacheReader(str(url)).ids
+    table = pq.read_table(url / MANIFEST_KEY)
+    pq.write_table(table.slice(1), url / MANIFEST_KEY)
+    with pytest.raises(UntrustedCache, match="changed after another rank checked it"):
+        CacheReader(str(url), checked=True)
+
+
+def test_written_fields_are_the_null_columns_of_a_skipped_row(cache):
+    table = open_cache(str(cache)).table
+    skipped = [r for r in table.to_pylist() if r["status"] == "skipped"]
+    assert skipped and all(r[k] is None for r in skipped for k in WRITTEN_FIELDS)
