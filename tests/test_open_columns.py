@@ -15,6 +15,7 @@ from store_synthetic import VOCAB, write_synthetic_store
 
 from alignkd_cache.losses import SampleCounts
 from alignkd_cache.signals import followed_by_text
+from alignkd_cache.sources import CachedSamples
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, to_table
@@ -22,7 +23,6 @@ from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache, open_cache
 from alignkd_cache.store.trust_rows import WRITTEN_FIELDS, check_rows, row_problems
 from alignkd_cache.store.verify import verify
-from alignkd_cache.sources import CachedSamples
 
 
 @pytest.fixture(scope="module")
