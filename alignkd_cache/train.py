@@ -101,10 +101,14 @@ def trainable_model_parameters(model: torch.nn.Module) -> list[torch.nn.Paramete
         p.requires_grad_("vision_tower" not in name)
         if p.requires_grad:
             params.append(p)
+    keep_vision_tower_in_eval(model)
+    return params
+
+
+def keep_vision_tower_in_eval(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if name.endswith("vision_tower"):
             module.eval()  # frozen: no dropout either
-    return params
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -1,0 +1,122 @@
+"""The public API (docs/python-api.md): every listed name imports, and a loop built on it computes
+what `alignkd-train from-cache` computes, step for step."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from run_logs import metrics
+
+from alignkd_cache import api
+from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.losses import TERMS, LossConfig, parse_weights
+from alignkd_cache.train import TrainOptions, from_cache
+
+DOC = Path(__file__).parents[1] / "docs" / "python-api.md"
+STEP = {"batch_size": 2, "grad_accum": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
+    data, root = digits_dataset
+    out = tmp_path_factory.mktemp("api_cache") / "cache"
+    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, llava_student_dir, cache, digits_dataset):
+    """The first two steps' metrics of `alignkd-train from-cache` (lr 1e-3, constant after warmup 0)."""
+    out = tmp_path_factory.mktemp("api_reference") / "run"
+    opts = TrainOptions(
+        out=str(out), loss=LossConfig(parse_weights("")), lr=1e-3, max_steps=2, warmup_ratio=0,
+        progress=False, **STEP,
+    )  # fmt: skip
+    from_cache(str(llava_student_dir), str(cache), digits_dataset[1], opts)
+    return metrics(out)
+
+
+def documented_names() -> list[str]:
+    """The dotted names in the doc's contract section (its tables' first column)."""
+    contract = DOC.read_text().split("## The contract", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(alignkd_cache[\w.]*)`", contract, flags=re.M)
+
+
+def test_every_documented_name_imports():
+    names = documented_names()
+    assert len(names) >= 15
+    for dotted in names:
+        module, _, name = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), dotted
+    assert {n.rpartition(".")[2] for n in names if n.startswith("alignkd_cache.api.")} >= set(api.__all__)
+
+
+def test_open_cache_gives_info_signals_and_verify(cache):
+    opened = api.open_cache(str(cache))
+    assert len(opened) == 10 and opened.ids[0] == "digit-0"
+    info = opened.info()
+    assert info["counts"]["written"] == 10 and info["total"]["bytes_per_sample"] > 0
+    signal = opened.signals("digit-0")
+    assert isinstance(signal, api.TeacherSignal) and signal.attention.shape[0] == opened.attrs["num_heads"]
+    assert opened.verify().ok
+
+
+def test_a_loop_on_the_api_logs_what_alignkd_train_logs(llava_student_dir, cache, digits_dataset, reference):
+    """Two optimizer steps of a plain loop: DataLoader + PlanSampler, step_counts, DistillationModel,
+    AdamW with the trainer's settings; each step's terms equal metrics.jsonl's to 1e-6."""
+    student = api.load_student(llava_student_dir)
+    dataset = api.CacheDataset(str(cache), student, digits_dataset[1])
+    model = api.DistillationModel(
+        student, api.AlignKDLoss.for_dataset(dataset, student, seed=STEP["seed"]), dataset
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
+    sampler = api.PlanSampler(len(dataset), STEP["batch_size"], STEP["grad_accum"], seed=STEP["seed"])
+    loader = iter(
+        torch.utils.data.DataLoader(dataset, STEP["batch_size"], sampler=sampler, collate_fn=dataset.collate)
+    )
+    model.train()
+    for expected in reference:
+        batches = [next(loader) for _ in range(STEP["grad_accum"])]
+        norm = api.step_counts(batches)
+        sums = dict.fromkeys(["loss", *TERMS], 0.0)
+        for batch in batches:
+            loss, terms = model(batch, norm)
+            (loss * api.backward_scale()).backward()
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] += float(value.detach())
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, value in sums.items():
+            assert value == pytest.approx(expected[name], abs=1e-6), (expected["step"], name)
+    tower = [m for n, m in model.named_modules() if n.endswith("vision_tower")]
+    assert tower and not tower[0].training  # frozen and in eval mode after model.train()
+
+
+def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, cache, digits_dataset):
+    """The student's own HF forward (LlavaForConditionalGeneration.__call__), captured, gives the
+    slices and logits of the trainer's spliced forward, so AlignKDLoss gets the same terms."""
+    student = api.load_student(llava_student_dir)
+    dataset = api.CacheDataset(str(cache), student, digits_dataset[1])
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        with api.capture_layer0(batch) as request:
+            logits = student.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=batch.pixel_values,
+            ).logits
+        ours = student.forward(batch.micro.student, capture=True)
+    torch.testing.assert_close(logits, ours.logits, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(request.slices, ours.attention, strict=True):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    loss = api.AlignKDLoss.for_dataset(dataset, student)
+    signals = dataset.signals(batch, "cpu")
+    own = api.VLMOutput(logits, request.slices, ours.visual)
+    assert float(loss(own, batch, signals)[0]) == pytest.approx(
+        float(loss(ours, batch, signals)[0]), abs=1e-6
+    )
