@@ -2,7 +2,10 @@
 what `alignkd-train from-cache` computes, step for step."""
 
 import importlib
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,23 @@ def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, cache, 
     assert float(loss(own, batch, signals)[0]) == pytest.approx(
         float(loss(ours, batch, signals)[0]), abs=1e-6
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["hf_trainer.py", "accelerate_loop.py"])
+def test_example_first_step_equals_alignkd_train(
+    tmp_path, example, llava_student_dir, cache, digits_dataset, reference
+):
+    """examples/ as CI runs them: the first optimizer step's terms are alignkd-train's to 1e-6."""
+    script = Path(__file__).parents[1] / "examples" / example
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in STEP.items()]
+    subprocess.run(
+        [sys.executable, str(script), "--student", str(llava_student_dir), "--cache", str(cache)]
+        + ["--image-root", str(digits_dataset[1]), "--out", str(tmp_path), "--max-steps=2", "--cpu", *args],
+        check=True,
+    )
+    steps = [json.loads(line) for line in (tmp_path / "terms.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    for name in ("loss", *TERMS):
+        assert steps[0][name] == pytest.approx(reference[0][name], abs=1e-6), name
+    assert api.load_student(tmp_path / "student").model.training is False

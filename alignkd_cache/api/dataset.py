@@ -25,10 +25,21 @@ class CacheBatch:
     """A collated micro-batch. Not a dict on purpose: HF Trainer's `remove_unused_columns` strips
     only dict keys that the model's forward does not name, so nothing here is ever dropped."""
 
+    KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
     micro: MicroBatch  # .student: the student's data.Batch; .targets / .teacher: what signals() needs
 
     def __len__(self) -> int:
         return len(self.micro.student.ids)
+
+    # Read-only key access for tools that look tensors up by name (HF Trainer's token counts).
+    def __contains__(self, key) -> bool:
+        return key in self.KEYS
+
+    def __getitem__(self, key: str) -> torch.Tensor | None:
+        if key not in self.KEYS:
+            raise KeyError(f"a CacheBatch has {self.KEYS}, not {key!r}")
+        return getattr(self, key)
 
     @property
     def input_ids(self) -> torch.Tensor:
