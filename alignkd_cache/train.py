@@ -40,6 +40,7 @@ from alignkd_cache.losses import (
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.store.lock import lock_dir
 from alignkd_cache.teacher_signals import TeacherSignalSource, TrainingSource
+from alignkd_cache.tracking import open_tracker, scalars
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -86,6 +87,7 @@ class TrainOptions:
     device: str | None = None
     progress: bool = True
     log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
+    report_to: str = "none"  # also send each step's metrics to a tracker (tracking.REPORT_TO)
     extra: dict = field(default_factory=dict)  # provenance recorded in the output
     run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume
 
@@ -275,8 +277,9 @@ def train_step(
     result = {**sums, "lr": optimizer.param_groups[0]["lr"], "signals_s": signals_s}
     if log_grad_norms:
         result["grad_norm"] = term_gradient_norms(term_grads, logged[1:], model_params, world)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_grad_norm)
+    # Clipping at inf leaves the gradients as they are and still gives the norm the trackers log.
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    result["total_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -331,6 +334,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     )
     if world.main:
         print(f"teacher signals: {source.route}", file=sys.stderr)
+    tracker = open_tracker(opts.report_to if world.main else "none", out, step)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
     while step < end:
         started = time.perf_counter()
@@ -347,12 +351,15 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
         )
         step += 1
         if world.main:
-            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+            record = log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+            chosen = [source.samples[i] for micro in plan[step - 1] for i in micro]
+            tracker.log(step, scalars(record, result["total_grad_norm"], chosen))
             bar.set_postfix(loss=f"{result['loss']:.4f}")
         bar.update(1)
         if opts.save_every and step % opts.save_every == 0 and step < end:
             save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
     bar.close()
+    tracker.close()
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
     finished = step >= total
@@ -396,7 +403,7 @@ def start_step(out: Path, trainee: Trainee, optimizer, scheduler, opts: TrainOpt
     return step
 
 
-def log_step(path: Path, step: int, result: dict, seconds: float, route: str) -> None:
+def log_step(path: Path, step: int, result: dict, seconds: float, route: str) -> dict:
     """One line of metrics.jsonl: the step's terms (None for terms that are off), its lr and time,
     and where the teacher signals came from with the share of the step they took (rank 0's)."""
     record = {
@@ -413,6 +420,7 @@ def log_step(path: Path, step: int, result: dict, seconds: float, route: str) ->
         record["grad_norm"] = result["grad_norm"]
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    return record
 
 
 def add_term_gradients(

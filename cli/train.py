@@ -21,6 +21,7 @@ from alignkd_cache.losses import (
 )
 from alignkd_cache.progress import quiet_libraries
 from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS
+from alignkd_cache.tracking import REPORT_TO
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
 
@@ -132,6 +133,13 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             type=Device(),
             default=None,
             help="cpu, cuda, cuda:1 ... (default: cuda when available).",
+        ),
+        click.option(
+            "--report-to",
+            type=click.Choice(REPORT_TO),
+            default="none",
+            show_default=True,
+            help="Also log every step's metrics to this tracker (OUT/tensorboard); metrics.jsonl is always written.",
         ),
         click.option(
             "--log-grad-norms",

@@ -31,14 +31,15 @@ def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, llava_student_dir, cache, digits_dataset):
-    """The first two steps' metrics of `alignkd-train from-cache` (lr 1e-3, constant after warmup 0)."""
+    """The first two steps' metrics of `alignkd-train from-cache` (lr 1e-3, no warmup), also
+    reported to TensorBoard (OUT/tensorboard)."""
     out = tmp_path_factory.mktemp("api_reference") / "run"
     opts = TrainOptions(
         out=str(out), loss=LossConfig(parse_weights("")), lr=1e-3, max_steps=2, warmup_ratio=0,
-        progress=False, **STEP,
+        progress=False, report_to="tensorboard", **STEP,
     )  # fmt: skip
     from_cache(str(llava_student_dir), str(cache), digits_dataset[1], opts)
-    return metrics(out)
+    return metrics(out), out
 
 
 def documented_names() -> list[str]:
@@ -80,7 +81,7 @@ def test_a_loop_on_the_api_logs_what_alignkd_train_logs(llava_student_dir, cache
         torch.utils.data.DataLoader(dataset, STEP["batch_size"], sampler=sampler, collate_fn=dataset.collate)
     )
     model.train()
-    for expected in reference:
+    for expected in reference[0]:
         batches = [next(loader) for _ in range(STEP["grad_accum"])]
         norm = api.step_counts(batches)
         sums = dict.fromkeys(["loss", *TERMS], 0.0)
@@ -120,7 +121,7 @@ def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, cache, 
     loss = api.AlignKDLoss.for_dataset(dataset, student)
     signals = dataset.signals(batch, "cpu")
     own = api.VLMOutput(logits, request.slices, ours.visual)
-    assert float(loss(own, batch, signals)[0]) == pytest.approx(
+    assert float(loss(own, batch, signals)[0].detach()) == pytest.approx(
         float(loss(ours, batch, signals)[0]), abs=1e-6
     )
 
@@ -141,5 +142,25 @@ def test_example_first_step_equals_alignkd_train(
     steps = [json.loads(line) for line in (tmp_path / "terms.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     for name in ("loss", *TERMS):
-        assert steps[0][name] == pytest.approx(reference[0][name], abs=1e-6), name
+        assert steps[0][name] == pytest.approx(reference[0][0][name], abs=1e-6), name
     assert api.load_student(tmp_path / "student").model.training is False
+
+
+def test_report_to_tensorboard_logs_every_step_read_back_by_its_own_reader(reference):
+    """alignkd-train --report-to tensorboard: the event files, read by TensorBoard's EventAccumulator,
+    hold each step's terms as metrics.jsonl has them, the lr, the gradient norm, the throughput and
+    the signals' share."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows, out = reference
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/lr", "grad_norm/total", "throughput/samples_per_s", "throughput/tokens_per_s"} <= tags
+    assert {"signals/share", "signals/seconds"} <= tags
+    for name in ("loss", *TERMS, "lr", "signals_share"):
+        tag = {"lr": "train/lr", "signals_share": "signals/share"}.get(name, f"loss/{name}")
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in rows], name
+    norms = [e.value for e in events.Scalars("grad_norm/total")]
+    assert len(norms) == 2 and all(n > 0 for n in norms)
