@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import alignkd_cache
 from alignkd_cache import distributed
 from alignkd_cache.distributed import World
+from alignkd_cache.lora import LoraOptions, add_lora, is_lora_model, lora_trainable, save_lora
 from alignkd_cache.losses import (
     ADAPTER_ATTN_LOSSES,
     TERMS,
@@ -61,6 +62,7 @@ RESUME_MUST_MATCH = (
     "freeze_adapters",
     "bf16",
     "loss",
+    "lora",
 )
 
 
@@ -88,6 +90,8 @@ class TrainOptions:
     progress: bool = True
     log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
     report_to: str = "none"  # also send each step's metrics to a tracker (tracking.REPORT_TO)
+    lora: dict | None = None  # lora.LoraOptions as a dict: train LoRA + projector instead of the LLM
+    merge: bool = False  # with lora: also write the merged, plain student checkpoint
     extra: dict = field(default_factory=dict)  # provenance recorded in the output
     run: dict = field(default_factory=dict)  # set by train(): run_identity(), checked on --resume
 
@@ -99,8 +103,9 @@ class TrainOptions:
 def trainable_model_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The projector and the LLM; the vision tower stays frozen (as in LLaVA and MobileVLM finetuning)."""
     params = []
+    lora = is_lora_model(model)  # then the LLM's own weights stay frozen too
     for name, p in model.named_parameters():
-        p.requires_grad_("vision_tower" not in name)
+        p.requires_grad_("vision_tower" not in name and (not lora or lora_trainable(name)))
         if p.requires_grad:
             params.append(p)
     keep_vision_tower_in_eval(model)
@@ -374,6 +379,8 @@ def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Tr
     student.model.to(world.device)
     torch.manual_seed(opts.seed)
     student.model.train()
+    if opts.lora:
+        add_lora(student.model, LoraOptions(**opts.lora))
     model_params = trainable_model_parameters(student.model)
     if opts.grad_checkpointing:
         enable_gradient_checkpointing(student.model)
@@ -602,7 +609,10 @@ def load_checkpoint(
 def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: int) -> None:
     """The student as its backend saves it (load_backend loads it back), the adapters beside it."""
     student.model.eval()
-    student.save_pretrained(out)
+    if opts.lora:
+        save_lora(out, student, getattr(student, "model_id", None), opts.merge)
+    if not opts.lora or opts.merge:
+        student.save_pretrained(out)
     if len(adapters):
         metadata = {name: json.dumps(list(module.conv.weight.shape)) for name, module in adapters.items()}
         save_file(

@@ -10,6 +10,7 @@ import click
 import alignkd_cache
 from alignkd_cache.cli.errors import Commands, Device
 from alignkd_cache.data import TEMPLATES
+from alignkd_cache.lora import lora_record
 from alignkd_cache.losses import (
     ATTN_LOSSES,
     DEFAULT_LOGIT_LOSS,
@@ -135,6 +136,14 @@ def training_options(command, weights: str = DISTILL_WEIGHTS):
             help="cpu, cuda, cuda:1 ... (default: cuda when available).",
         ),
         click.option(
+            "--lora",
+            default=None,
+            help="Train a LoRA student (the `lora` extra): r=8,alpha=16,dropout=0,targets=q_proj+k_proj+v_proj+o_proj "
+            "(items left out keep these defaults); the projector and the loss adapters train fully. "
+            "The adapter goes to OUT/lora in PEFT's format.",
+        ),
+        click.option("--merge", is_flag=True, help="With --lora: also write the merged student to OUT."),
+        click.option(
             "--report-to",
             type=click.Choice(REPORT_TO),
             default="none",
@@ -161,7 +170,10 @@ def make_options(kw: dict, target_kind: str):
         vis_topk_weight=weight,
         logit_loss=kw.pop("logit_loss") or DEFAULT_LOGIT_LOSS[target_kind],
     )
-    return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, **kw)
+    lora = lora_record(kw.pop("lora"))
+    if kw["merge"] and not lora:
+        raise click.UsageError("--merge merges a LoRA adapter: add --lora, or drop --merge")
+    return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, lora=lora, **kw)
 
 
 @click.group(cls=Commands)
