@@ -8,20 +8,19 @@ student in OUT/student. Needs the `hf` extra (accelerate).
 
 from __future__ import annotations
 
-import argparse
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from common import arguments, write_terms
 
 from alignkd_cache import api
 from alignkd_cache.losses import TERMS
 
 
 def main(argv=None) -> None:
-    a = parse(argv)
+    a = arguments(__doc__.splitlines()[0], argv)
     # No gradient_accumulation_steps here: accelerator.backward would divide the loss by it, and the
     # terms are already divided by the whole step's counts (api.step_counts).
     accelerator = Accelerator(cpu=a.cpu)
@@ -39,8 +38,8 @@ def main(argv=None) -> None:
     batches = iter(loader)
     names = ["loss", *(t for t in TERMS if loss.config.on(t))]
     log = []
-    for step in range(1, a.max_steps + 1):
-        micro = [next(batches) for _ in range(a.grad_accum)]
+    for _ in range(a.max_steps):
+        micro = [next(batches) for _micro in range(a.grad_accum)]
         norm = api.step_counts(micro)
         sums = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
         for i, batch in enumerate(micro):
@@ -49,30 +48,16 @@ def main(argv=None) -> None:
                 total, terms = model(batch, norm)
                 accelerator.backward(total * api.backward_scale())
             values = {"loss": total, **terms}
-            sums += torch.tensor([float(values[n].detach()) if n in values else 0.0 for n in names])
+            sums += torch.tensor(
+                [float(values[n]) if n in values else 0.0 for n in names], device=sums.device
+            )
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        log.append({"step": step, **dict(zip(names, accelerator.reduce(sums, "sum").tolist(), strict=True))})
+        log.append(dict(zip(names, accelerator.reduce(sums, "sum").tolist(), strict=True)))
     if accelerator.is_main_process:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "terms.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        write_terms(a.out, log)
         student.save_pretrained(Path(a.out) / "student")
-
-
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--student", required=True)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true")
-    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

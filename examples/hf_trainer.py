@@ -8,10 +8,9 @@ student in OUT/student. Needs the `hf` extra (accelerate).
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
+from common import arguments, write_terms
 from transformers import TrainingArguments
 
 from alignkd_cache import api
@@ -19,7 +18,7 @@ from alignkd_cache.api.hf import AlignKDTrainer
 
 
 def main(argv=None) -> None:
-    a = parse(argv)
+    a = arguments(__doc__.splitlines()[0], argv, **{"--report-to": {"default": "none"}})
     student = api.load_student(a.student)
     dataset = api.CacheDataset(a.cache, student, a.image_root)
     loss = api.AlignKDLoss.for_dataset(dataset, student, seed=a.seed)
@@ -39,28 +38,15 @@ def main(argv=None) -> None:
     )
     trainer = AlignKDTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collate)
     trainer.train()
-    steps = [log for log in trainer.state.log_history if "alignkd/loss" in log]
-    with open(Path(a.out) / "terms.jsonl", "w") as f:
-        for step, log in enumerate(steps, start=1):
-            terms = {k.removeprefix("alignkd/"): v for k, v in log.items() if k.startswith("alignkd/")}
-            f.write(json.dumps({"step": step, **terms}) + "\n")
+    logged = [log for log in trainer.state.log_history if "alignkd/loss" in log]
+    write_terms(
+        a.out,
+        [
+            {k.removeprefix("alignkd/"): v for k, v in log.items() if k.startswith("alignkd/")}
+            for log in logged
+        ],
+    )
     student.save_pretrained(Path(a.out) / "student")
-
-
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--student", required=True)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--image-root", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--report-to", default="none")
-    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

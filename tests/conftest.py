@@ -117,3 +117,14 @@ def digits_dataset(tmp_path_factory) -> tuple[Path, Path]:
     path = root / "digits.json"
     path.write_text(json.dumps(records, indent=1))
     return path, root
+
+
+@pytest.fixture(scope="session")
+def lossless_cache(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
+    """A lossless cache of the digit set by the tiny LLaVA teacher, built once by the real build."""
+    from alignkd_cache.build import BuildOptions, build_cache
+
+    data, root = digits_dataset
+    out = tmp_path_factory.mktemp("lossless_cache") / "cache"
+    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
+    return out

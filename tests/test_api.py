@@ -13,7 +13,6 @@ import torch
 from run_logs import metrics
 
 from alignkd_cache import api
-from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.losses import TERMS, LossConfig, parse_weights
 from alignkd_cache.train import TrainOptions, from_cache
 
@@ -22,15 +21,7 @@ STEP = {"batch_size": 2, "grad_accum": 2, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
-    data, root = digits_dataset
-    out = tmp_path_factory.mktemp("api_cache") / "cache"
-    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, llava_student_dir, cache, digits_dataset):
+def reference(tmp_path_factory, llava_student_dir, lossless_cache, digits_dataset):
     """The first two steps' metrics of `alignkd-train from-cache` (lr 1e-3, no warmup), also
     reported to TensorBoard (OUT/tensorboard)."""
     out = tmp_path_factory.mktemp("api_reference") / "run"
@@ -38,7 +29,7 @@ def reference(tmp_path_factory, llava_student_dir, cache, digits_dataset):
         out=str(out), loss=LossConfig(parse_weights("")), lr=1e-3, max_steps=2, warmup_ratio=0,
         progress=False, report_to="tensorboard", **STEP,
     )  # fmt: skip
-    from_cache(str(llava_student_dir), str(cache), digits_dataset[1], opts)
+    from_cache(str(llava_student_dir), str(lossless_cache), digits_dataset[1], opts)
     return metrics(out), out
 
 
@@ -57,8 +48,8 @@ def test_every_documented_name_imports():
     assert {n.rpartition(".")[2] for n in names if n.startswith("alignkd_cache.api.")} >= set(api.__all__)
 
 
-def test_open_cache_gives_info_signals_and_verify(cache):
-    opened = api.open_cache(str(cache))
+def test_open_cache_gives_info_signals_and_verify(lossless_cache):
+    opened = api.open_cache(str(lossless_cache))
     assert len(opened) == 10 and opened.ids[0] == "digit-0"
     info = opened.info()
     assert info["counts"]["written"] == 10 and info["total"]["bytes_per_sample"] > 0
@@ -67,11 +58,13 @@ def test_open_cache_gives_info_signals_and_verify(cache):
     assert opened.verify().ok
 
 
-def test_a_loop_on_the_api_logs_what_alignkd_train_logs(llava_student_dir, cache, digits_dataset, reference):
+def test_a_loop_on_the_api_logs_what_alignkd_train_logs(
+    llava_student_dir, lossless_cache, digits_dataset, reference
+):
     """Two optimizer steps of a plain loop: DataLoader + PlanSampler, step_counts, DistillationModel,
     AdamW with the trainer's settings; each step's terms equal metrics.jsonl's to 1e-6."""
     student = api.load_student(llava_student_dir)
-    dataset = api.CacheDataset(str(cache), student, digits_dataset[1])
+    dataset = api.CacheDataset(str(lossless_cache), student, digits_dataset[1])
     model = api.DistillationModel(
         student, api.AlignKDLoss.for_dataset(dataset, student, seed=STEP["seed"]), dataset
     )
@@ -99,11 +92,11 @@ def test_a_loop_on_the_api_logs_what_alignkd_train_logs(llava_student_dir, cache
     assert tower and not tower[0].training  # frozen and in eval mode after model.train()
 
 
-def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, cache, digits_dataset):
+def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, lossless_cache, digits_dataset):
     """The student's own HF forward (LlavaForConditionalGeneration.__call__), captured, gives the
     slices and logits of the trainer's spliced forward, so AlignKDLoss gets the same terms."""
     student = api.load_student(llava_student_dir)
-    dataset = api.CacheDataset(str(cache), student, digits_dataset[1])
+    dataset = api.CacheDataset(str(lossless_cache), student, digits_dataset[1])
     batch = dataset.collate([dataset[i] for i in range(4)])
     with torch.no_grad():
         with api.capture_layer0(batch) as request:
@@ -129,13 +122,13 @@ def test_capture_layer0_from_the_users_own_hf_forward(llava_student_dir, cache, 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["hf_trainer.py", "accelerate_loop.py"])
 def test_example_first_step_equals_alignkd_train(
-    tmp_path, example, llava_student_dir, cache, digits_dataset, reference
+    tmp_path, example, llava_student_dir, lossless_cache, digits_dataset, reference
 ):
     """examples/ as CI runs them: the first optimizer step's terms are alignkd-train's to 1e-6."""
     script = Path(__file__).parents[1] / "examples" / example
     args = [f"--{k.replace('_', '-')}={v}" for k, v in STEP.items()]
     subprocess.run(
-        [sys.executable, str(script), "--student", str(llava_student_dir), "--cache", str(cache)]
+        [sys.executable, str(script), "--student", str(llava_student_dir), "--cache", str(lossless_cache)]
         + ["--image-root", str(digits_dataset[1]), "--out", str(tmp_path), "--max-steps=2", "--cpu", *args],
         check=True,
     )

@@ -7,21 +7,12 @@ import torch
 from run_logs import metrics, untimed
 
 from alignkd_cache.backends import load_backend
-from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.lora import LORA_DIR, lora_record, parse_lora
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.train import TrainOptions, from_cache
 
 peft = pytest.importorskip("peft")
 LORA = "r=4,alpha=8,targets=q_proj+v_proj"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, llava_teacher_dir, digits_dataset):
-    data, root = digits_dataset
-    out = tmp_path_factory.mktemp("lora_cache") / "cache"
-    build_cache(str(llava_teacher_dir), data, root, str(out), BuildOptions(codecs="lossless"), progress=False)
-    return out
 
 
 def options(out, **kw):
@@ -39,15 +30,21 @@ def test_parse_lora_names_a_bad_item():
 
 @pytest.mark.slow
 def test_lora_from_cache_resumes_bit_identically_and_merges_to_a_plain_student(
-    tmp_path, llava_student_dir, cache, digits_dataset
+    tmp_path, llava_student_dir, lossless_cache, digits_dataset
 ):
     root = digits_dataset[1]
-    from_cache(str(llava_student_dir), str(cache), root, options(tmp_path / "straight", merge=True))
+    from_cache(str(llava_student_dir), str(lossless_cache), root, options(tmp_path / "straight", merge=True))
     from_cache(
-        str(llava_student_dir), str(cache), root, options(tmp_path / "resumed", stop_after=2, merge=True)
+        str(llava_student_dir),
+        str(lossless_cache),
+        root,
+        options(tmp_path / "resumed", stop_after=2, merge=True),
     )
     from_cache(
-        str(llava_student_dir), str(cache), root, options(tmp_path / "resumed", resume=True, merge=True)
+        str(llava_student_dir),
+        str(lossless_cache),
+        root,
+        options(tmp_path / "resumed", resume=True, merge=True),
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert [untimed(r) for r in metrics(straight)] == [untimed(r) for r in metrics(resumed)]
