@@ -1,4 +1,4 @@
-"""The public Python API (docs/python-api.md is its contract; semver from 0.2 on).
+"""The public Python API (docs/python-api.md is its contract; semver from 0.1.0 on).
 
 Everything here wraps the code `alignkd-train` itself runs, so a foreign training loop computes the
 same numbers: tests/test_api.py and the examples/ check it against `alignkd-train from-cache`.
