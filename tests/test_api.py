@@ -12,7 +12,7 @@ from run_logs import metrics
 
 from alignkd_cache import api
 from alignkd_cache.losses import TERMS, LossConfig, parse_weights
-from alignkd_cache.train import TrainOptions, from_cache
+from alignkd_cache.train import TrainOptions, batch_plan, from_cache
 
 DOC = Path(__file__).parents[1] / "docs" / "python-api.md"
 STEP = {"batch_size": 2, "grad_accum": 2, "seed": 3}
@@ -44,6 +44,15 @@ def test_every_documented_name_imports():
         module, _, name = dotted.rpartition(".")
         assert hasattr(importlib.import_module(module), name), dotted
     assert {n.rpartition(".")[2] for n in names if n.startswith("alignkd_cache.api.")} >= set(api.__all__)
+
+
+def test_plan_sampler_gives_the_trainers_micro_batches_epoch_by_epoch():
+    plan = batch_plan(10, 2, 2, 2, 5, 2)  # two ranks: the last step of each epoch is short
+    sampler = api.PlanSampler(10, batch_size=2, grad_accum=2, world_size=2, seed=5)
+    for epoch, steps in enumerate((plan[:2], plan[2:])):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert [order[i : i + 2] for i in range(0, 10, 2)] == [micro for step in steps for micro in step]
 
 
 def test_open_cache_gives_info_signals_and_verify(lossless_cache):
