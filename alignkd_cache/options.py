@@ -97,4 +97,7 @@ class TrainOptions:
     device: str | None = None
     progress: bool = True
     log_grad_norms: bool = False  # each term's gradient norm in metrics.jsonl (one extra backward per term)
+    report_to: str = "none"  # also send each step's metrics to a tracker (tracking.REPORT_TO)
+    lora: dict | None = None  # lora.LoraOptions as a dict: train LoRA + projector instead of the LLM
+    merge: bool = False  # with lora: also write the merged, plain student checkpoint
     extra: dict = field(default_factory=dict)  # provenance recorded in the output

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import alignkd_cache
 from alignkd_cache import distributed
 from alignkd_cache.distributed import World
+from alignkd_cache.lora import LoraOptions, add_lora, is_lora_model, lora_trainable, save_lora
 from alignkd_cache.losses import (
     ADAPTER_ATTN_LOSSES,
     TERMS,
@@ -43,6 +44,7 @@ from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import SignalOptions
 from alignkd_cache.sources import TeacherSignalSource, TrainingSource
 from alignkd_cache.store.lock import lock_dir
+from alignkd_cache.tracking import open_tracker, scalars
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -63,6 +65,7 @@ RESUME_MUST_MATCH = (
     "freeze_adapters",
     "bf16",
     "loss",
+    "lora",
 )
 
 
@@ -73,14 +76,19 @@ RESUME_MUST_MATCH = (
 def trainable_model_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The projector and the LLM; the vision tower stays frozen (as in LLaVA and MobileVLM finetuning)."""
     params = []
+    lora = is_lora_model(model)  # then the LLM's own weights stay frozen too
     for name, p in model.named_parameters():
-        p.requires_grad_("vision_tower" not in name)
+        p.requires_grad_("vision_tower" not in name and (not lora or lora_trainable(name)))
         if p.requires_grad:
             params.append(p)
+    keep_vision_tower_in_eval(model)
+    return params
+
+
+def keep_vision_tower_in_eval(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if name.endswith("vision_tower"):
             module.eval()  # frozen: no dropout either
-    return params
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -243,8 +251,9 @@ def train_step(
     result = {**sums, "lr": optimizer.param_groups[0]["lr"], "signals_s": signals_s}
     if log_grad_norms:
         result["grad_norm"] = term_gradient_norms(term_grads, logged[1:], model_params, world)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_grad_norm)
+    # Clipping at inf leaves the gradients as they are and still gives the norm the trackers log.
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    result["total_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -301,6 +310,7 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     )
     if world.main:
         print(f"teacher signals: {source.route}", file=sys.stderr)
+    tracker = open_tracker(opts.report_to if world.main else "none", out, step)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
     while step < end:
         started = time.perf_counter()
@@ -317,12 +327,15 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
         )
         step += 1
         if world.main:
-            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+            record = log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+            chosen = [source.samples[i] for micro in plan[step - 1] for i in micro]
+            tracker.log(step, scalars(record, result["total_grad_norm"], chosen))
             bar.set_postfix(loss=f"{result['loss']:.4f}")
         bar.update(1)
         if opts.save_every and step % opts.save_every == 0 and step < end:
             save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
     bar.close()
+    tracker.close()
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
     finished = step >= total
@@ -337,6 +350,8 @@ def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Tr
     student.model.to(world.device)
     torch.manual_seed(opts.seed)
     student.model.train()
+    if opts.lora:
+        add_lora(student.model, LoraOptions(**opts.lora))
     model_params = trainable_model_parameters(student.model)
     if opts.grad_checkpointing:
         enable_gradient_checkpointing(student.model)
@@ -368,7 +383,7 @@ def start_step(
     return step
 
 
-def log_step(path: Path, step: int, result: dict, seconds: float, route: str) -> None:
+def log_step(path: Path, step: int, result: dict, seconds: float, route: str) -> dict:
     """One line of metrics.jsonl: the step's terms (None for terms that are off), its lr and time,
     and where the teacher signals came from with the share of the step they took (rank 0's)."""
     record = {
@@ -385,6 +400,7 @@ def log_step(path: Path, step: int, result: dict, seconds: float, route: str) ->
         record["grad_norm"] = result["grad_norm"]
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    return record
 
 
 def add_term_gradients(
@@ -575,7 +591,10 @@ def load_checkpoint(
 def save_output(out: Path, student, adapters, source, opts: TrainOptions, step: int, run: dict) -> None:
     """The student as its backend saves it (load_backend loads it back), the adapters beside it."""
     student.model.eval()
-    student.save_pretrained(out)
+    if opts.lora:
+        save_lora(out, student, getattr(student, "model_id", None), opts.merge)
+    if not opts.lora or opts.merge:
+        student.save_pretrained(out)
     if len(adapters):
         metadata = {name: json.dumps(list(module.conv.weight.shape)) for name, module in adapters.items()}
         save_file(

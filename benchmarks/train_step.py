@@ -38,7 +38,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ROUTES = ("online", "cache", "layer0", "layer0-shared", "student-only")
+ROUTES = ("online", "cache", "layer0", "layer0-shared", "student-only", "cache-lora")
+# cache-lora: `from-cache` with a LoRA student (--lora r=8,alpha=16 on q/k/v/o, the projector trained).
+LORA = "r=8,alpha=16,targets=q_proj+k_proj+v_proj+o_proj"
 
 
 def peak_memory_mb() -> float:
@@ -52,6 +54,7 @@ def peak_memory_mb() -> float:
 
 def route(args) -> dict:
     """One training route in this process; prints {step_s, samples_per_s, peak_mb}."""
+    from alignkd_cache.lora import lora_record
     from alignkd_cache.losses import LossConfig, parse_weights
     from alignkd_cache.train import TrainOptions, from_cache, online
 
@@ -65,8 +68,11 @@ def route(args) -> dict:
         max_steps=args.steps,
         progress=False,
         seed=0,
+        lora=lora_record(LORA if args.route == "cache-lora" else None),
     )
-    student, cache = {"layer0-shared": ("student-shared", "layer0")}.get(args.route, ("student", args.route))
+    student, cache = {"layer0-shared": ("student-shared", "layer0"), "cache-lora": ("student", "cache")}.get(
+        args.route, ("student", args.route)
+    )
     if args.route == "online":
         online(str(work / "teacher"), str(work / student), work / "data" / "train.json", work / "data", opts)
     else:  # the cache routes and the student-only floor run without the teacher
@@ -133,6 +139,9 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of every route.")
+    parser.add_argument(
+        "--routes", default=",".join(ROUTES), help="Comma-separated routes to run (default: all)."
+    )
     parser.add_argument("--route", choices=ROUTES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,10 +152,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, args.tiny, n_images=max(8, args.steps * args.batch_size // 3 + 1))
-        runs = {name: [] for name in ROUTES}
+        runs = {name: [] for name in args.routes.split(",")}
         reads = {"stored": [], "layer0": []}
         for _ in range(args.rounds):  # interleaved, so a slow spell on a shared machine hits every route
-            for name in ROUTES:
+            for name in runs:
                 cmd = [sys.executable, __file__, "--route", name, "--work", tmp, "--steps", str(args.steps),
                        "--batch-size", str(args.batch_size)]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -164,6 +173,7 @@ def summary(args, runs: dict, reads: dict) -> dict:
         for name, rs in runs.items()
     }  # fmt: skip
     step = {name: r["step_s"] for name, r in routes.items()}
+    memory = {name: r["peak_mb"] for name, r in routes.items()}
     read = {kind: statistics.median(v) for kind, v in reads.items()}
     return {
         "device": "cuda"
@@ -175,13 +185,22 @@ def summary(args, runs: dict, reads: dict) -> dict:
         "rounds": args.rounds,
         "routes": routes,
         "reader_samples_per_s": read,
-        "step_time_ratio": step["cache"] / step["online"],
-        "memory_ratio": routes["cache"]["peak_mb"] / routes["student-only"]["peak_mb"],
-        "reader_over_training": read["stored"] / routes["cache"]["samples_per_s"],
-        "layer0_over_cache": step["layer0"] / step["cache"],
-        "layer0_shared_over_cache": step["layer0-shared"] / step["cache"],
-        "layer0_shared_over_student_only": step["layer0-shared"] / step["student-only"],
+        "step_time_ratio": ratio(step, "cache", "online"),
+        "memory_ratio": ratio(memory, "cache", "student-only"),
+        "reader_over_training": read["stored"] / routes["cache"]["samples_per_s"]
+        if "cache" in routes
+        else None,
+        "layer0_over_cache": ratio(step, "layer0", "cache"),
+        "layer0_shared_over_cache": ratio(step, "layer0-shared", "cache"),
+        "layer0_shared_over_student_only": ratio(step, "layer0-shared", "student-only"),
+        "lora_over_full_step_time": ratio(step, "cache-lora", "cache"),
+        "lora_over_full_memory": ratio(memory, "cache-lora", "cache"),
     }
+
+
+def ratio(values: dict, a: str, b: str) -> float | None:
+    """values[a] / values[b], or None when either route did not run (--routes)."""
+    return values[a] / values[b] if a in values and b in values else None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import alignkd_cache
 from alignkd_cache.cli.errors import Commands, Device
 from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
 from alignkd_cache.data import TEMPLATES
+from alignkd_cache.lora import lora_record
 from alignkd_cache.losses import (
     ATTN_LOSSES,
     DEFAULT_LOGIT_LOSS,
@@ -23,6 +24,7 @@ from alignkd_cache.losses import (
 from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import quiet_libraries
 from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS, SignalOptions
+from alignkd_cache.tracking import REPORT_TO
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"
 train_option = functools.partial(field_option, TrainOptions)
@@ -98,6 +100,19 @@ RUN_OPTIONS = [
         "log_grad_norms",
         help="Log each term's gradient norm per step in metrics.jsonl (one extra backward per term).",
     ),
+    click.option(
+        "--lora",
+        default=None,
+        help="Train a LoRA student (the `lora` extra): r=8,alpha=16,dropout=0,targets=q_proj+k_proj+v_proj+o_proj "
+        "(items left out keep these defaults); the projector and the loss adapters train fully. "
+        "The adapter goes to OUT/lora in PEFT's format.",
+    ),
+    train_option("merge", help="With --lora: also write the merged student to OUT."),
+    train_option(
+        "report_to",
+        type=click.Choice(REPORT_TO),
+        help="Also log every step's metrics to this tracker (OUT/tensorboard); metrics.jsonl is always written.",
+    ),
 ]
 
 
@@ -132,7 +147,10 @@ def make_options(kw: dict, target_kind: str) -> TrainOptions:
         vis_topk_weight=weight,
         logit_loss=kw.pop("logit_loss") or DEFAULT_LOGIT_LOSS[target_kind],
     )
-    return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, **kw)
+    lora = lora_record(kw.pop("lora"))
+    if kw["merge"] and not lora:
+        raise click.UsageError("--merge merges a LoRA adapter: add --lora, or drop --merge")
+    return TrainOptions(loss=loss, max_grad_norm=kw.pop("max_grad_norm") or None, lora=lora, **kw)
 
 
 @click.group(cls=Commands)
