@@ -1,6 +1,6 @@
 """`CacheDataset`: a torch Dataset of the student's samples with their teacher signals, for any loop.
 
-It is the trainer's own source (teacher_signals.cache_source: the student's sequence, the teacher
+It is the trainer's own source (sources.cache_source: the student's sequence, the teacher
 signals mapped onto it with on_student, a layer0 cache's recompute), so a foreign loop sees exactly
 what `alignkd-train from-cache` sees. `PlanSampler` gives the trainer's data order, `step_counts`
 the trainer's per-step normalisation.
@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from alignkd_cache.api.cache import Cache, open_cache
-from alignkd_cache.losses import Normalisers
+from alignkd_cache.losses import Normalisers, SampleCounts
 from alignkd_cache.signals import TeacherSignal
-from alignkd_cache.teacher_signals import MicroBatch, cache_source
-from alignkd_cache.train import batch_plan, step_normalisers
+from alignkd_cache.sources import MicroBatch, cache_source
+from alignkd_cache.train import batch_plan
 
 
 @dataclass
@@ -27,7 +27,7 @@ class CacheBatch:
 
     KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
-    micro: MicroBatch  # .student: the student's data.Batch; .targets / .teacher: what signals() needs
+    micro: MicroBatch  # .student: the student's data.Batch; .signals / .teacher: what signals() needs
 
     def __len__(self) -> int:
         return len(self.micro.student.ids)
@@ -133,7 +133,7 @@ def step_counts(batches: list[CacheBatch]) -> Normalisers:
     is initialised). Pass it to every micro-batch's loss of that step, so that how the step is cut
     into micro-batches, accumulation and ranks does not change the update."""
     samples = [s for b in batches for s in b.micro.student.samples]
-    local = step_normalisers(samples, [range(len(samples))])
+    local = SampleCounts.of(samples).normalisers(list(range(len(samples))))
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"

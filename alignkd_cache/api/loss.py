@@ -87,5 +87,5 @@ def capture_layer0(batch: CacheBatch | Batch) -> Iterator[CaptureRequest]:
     its graph. The model must have been loaded with attn_implementation=CAPTURE_ATTENTION for its
     LLM (`load_student` does); build `VLMOutput(logits, request.slices, visual)` for AlignKDLoss."""
     student = batch.micro.student if isinstance(batch, CacheBatch) else batch
-    with layer0_capture(student.text_positions, student.visual_positions, student.attention_mask) as request:
+    with layer0_capture(student.query_positions, student.visual_positions, student.attention_mask) as request:
         yield request
