@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 import alignkd_cache
 from alignkd_cache import distributed
 from alignkd_cache.distributed import World
+from alignkd_cache.errors import OutputNotEmpty
+from alignkd_cache.interrupt import interrupted, stop_requests
 from alignkd_cache.losses import (
     ADAPTER_ATTN_LOSSES,
     TERMS,
@@ -38,7 +40,7 @@ from alignkd_cache.losses import (
     total_loss,
 )
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.store.lock import lock_dir
+from alignkd_cache.store.lock import LOCK_NAME, lock_dir
 from alignkd_cache.teacher_signals import TeacherSignalSource, TrainingSource
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
@@ -303,8 +305,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     world = distributed.init(opts.device)
     out = Path(opts.out)
     opts = replace(opts, run=run_identity(student, source))  # before any step changes the student
-    locking = partial(lock_dir, out, "a training run") if world.main else None
-    lock = world.agreed(f"to lock {out}", locking)  # noqa: F841 - held until train() returns
+    claiming = partial(claim_output, out, opts.resume) if world.main else None
+    lock = world.agreed(f"to lock {out}", claiming)  # noqa: F841 - held until train() returns
     trainee, optimizer = setup_trainee(student, source, opts, world)
     plan = batch_plan(len(source), opts.batch_size, opts.grad_accum, world.size, opts.seed, opts.epochs)
     total = len(plan) if opts.max_steps is None else min(opts.max_steps, len(plan))
@@ -314,6 +316,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
         optimizer, cosine_with_warmup(total, math.ceil(opts.warmup_ratio * total))
     )
     step = world.agreed("to resume", partial(start_step, out, trainee, optimizer, scheduler, opts, world))
+    if opts.resume and world.main:
+        print(f"resuming from step {step} of {total}", file=sys.stderr)
     # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
     wrapped = DistributedDataParallel(trainee, forward_sync_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
@@ -328,34 +332,64 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     if world.main:
         print(f"teacher signals: {source.route}", file=sys.stderr)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
-    while step < end:
-        started = time.perf_counter()
-        result = train_step(
-            wrapped,
-            (next(loader) for _ in plan[step][world.rank :: world.size]),
-            source_signals(source, world.device),
-            step_normalisers(source.samples, plan[step]),
-            optimizer,
-            scheduler,
-            opts.max_grad_norm,
-            world,
-            opts.log_grad_norms,
-        )
-        step += 1
-        if world.main:
-            log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
-            bar.set_postfix(loss=f"{result['loss']:.4f}")
-        bar.update(1)
-        if opts.save_every and step % opts.save_every == 0 and step < end:
-            save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
+    with stop_requests() as stop:
+        while step < end and not stop.agreed(world):
+            step, loss = run_step(
+                wrapped, trainee, loader, plan, step, end, source, optimizer, scheduler, opts, world
+            )
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
     bar.close()
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
+    if stop.signum and step < end:
+        saved = f"checkpoint saved in {out / CHECKPOINT_DIR}"
+        raise interrupted(stop.signum, f"at step {step} of {total}", saved)
     finished = step >= total
     if finished:
         save = partial(save_output, out, student, trainee.adapters, source, opts, step)
         world.agreed(f"to save the student into {out}", save if world.main else None)
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
+
+
+def claim_output(out: Path, resume: bool):
+    """Lock --out for this run. Without --resume it must be new or empty, so that a finished run is
+    never replaced nor a run's metrics appended to another's. A lock file alone is what a run that
+    failed before its first step leaves."""
+    if not resume and out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+        if entries:
+            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+            raise OutputNotEmpty(
+                f"{out} is not empty (it holds {shown}); pass --resume to continue the run there, "
+                "or choose a new --out"
+            )
+    return lock_dir(out, "a training run")
+
+
+def run_step(
+    wrapped, trainee, loader, plan, step, end, source, optimizer, scheduler, opts, world
+) -> tuple[int, float]:
+    """One optimizer step, its metrics line and a --save-every checkpoint: (the next step, its loss)."""
+    started = time.perf_counter()
+    result = train_step(
+        wrapped,
+        (next(loader) for _ in plan[step][world.rank :: world.size]),
+        source_signals(source, world.device),
+        step_normalisers(source.samples, plan[step]),
+        optimizer,
+        scheduler,
+        opts.max_grad_norm,
+        world,
+        opts.log_grad_norms,
+    )
+    step += 1
+    out = Path(opts.out)
+    if world.main:
+        log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+    if opts.save_every and step % opts.save_every == 0 and step < end:
+        save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world)
+    return step, result["loss"]
 
 
 def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Trainee, torch.optim.Optimizer]:
@@ -578,8 +612,6 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if world.main:
-        print(f"resumed from {path} at step {record['step']}")
     return int(record["step"])
 
 

@@ -8,7 +8,7 @@ import json
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import Commands, Device
+from alignkd_cache.cli.errors import Commands, Device, ExistingPath
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.losses import (
     ATTN_LOSSES,
@@ -166,7 +166,7 @@ def main():
 @main.command("from-cache")
 @click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option(
     "--template",
     type=click.Choice(TEMPLATES),
@@ -187,10 +187,8 @@ def from_cache_command(student, cache, image_root, template, **kw):
 @main.command("online")
 @click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id org/name[@revision].")
 @click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
-@click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
-)
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False), help="LLaVA-format JSON or JSONL.")
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
 @click.option(
     "--topk",
@@ -245,10 +243,8 @@ def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
 @click.option(
     "--model", required=True, help="Model to fine-tune: a checkpoint directory or hub id org/name[@revision]."
 )
-@click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
-)
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False), help="LLaVA-format JSON or JSONL.")
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option("--template", type=click.Choice(TEMPLATES), default="v1", show_default=True)
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(1))
 @functools.partial(training_options, weights="ce=1,logit=0,vis=0,attn=0")
@@ -264,8 +260,8 @@ def finetune_command(model, data, image_root, template, max_length, **kw):
 
 @main.command("eval")
 @click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out) or hub id.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False))
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option(
     "--template",
     type=click.Choice(TEMPLATES),

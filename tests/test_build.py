@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from run_logs import free_port
+from run_logs import free_port, interrupt_when, resume_command
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
@@ -196,7 +196,7 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     proc.wait()
     committed = len(list((killed / "parts").glob("*.parquet")))
     assert not (killed / "manifest.parquet").exists() and 0 < committed < 20, "the kill must land mid-build"
-    with pytest.raises(ValueError, match="not finished"):
+    with pytest.raises(ValueError, match="unfinished: resume it"):
         CacheReader(str(killed))
     # zarr writes NAME.<uuid>.partial then renames it; a kill can land between the two.
     (killed / "zarr.6e22086d58ac42c49164894caac98a09.partial").write_bytes(b"{")
@@ -210,6 +210,28 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     assert_same_cache(reference, killed)
     ids = CacheReader(str(killed)).ids
     assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_build_resumably(llava_teacher_dir, big_dataset, digits_dataset, tmp_path, signum):
+    """Ctrl-C or SIGTERM: the blocks computed so far are committed, one line gives the resume command
+    and the code is 128 + the signal; the resumed cache is byte-identical to an uninterrupted one."""
+    root = digits_dataset[1]
+    reference, stopped = tmp_path / "ref.zarr", tmp_path / "stopped.zarr"
+    subprocess.run(cli(*build_args(llava_teacher_dir, big_dataset, root, reference)), check=True, env=ENV,
+                   capture_output=True)  # fmt: skip
+    args = cli(*build_args(llava_teacher_dir, big_dataset, root, stopped))
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = interrupt_when(proc, lambda: len(list((stopped / "parts").glob("*.parquet"))) >= 2, signum)
+    assert proc.returncode == 128 + signum, stderr
+    done = 2 * len(list((stopped / "parts").glob("*.parquet")))  # --block-size 2
+    assert 4 <= done < 40 and not (stopped / "manifest.parquet").exists()
+    assert f"Error: stopped by {signal.Signals(signum).name} at sample {done} of 40" in stderr
+    resumed = subprocess.run(resume_command(stderr, sys.executable), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from sample {done} of 40" in resumed.stderr
+    assert_same_cache(reference, stopped)
 
 
 @pytest.mark.slow

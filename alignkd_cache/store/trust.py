@@ -43,6 +43,7 @@ from alignkd_cache.store.lock import LOCK_NAME
 from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, block_path, sha256
 from alignkd_cache.store.provenance import (
     LAYER0_SCHEMA_VERSION,
+    UNFINISHED,
     IncompatibleCache,
     _first_difference,
     check_readable,
@@ -123,6 +124,8 @@ def open_cache(url: str, storage_options: dict | None = None) -> Inspection:
         raise UntrustedCache(
             f"{url} is not an alignkd cache (no zarr.json at its root); give the --out of an `alignkd-cache build`"
         )
+    if found.problems == [(None, UNFINISHED)]:
+        raise UntrustedCache(f"{url}: {UNFINISHED}")
     if found.problems:
         sample, what = found.problems[0]
         where = f"sample {sample!r}: " if sample is not None else ""
