@@ -92,7 +92,7 @@ MISTAKES = [
     (cache, ["info", "{data}"], EXIT_CACHE_REFUSED, "is a file, not a cache"),
     (train, from_cache(cache_="{data}"), EXIT_CACHE_REFUSED, "is a file, not a cache"),
     (train, from_cache("{student}", "{cache}", "--out", "{student}"), EXIT_CACHE_REFUSED,
-     "is not empty (it holds config.json, model.safetensors"),
+     "is not empty (it holds chat_template.jinja, config.json, generation_config.json, model.safetensors and"),
     (train, ["eval", "--model", "{student}", "--data", "/nonexistent/d.json"], EXIT_NOT_FOUND,
      "--data /nonexistent/d.json does not exist; check the path"),
     (train, from_cache(cache_="{empty}"), EXIT_CACHE_REFUSED, "is not an alignkd cache"),
