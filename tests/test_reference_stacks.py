@@ -19,6 +19,7 @@ import mistral_common
 import pytest
 import torch
 from fidelity_cases import tokenizer_config
+from official_mobilevlm import get_prompt_v1, preprocess_multimodal
 from reference_env import reference_python
 
 from alignkd_cache.backends import load_backend
@@ -67,7 +68,8 @@ def ours(student: Path, image_root: Path, tmp_path: Path) -> dict:
     return {"input_ids": ids, "positions": text, "logprobs": [float(logprobs[p, ids[p + 1]]) for p in text]}
 
 
-def in_reference_stack(family: str, script: str, *args) -> dict:
+def in_reference_stack(family: str, script: str, *args) -> str:
+    """What `script` prints, run with `args` in `family`'s reference virtualenv."""
     python = reference_python(family)
     done = subprocess.run(
         [str(python), str(TESTS / script), *map(str, args)],
@@ -77,13 +79,13 @@ def in_reference_stack(family: str, script: str, *args) -> dict:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return done.stdout
 
 
 def assert_same_model(theirs: dict, mine: dict, vocab_size: int) -> None:
+    """Every tensor loaded as it is, nothing resized; the same log-probs at the same positions."""
     assert (theirs["missing"], theirs["unexpected"], theirs["mismatched"]) == ([], [], [])
-    assert theirs["vocab"] == vocab_size  # nothing for the official loader to resize
-    assert theirs["input_ids"] == mine["input_ids"]
+    assert theirs["vocab"] == vocab_size  # nothing for the reference loader to resize
     assert theirs["positions"] == mine["positions"]
     torch.testing.assert_close(
         torch.tensor(theirs["logprobs"]), torch.tensor(mine["logprobs"]), atol=1e-4, rtol=0
@@ -125,8 +127,31 @@ def test_a_trained_mobilevlm_loads_in_the_official_code(digits_dataset, tmp_path
     image_root = digits_dataset[1]
     conversation = tmp_path / "conversation.json"
     conversation.write_text(json.dumps(CONVERSATION))
-    theirs = in_reference_stack(
-        "mobilevlm", "reference_mobilevlm.py", student, image_root / "images" / "digit_7.png", conversation
+    image = image_root / "images" / "digit_7.png"
+    theirs = json.loads(
+        in_reference_stack("mobilevlm", "reference_mobilevlm.py", student, image, conversation)
     )
-    vocab = json.loads((student / "config.json").read_text())["vocab_size"]
-    assert_same_model(theirs, ours(student, image_root, tmp_path), vocab)
+    mine = ours(student, image_root, tmp_path)
+    assert theirs["input_ids"] == mine["input_ids"]  # the official preprocess_v1 on its slow tokenizer
+    assert_same_model(theirs, mine, json.loads((student / "config.json").read_text())["vocab_size"])
+
+
+# --------------------------------------------------------------------------- llava-hf
+
+
+def test_a_trained_llava_loads_in_the_first_transformers_with_llava(digits_dataset, tmp_path):
+    source = tmp_path / "llava-hf"
+    in_reference_stack("llava", "reference_llava.py", "make", source, SP_MODEL)  # as 4.36 writes one
+    student = trained(source, digits_dataset, tmp_path / "run")
+    image_root = digits_dataset[1]
+    mine = ours(student, image_root, tmp_path)
+    texts = [get_prompt_v1(preprocess_multimodal(CONVERSATION)), "é ü 日本 ☃ 🦙 <image> x</s> y"]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"input_ids": mine["input_ids"], "texts": texts}))
+    image = image_root / "images" / "digit_7.png"
+    theirs = json.loads(in_reference_stack("llava", "reference_llava.py", "check", student, image, request))
+    tokenizer = load_backend(student).tokenizer
+    assert theirs["text_ids"] == [tokenizer(text)["input_ids"] for text in texts]
+    assert_same_model(
+        theirs, mine, json.loads((student / "config.json").read_text())["text_config"]["vocab_size"]
+    )
