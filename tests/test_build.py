@@ -175,16 +175,21 @@ def build_args(teacher, data, root, out) -> list[str]:
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(llava_teacher_dir, big_dataset, digits_dataset, tmp_path_factory) -> Path:
+    """The build the interrupted ones must end up equal to, start to end in one command."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "ref.zarr"
+    args = cli(*build_args(llava_teacher_dir, big_dataset, digits_dataset[1], reference))
+    subprocess.run(args, check=True, env=ENV, capture_output=True)
+    return reference
+
+
 @pytest.mark.slow
-def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
+def test_resume_after_kill_9_is_byte_identical(
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted
+):
     root = digits_dataset[1]
-    reference, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
-    subprocess.run(
-        cli(*build_args(llava_teacher_dir, big_dataset, root, reference)),
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
+    reference, killed = uninterrupted, tmp_path / "killed.zarr"
     proc = subprocess.Popen(
         cli(*build_args(llava_teacher_dir, big_dataset, root, killed)), env=ENV, stderr=subprocess.DEVNULL
     )
@@ -214,13 +219,13 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_build_resumably(llava_teacher_dir, big_dataset, digits_dataset, tmp_path, signum):
+def test_a_signal_stops_the_build_resumably(
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted, signum
+):
     """Ctrl-C or SIGTERM: the blocks computed so far are committed, one line gives the resume command
     and the code is 128 + the signal; the resumed cache is byte-identical to an uninterrupted one."""
     root = digits_dataset[1]
-    reference, stopped = tmp_path / "ref.zarr", tmp_path / "stopped.zarr"
-    subprocess.run(cli(*build_args(llava_teacher_dir, big_dataset, root, reference)), check=True, env=ENV,
-                   capture_output=True)  # fmt: skip
+    stopped = tmp_path / "stopped.zarr"
     args = cli(*build_args(llava_teacher_dir, big_dataset, root, stopped))
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = interrupt_when(proc, lambda: len(list((stopped / "parts").glob("*.parquet"))) >= 2, signum)
@@ -228,10 +233,13 @@ def test_a_signal_stops_the_build_resumably(llava_teacher_dir, big_dataset, digi
     done = 2 * len(list((stopped / "parts").glob("*.parquet")))  # --block-size 2
     assert 4 <= done < 40 and not (stopped / "manifest.parquet").exists()
     assert f"Error: stopped by {signal.Signals(signum).name} at sample {done} of 40" in stderr
+    info = subprocess.run(cli("info", str(stopped)), env=ENV, capture_output=True, text=True)
+    assert info.returncode == 4 and info.stderr.startswith(f"Error: {stopped}: unfinished: resume it")
+    assert "damaged" not in info.stderr
     resumed = subprocess.run(resume_command(stderr, sys.executable), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from sample {done} of 40" in resumed.stderr
-    assert_same_cache(reference, stopped)
+    assert_same_cache(uninterrupted, stopped)
 
 
 @pytest.mark.slow
