@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from importlib.metadata import distributions
+from pathlib import Path
 
 from pip._vendor.packaging.utils import canonicalize_name
 from pip._vendor.packaging.version import Version
@@ -20,7 +21,7 @@ def pinned(lines: list[str]) -> dict[str, str]:
 
 
 def main(before_file: str) -> int:
-    before = pinned(open(before_file).read().splitlines())
+    before = pinned(Path(before_file).read_text().splitlines())
     now = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
     changed = [
         f"{name} {version} -> {now.get(name, 'removed')}"

@@ -19,26 +19,10 @@ from pathlib import Path
 
 # The official MobileVLM code's environment (its requirements.txt), and the first transformers
 # release with LlavaForConditionalGeneration. torch is the release this project tests with.
+COMMON = ["torch==2.13.0", "sentencepiece", "protobuf", "safetensors", "numpy<2", "pillow"]
 REFERENCE_STACKS = {
-    "mobilevlm": [
-        "transformers==4.33.1",
-        "tokenizers==0.13.3",
-        "torch==2.13.0",
-        "sentencepiece",
-        "protobuf",
-        "safetensors",
-        "numpy<2",
-        "pillow",
-    ],
-    "llava": [
-        "transformers==4.36.0",
-        "torch==2.13.0",
-        "sentencepiece",
-        "protobuf",
-        "safetensors",
-        "numpy<2",
-        "pillow",
-    ],
+    "mobilevlm": ["transformers==4.33.1", "tokenizers==0.13.3", *COMMON],
+    "llava": ["transformers==4.36.0", *COMMON],
 }
 
 

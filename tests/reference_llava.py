@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from official_mobilevlm import expand2square
 from PIL import Image
+from reference_report import loading_report, next_token_logprobs
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
-    LlamaTokenizer,
     LlamaTokenizerFast,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -89,18 +89,10 @@ def check(checkpoint: str, image_path: str, request_file: str) -> dict:
         logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), pixel_values=pixels).logits[
             0
         ]
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    text = [p for p in range(len(ids) - 1) if ids[p + 1] != image_id]
     return {
-        "missing": sorted(info["missing_keys"]),
-        "unexpected": sorted(info["unexpected_keys"]),
-        "mismatched": [str(m) for m in info["mismatched_keys"]],
-        "vocab": len(tokenizer),
-        "tokenizer_class": type(tokenizer).__name__,
-        "slow_class": type(LlamaTokenizer.from_pretrained(checkpoint)).__name__,
+        **loading_report(info, tokenizer),
         "text_ids": [tokenizer(t)["input_ids"] for t in request["texts"]],
-        "positions": text,
-        "logprobs": [float(logprobs[p, ids[p + 1]]) for p in text],
+        **next_token_logprobs(logits, ids, image_id),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from official_mobilevlm import IMAGE_TOKEN_INDEX, expand2square, preprocess_multimodal, preprocess_v1
 from PIL import Image
+from reference_report import loading_report, next_token_logprobs
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -239,16 +240,10 @@ def main(checkpoint: str, image_path: str, conversation_file: str) -> dict:
         logits = model(inputs_embeds=embeds).logits[0]
     n = features.shape[1]
     expanded = [x for t in input_ids for x in ([t] * n if t == IMAGE_TOKEN_INDEX else [t])]
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    text = [p for p in range(len(expanded) - 1) if expanded[p + 1] != IMAGE_TOKEN_INDEX]
     return {
-        "missing": sorted(info["missing_keys"]),
-        "unexpected": sorted(info["unexpected_keys"]),
-        "mismatched": [str(m) for m in info["mismatched_keys"]],
-        "vocab": len(tokenizer),
+        **loading_report(info, tokenizer),
         "input_ids": expanded,
-        "positions": text,
-        "logprobs": [float(logprobs[p, expanded[p + 1]]) for p in text],
+        **next_token_logprobs(logits, expanded, IMAGE_TOKEN_INDEX),
     }
 
 

@@ -21,6 +21,7 @@ import torch
 from fidelity_cases import tokenizer_config
 from official_mobilevlm import get_prompt_v1, preprocess_multimodal
 from reference_env import reference_python
+from reference_report import next_token_logprobs
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize
@@ -63,9 +64,7 @@ def ours(student: Path, image_root: Path, tmp_path: Path) -> dict:
     with torch.no_grad():
         logits = backend.forward(batch, capture=False).logits[0]
     ids = batch.input_ids[0].tolist()
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    text = [p for p in range(len(ids) - 1) if ids[p + 1] != backend.image_token_id]
-    return {"input_ids": ids, "positions": text, "logprobs": [float(logprobs[p, ids[p + 1]]) for p in text]}
+    return {"input_ids": ids, **next_token_logprobs(logits, ids, backend.image_token_id)}
 
 
 def in_reference_stack(family: str, script: str, *args) -> str:
