@@ -43,8 +43,14 @@ def reference_python(family: str) -> Path:
     shutil.rmtree(building, ignore_errors=True)
     venv.create(building, with_pip=True)
     install = [str(building / "bin" / "python"), "-m", "pip", "install", "-q", *requirements]
-    subprocess.run(install, check=True)
-    building.rename(home)  # a venv's python finds its packages from its own location
+    if subprocess.run(install).returncode != 0:
+        raise RuntimeError(
+            f"could not install {requirements} from the package index (it needs network access)"
+        )
+    try:
+        building.rename(home)  # a venv's python finds its packages from its own location
+    except OSError:  # another test process finished the same one first
+        shutil.rmtree(building)
     return python
 
 
