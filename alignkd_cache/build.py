@@ -30,6 +30,7 @@ from alignkd_cache import distributed, layer0
 from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.tokenizer import tokenizer_settings
 from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
+from alignkd_cache.interrupt import interrupted, stop_requests
 from alignkd_cache.options import BuildOptions
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
 from alignkd_cache.progress import progress_bar
@@ -304,16 +305,29 @@ def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, worl
     def on_written(block, n, nbytes):
         written["bytes"] += nbytes
 
+    if world.main and len(todo) < len(mine):
+        print(f"resuming from sample {_committed(loc, num_blocks, size)} of {len(outcomes)}", file=sys.stderr)
     writer = BackgroundWriter(loc, attrs, on_written=on_written)
     try:
-        for b in todo:
-            loc.delete_dir(block_path(b))  # an interrupted write of this block, if any
-            writer.submit(b, _compute_block(backend, b, outcomes, records, dataset, opts, refs, owners))
-            bar.update(size(b))
-            bar.set_postfix_str(f"{written['bytes'] / 2**20:.1f} MiB written")
+        with stop_requests() as stop:
+            for b in todo:
+                if stop.signum:
+                    break
+                loc.delete_dir(block_path(b))  # an interrupted write of this block, if any
+                writer.submit(b, _compute_block(backend, b, outcomes, records, dataset, opts, refs, owners))
+                bar.update(size(b))
+                bar.set_postfix_str(f"{written['bytes'] / 2**20:.1f} MiB written")
     finally:
-        writer.close()
+        writer.close()  # commits every block computed so far: a resume starts after them
         bar.close()
+    if stop.signum:
+        where = f"at sample {_committed(loc, num_blocks, size)} of {len(outcomes)}"
+        raise interrupted(stop.signum, where, f"the samples before it are kept in {loc.url}")
+
+
+def _committed(loc: Location, num_blocks: int, size) -> int:
+    """How many samples the store's committed blocks hold (every rank's)."""
+    return sum(size(b) for b in range(num_blocks) if loc.exists(part_key(b)))
 
 
 def _report(checked: Preflight, path: str | Path, on_bad_sample: str, show: bool) -> None:

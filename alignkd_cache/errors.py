@@ -17,3 +17,7 @@ class DataError(ValueError):
 class PeerFailed(RuntimeError):
     """Under torchrun: this rank stopped because another rank failed a step that every rank shares
     (distributed.World.agreed); that rank's own error says why."""
+
+
+class OutputNotEmpty(Exception):
+    """A new run's --out already holds something (a finished run, another run's files)."""

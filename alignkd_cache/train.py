@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 import alignkd_cache
 from alignkd_cache import distributed
 from alignkd_cache.distributed import World
+from alignkd_cache.errors import OutputNotEmpty
+from alignkd_cache.interrupt import interrupted, stop_requests
 from alignkd_cache.lora import LoraOptions, add_lora, is_lora_model, lora_trainable, save_lora
 from alignkd_cache.losses import (
     ADAPTER_ATTN_LOSSES,
@@ -43,7 +45,7 @@ from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import SignalOptions
 from alignkd_cache.sources import TeacherSignalSource, TrainingSource
-from alignkd_cache.store.lock import lock_dir
+from alignkd_cache.store.lock import LOCK_NAME, lock_dir
 from alignkd_cache.tracking import open_tracker, scalars
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
@@ -284,8 +286,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     world = distributed.init(opts.device)
     out = Path(opts.out)
     run = run_identity(student, source)  # before any step changes the student
-    locking = partial(lock_dir, out, "a training run") if world.main else None
-    lock = world.agreed(f"to lock {out}", locking)  # noqa: F841 - held until train() returns
+    claiming = partial(claim_output, out, opts.resume) if world.main else None
+    lock = world.agreed(f"to lock {out}", claiming)  # noqa: F841 - held until train() returns
     trainee, optimizer = setup_trainee(student, source, opts, world)
     plan = batch_plan(len(source), opts.batch_size, opts.grad_accum, world.size, opts.seed, opts.epochs)
     total = len(plan) if opts.max_steps is None else min(opts.max_steps, len(plan))
@@ -297,6 +299,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     step = world.agreed(
         "to resume", partial(start_step, out, trainee, optimizer, scheduler, opts, world, run)
     )
+    if opts.resume and world.main:
+        print(f"resuming from step {step} of {total}", file=sys.stderr)
     # DDP after the resume: its construction broadcasts rank 0's (resumed) state to every rank.
     wrapped = DistributedDataParallel(trainee, forward_sync_buffers=False) if world.size > 1 else trainee
     end = total if opts.stop_after is None else min(total, step + opts.stop_after)
@@ -311,38 +315,86 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     if world.main:
         print(f"teacher signals: {source.route}", file=sys.stderr)
     tracker = open_tracker(opts.report_to if world.main else "none", out, step)
+    loop = Loop(wrapped, trainee, loader, plan, end, source, optimizer, scheduler, opts, world, run, tracker)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
-    while step < end:
-        started = time.perf_counter()
-        result = train_step(
-            wrapped,
-            (next(loader) for _ in plan[step][world.rank :: world.size]),
-            source_signals(source, world.device),
-            step_normalisers(source.counts, plan[step]),
-            optimizer,
-            scheduler,
-            opts.max_grad_norm,
-            world,
-            opts.log_grad_norms,
-        )
-        step += 1
-        if world.main:
-            record = log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
-            chosen = [source.samples[i] for micro in plan[step - 1] for i in micro]
-            tracker.log(step, scalars(record, result["total_grad_norm"], chosen))
-            bar.set_postfix(loss=f"{result['loss']:.4f}")
-        bar.update(1)
-        if opts.save_every and step % opts.save_every == 0 and step < end:
-            save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
+    with stop_requests() as stop:
+        while step < end and not stop.agreed(world):
+            step, loss = run_step(loop, step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
     bar.close()
     tracker.close()
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
+    if stop.signum and step < end:
+        raise interrupted(
+            stop.signum, f"at step {step} of {total}", f"checkpoint saved in {out / CHECKPOINT_DIR}"
+        )
     finished = step >= total
     if finished:
         save = partial(save_output, out, student, trainee.adapters, source, opts, step, run)
         world.agreed(f"to save the student into {out}", save if world.main else None)
     return {"steps": step, "total_steps": total, "finished": finished, "out": str(out)}
+
+
+def claim_output(out: Path, resume: bool):
+    """Lock --out for this run. Without --resume it must be new or empty, so that a finished run is
+    never replaced nor a run's metrics appended to another's. A lock file alone is what a run that
+    failed before its first step leaves."""
+    if not resume and out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+        if entries:
+            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+            raise OutputNotEmpty(
+                f"{out} is not empty (it holds {shown}); pass --resume to continue the run there, "
+                "or choose a new --out"
+            )
+    return lock_dir(out, "a training run")
+
+
+@dataclass
+class Loop:
+    """What every step of one train() call works with."""
+
+    wrapped: torch.nn.Module  # the trainee, in DDP under torchrun
+    trainee: Trainee
+    loader: Iterator
+    plan: list[list[list[int]]]
+    end: int  # the step this invocation stops at
+    source: TrainingSource
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    opts: TrainOptions
+    world: World
+    run: dict  # run_identity(), recorded in checkpoints
+    tracker: object  # tracking.open_tracker's
+
+
+def run_step(loop: Loop, step: int) -> tuple[int, float]:
+    """One optimizer step, its metrics line and a --save-every checkpoint: (the next step, its loss)."""
+    world, opts, plan, source = loop.world, loop.opts, loop.plan, loop.source
+    started = time.perf_counter()
+    result = train_step(
+        loop.wrapped,
+        (next(loop.loader) for _ in plan[step][world.rank :: world.size]),
+        source_signals(source, world.device),
+        step_normalisers(source.counts, plan[step]),
+        loop.optimizer,
+        loop.scheduler,
+        opts.max_grad_norm,
+        world,
+        opts.log_grad_norms,
+    )
+    step += 1
+    out = Path(opts.out)
+    if world.main:
+        record = log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+        chosen = [source.samples[i] for micro in plan[step - 1] for i in micro]
+        loop.tracker.log(step, scalars(record, result["total_grad_norm"], chosen))
+    if opts.save_every and step % opts.save_every == 0 and step < loop.end:
+        checkpoint = (loop.trainee, loop.optimizer, loop.scheduler, opts, step, world, loop.run)
+        save_checkpoint(out / CHECKPOINT_DIR, *checkpoint)
+    return step, result["loss"]
 
 
 def setup_trainee(student, source, opts: TrainOptions, world: World) -> tuple[Trainee, torch.optim.Optimizer]:
@@ -579,8 +631,6 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if world.main:
-        print(f"resumed from {path} at step {record['step']}")
     return int(record["step"])
 
 

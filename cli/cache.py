@@ -8,7 +8,7 @@ import sys
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device
+from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device, ExistingPath
 from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import PIL_MAX_PIXELS
@@ -31,12 +31,10 @@ def main():
     required=True,
     help="Teacher: a checkpoint directory or a hub id org/name[@revision] (HF LLaVA or MobileVLM V2).",
 )
-@click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON/JSONL."
-)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False), help="LLaVA-format JSON/JSONL.")
 @click.option(
     "--image-root",
-    type=click.Path(exists=True, file_okay=False),
+    type=ExistingPath(file_okay=False),
     help="Directory the 'image' paths are relative to.",
 )
 @click.option(
@@ -186,7 +184,7 @@ def copy(src, dst, storage):
 @main.command()
 @click.argument("store")
 @click.option("--sample", "sample_id", required=True)
-@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--image-root", required=True, type=ExistingPath(file_okay=False))
 @click.option("--head", type=click.IntRange(0), default=None, help="One head (default: mean over heads).")
 @click.option("--tokens", default=None, help="Text queries: an index or a span like 0:5 (default: all).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))

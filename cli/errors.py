@@ -8,11 +8,13 @@ traceback. README.md ("Exit codes") documents the codes.
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 import click
 
-from alignkd_cache.errors import PeerFailed
+from alignkd_cache.errors import OutputNotEmpty, PeerFailed
+from alignkd_cache.interrupt import Interrupted
 from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.reader import CacheError
 
@@ -24,6 +26,9 @@ EXIT_DAMAGED = 5  # a cache chunk fails its checksum or is missing
 EXIT_NOT_FOUND = 6  # a model, file or cache that is not where the command was told to look
 EXIT_SYSTEM = 7  # the system refused: disk full, permission denied, other I/O errors
 EXIT_PEER_FAILED = 8  # another rank of a torchrun job failed a step all ranks share (its error says why)
+# Stopped by Ctrl-C or SIGTERM, 128 + the signal's number as a shell reports it (alignkd_cache/interrupt.py).
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class CommandError(click.ClickException):
@@ -54,6 +59,10 @@ def explain(e: Exception) -> tuple[str, int] | None:
 
     if isinstance(e, PeerFailed):
         return str(e), EXIT_PEER_FAILED
+    if isinstance(e, Interrupted):
+        return str(e), e.exit_code
+    if isinstance(e, OutputNotEmpty):
+        return str(e), EXIT_CACHE_REFUSED
     if isinstance(e, RuntimeError) and isinstance(e.__cause__, OSError):  # the background writer's wrap
         return explain(e.__cause__)
     if isinstance(e, GroupNotFoundError | NodeNotFoundError):
@@ -84,6 +93,17 @@ def explain(e: Exception) -> tuple[str, int] | None:
             EXIT_SYSTEM,
         )
     return None
+
+
+class ExistingPath(click.Path):
+    """A path that must exist (click.Path's other checks apply). A missing one is "not found", exit 6
+    like a missing model or cache, rather than click's usage error."""
+
+    def convert(self, value, param, ctx):
+        if not os.path.lexists(value):
+            option = param.opts[0] if param is not None else "the path"
+            raise CommandError(f"{option} {value} does not exist; check the path", EXIT_NOT_FOUND)
+        return super().convert(value, param, ctx)
 
 
 class Device(click.ParamType):
@@ -141,6 +161,14 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt as e:  # Ctrl-C before a run's loop took over its signals: nothing saved
+            if ctx.meta.get("alignkd.debug"):
+                raise
+            raise CommandError(
+                "stopped by SIGINT before the run could save its state; run it again "
+                "(with --resume if it wrote a checkpoint)",
+                EXIT_INTERRUPTED,
+            ) from e
         except Exception as e:
             explained = explain(e)
             if explained is None or ctx.meta.get("alignkd.debug"):

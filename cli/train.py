@@ -8,7 +8,7 @@ import json
 import click
 
 import alignkd_cache
-from alignkd_cache.cli.errors import Commands, Device
+from alignkd_cache.cli.errors import Commands, Device, ExistingPath
 from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
 from alignkd_cache.data import TEMPLATES
 from alignkd_cache.lora import lora_record
@@ -163,7 +163,7 @@ def main():
 @main.command("from-cache")
 @click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
 @click.option("--cache", required=True, help="Cache store (path or fsspec URL) from `alignkd-cache build`.")
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option(
     "--template",
     type=click.Choice(TEMPLATES),
@@ -187,10 +187,8 @@ def from_cache_command(student, cache, image_root, template, storage, **kw):
 @main.command("online")
 @click.option("--teacher", required=True, help="Teacher checkpoint directory or hub id org/name[@revision].")
 @click.option("--student", required=True, help="Student checkpoint directory or hub id org/name[@revision].")
-@click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
-)
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False), help="LLaVA-format JSON or JSONL.")
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @signal_option("template", type=click.Choice(TEMPLATES))
 @signal_option("topk", type=click.IntRange(1), help="Top-k logit targets (as `alignkd-cache build`).")
 @signal_option("logit_targets", type=click.Choice(ONLINE_KINDS))
@@ -230,10 +228,8 @@ def online_command(teacher, student, data, image_root, teacher_dtype, **kw):
 @click.option(
     "--model", required=True, help="Model to fine-tune: a checkpoint directory or hub id org/name[@revision]."
 )
-@click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA-format JSON or JSONL."
-)
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False), help="LLaVA-format JSON or JSONL.")
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @signal_option("template", type=click.Choice(TEMPLATES))
 @signal_option("max_length", type=click.IntRange(1))
 @functools.partial(training_options, weights="ce=1,logit=0,vis=0,attn=0")
@@ -249,8 +245,8 @@ def finetune_command(model, data, image_root, template, max_length, **kw):
 
 @main.command("eval")
 @click.option("--model", required=True, help="Model directory (e.g. an alignkd-train --out) or hub id.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--data", required=True, type=ExistingPath(dir_okay=False))
+@click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option(
     "--template",
     type=click.Choice(TEMPLATES),

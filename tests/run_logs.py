@@ -23,3 +23,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def interrupt_when(proc, ready, signum: int, timeout: float = 300) -> str:
+    """Send `signum` to the running `proc` once ready() holds; its stderr once it has exited."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal: give it more work"
+    proc.send_signal(signum)
+    return proc.communicate(timeout=timeout)[1]
+
+
+def resume_command(stderr: str, python: str) -> list[str]:
+    """The command the one `Error: stopped by ...` line gives, with `python` for its interpreter."""
+    import shlex
+
+    lines = [line for line in stderr.splitlines() if line.startswith("Error: stopped by ")]
+    assert len(lines) == 1, stderr
+    command = shlex.split(lines[0].split("; continue with: ", 1)[1])
+    assert command[:3] == ["python", "-m", command[2]] and command[-1] == "--resume", command
+    return [python, *command[1:]]

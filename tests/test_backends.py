@@ -250,6 +250,56 @@ def test_llava_round_trip(llava_student_dir, tmp_path):
         assert copy.fingerprint()[key] == original.fingerprint()[key], key
 
 
+def headers(checkpoint: Path) -> dict[str, dict[str, tuple[str, tuple]]]:
+    """file -> {key: (dtype, shape)} of a checkpoint's safetensors files."""
+    out = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            out[path.name] = {k: (v.get_dtype(), tuple(v.get_shape())) for k, v in slices.items()}
+    return out
+
+
+def assert_saved_as_the_source(source: Path, out: Path, backend) -> None:
+    """Every file of the source but its weights is copied byte for byte; the weights keep the source's
+    files, keys, dtypes and shapes, and hold the backend's (trained) values."""
+    for path in source.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    assert headers(out) == headers(source)
+    reloaded = load_backend(out, dtype=backend.model.dtype)
+    for (name, a), b in zip(
+        backend.model.state_dict().items(), reloaded.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "student_dir", ["llava_student_dir", "mobilevlm_student_dir", "mobilevlm_teacher_dir"]
+)
+def test_a_trained_model_is_saved_in_its_sources_format(request, student_dir, tmp_path):
+    source = request.getfixturevalue(student_dir)
+    backend = load_backend(source)
+    with torch.no_grad():  # as training would: new values, same shapes, the vision tower frozen
+        for name, p in backend.model.named_parameters():
+            p.add_(0.0 if "vision_tower" in name else 0.01)
+    backend.save_pretrained(tmp_path / "out")
+    assert_saved_as_the_source(source, tmp_path / "out", backend)
+
+
+def test_a_sharded_half_precision_source_stays_sharded_and_half(llava_student_dir, tmp_path):
+    source = tmp_path / "sharded"
+    model = LlavaForConditionalGeneration.from_pretrained(llava_student_dir, dtype=torch.bfloat16)
+    model.save_pretrained(source, max_shard_size="40KB")
+    for path in llava_student_dir.iterdir():
+        if not path.name.endswith(".safetensors") and not (source / path.name).exists():
+            (source / path.name).write_bytes(path.read_bytes())
+    assert len(headers(source)) > 2 and (source / "model.safetensors.index.json").is_file()
+    backend = load_backend(source, dtype=torch.float32)  # trained in fp32, saved back in bf16
+    backend.save_pretrained(tmp_path / "out")
+    assert_saved_as_the_source(source, tmp_path / "out", backend)  # the index among the copied files
+
+
 def test_fingerprints_tell_models_apart(llava_teacher_dir, llava_student_dir):
     teacher, student = (
         load_backend(llava_teacher_dir).fingerprint(),

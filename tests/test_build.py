@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import SUBPROCESS_ENV
-from run_logs import free_port
+from run_logs import free_port, interrupt_when, resume_command
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
@@ -184,16 +184,21 @@ def build_args(teacher, data, root, out) -> list[str]:
             "--topk", "8", "--batch-size", "2", "--block-size", "2"]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(llava_teacher_dir, big_dataset, digits_dataset, tmp_path_factory) -> Path:
+    """The build the interrupted ones must end up equal to, start to end in one command."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "ref.zarr"
+    args = cli(*build_args(llava_teacher_dir, big_dataset, digits_dataset[1], reference))
+    subprocess.run(args, check=True, env=SUBPROCESS_ENV, capture_output=True)
+    return reference
+
+
 @pytest.mark.slow
-def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
+def test_resume_after_kill_9_is_byte_identical(
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted
+):
     root = digits_dataset[1]
-    reference, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
-    subprocess.run(
-        cli(*build_args(llava_teacher_dir, big_dataset, root, reference)),
-        check=True,
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-    )
+    reference, killed = uninterrupted, tmp_path / "killed.zarr"
     proc = subprocess.Popen(
         cli(*build_args(llava_teacher_dir, big_dataset, root, killed)),
         env=SUBPROCESS_ENV,
@@ -207,7 +212,7 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     proc.wait()
     committed = len(list((killed / "parts").glob("*.parquet")))
     assert not (killed / "manifest.parquet").exists() and 0 < committed < 20, "the kill must land mid-build"
-    with pytest.raises(ValueError, match="not finished"):
+    with pytest.raises(ValueError, match="unfinished: resume it"):
         CacheReader(str(killed))
     # zarr writes NAME.<uuid>.partial then renames it; a kill can land between the two.
     (killed / "zarr.6e22086d58ac42c49164894caac98a09.partial").write_bytes(b"{")
@@ -221,6 +226,35 @@ def test_resume_after_kill_9_is_byte_identical(llava_teacher_dir, big_dataset, d
     assert_same_cache(reference, killed)
     ids = CacheReader(str(killed)).ids
     assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_build_resumably(
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted, signum
+):
+    """Ctrl-C or SIGTERM: the blocks computed so far are committed, one line gives the resume command
+    and the code is 128 + the signal; the resumed cache is byte-identical to an uninterrupted one."""
+    root = digits_dataset[1]
+    stopped = tmp_path / "stopped.zarr"
+    args = cli(*build_args(llava_teacher_dir, big_dataset, root, stopped))
+    proc = subprocess.Popen(
+        args, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    stderr = interrupt_when(proc, lambda: len(list((stopped / "parts").glob("*.parquet"))) >= 2, signum)
+    assert proc.returncode == 128 + signum, stderr
+    done = 2 * len(list((stopped / "parts").glob("*.parquet")))  # --block-size 2
+    assert 4 <= done < 40 and not (stopped / "manifest.parquet").exists()
+    assert f"Error: stopped by {signal.Signals(signum).name} at sample {done} of 40" in stderr
+    info = subprocess.run(cli("info", str(stopped)), env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert info.returncode == 4 and info.stderr.startswith(f"Error: {stopped}: unfinished: resume it")
+    assert "damaged" not in info.stderr
+    resumed = subprocess.run(
+        resume_command(stderr, sys.executable), env=SUBPROCESS_ENV, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from sample {done} of 40" in resumed.stderr
+    assert_same_cache(uninterrupted, stopped)
 
 
 @pytest.mark.slow

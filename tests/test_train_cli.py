@@ -1,13 +1,14 @@
 """End to end through the commands: build a cache, train from it (one process and two DDP ranks), eval."""
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 from conftest import SUBPROCESS_ENV, run_ok
-from run_logs import free_port, metrics, untimed
+from run_logs import free_port, interrupt_when, metrics, resume_command, untimed
 
 from alignkd_cache.cli.cache import main as cache_cli
 
@@ -121,3 +122,63 @@ def test_cli_trains_refuses_and_evaluates(
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["n"] == 10 and 0 <= report["accuracy"] <= 1
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 10
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, llava_student_dir, cli_cache, digits_dataset):
+    """A run long enough to interrupt (40 steps of one sample), start to end."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_ok(
+        sys.executable,
+        "-m",
+        "alignkd_cache.cli.train",
+        *long_run(llava_student_dir, cli_cache, digits_dataset, out),
+    )
+    return out
+
+
+def long_run(student, cache, digits_dataset, out) -> list[str]:
+    return train_args(student, cache, digits_dataset[1], out, "--epochs", "4", "--batch-size", "1")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_resume_ends_bit_identical(
+    tmp_path, llava_student_dir, cli_cache, digits_dataset, uninterrupted, signum
+):
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "alignkd_cache.cli.train",
+        *long_run(llava_student_dir, cli_cache, digits_dataset, out),
+    ]
+    proc = subprocess.Popen(
+        args, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    logged = lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2  # noqa: E731
+    stderr = interrupt_when(proc, logged, signum)
+    assert proc.returncode == 128 + signum, stderr
+    step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    name = signal.Signals(signum).name
+    assert (
+        f"Error: stopped by {name} at step {step} of 40; checkpoint saved in {out / 'checkpoint'}" in stderr
+    )
+    assert 2 <= step < 40 and len(metrics(out)) == step
+    resumed = subprocess.run(
+        resume_command(stderr, sys.executable), capture_output=True, text=True, env=SUBPROCESS_ENV
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step} of 40" in resumed.stderr
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    assert [untimed(r) for r in metrics(out)] == [untimed(r) for r in metrics(uninterrupted)]
+
+
+def test_a_finished_run_is_never_replaced(
+    tmp_path, llava_student_dir, cli_cache, digits_dataset, uninterrupted
+):
+    before = {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()}
+    args = long_run(llava_student_dir, cli_cache, digits_dataset, uninterrupted)
+    refused = subprocess.run(["alignkd-train", *args], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert refused.returncode == 4, refused.stderr
+    assert f"Error: {uninterrupted} is not empty (it holds alignkd_adapters.safetensors" in refused.stderr
+    assert {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before

@@ -7,14 +7,17 @@ feature layer and select strategy; the LLM runs on spliced embeddings through CA
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint
+from alignkd_cache.backends.saving import save_like_source, weight_files
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.images import pad_color, pad_to_square
 
@@ -98,9 +101,18 @@ class LlavaBackend:
         )
 
     def save_pretrained(self, out_dir) -> None:
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+        """As the source checkpoint was (saving.py). transformers' save_pretrained gives the tensors
+        their checkpoint names (it reverts the renames it applies on loading); only those are kept."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as scratch:
+            self.model.save_pretrained(scratch)
+            state = {
+                k: v
+                for name in weight_files(Path(scratch))
+                for k, v in load_file(Path(scratch) / name).items()
+            }
+            save_like_source(self.source, out, state)
 
     def fingerprint(self) -> dict:
         return fingerprint(self, self.model.config.to_dict())

@@ -34,6 +34,7 @@ from transformers import (
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.saving import save_like_source, source_keys
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.images import pad_color, pad_to_square
 
@@ -304,7 +305,13 @@ class MobileVLMBackend:
         )
 
     def save_pretrained(self, out_dir, include_vision_tower: bool | None = None) -> None:
-        """Write the original layout; the tower goes inside when it came from inside (or when asked)."""
+        """A model loaded from a checkpoint is written as that checkpoint was (saving.py), the tower
+        inside when it was inside. A model built in memory, or one whose tower is asked to move, gets
+        a new checkpoint in the original layout (the tower inside when it came from inside)."""
+        if self.source is not None and include_vision_tower is None:
+            inside = any(key.startswith(TOWER_PREFIX) for key in source_keys(self.source))
+            save_like_source(self.source, Path(out_dir), self.model.original_state_dict(inside))
+            return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         inside = self.tower_ref is None if include_vision_tower is None else include_vision_tower

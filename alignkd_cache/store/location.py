@@ -16,6 +16,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from alignkd_cache.store.provenance import IncompatibleCache
+
 
 class Location:
     def __init__(self, url: str | Path, storage_options: dict | None = None, read_only: bool = False):
@@ -26,6 +28,10 @@ class Location:
         else:
             # The user's own path may be a symlink; everything under it is checked (see trust.py).
             path = Path(self.url.removeprefix("file://")).resolve()
+            if read_only and path.is_file():
+                raise IncompatibleCache(
+                    f"{path} is a file, not a cache; give the directory an `alignkd-cache build` wrote (its --out)"
+                )
             if read_only and not path.is_dir():
                 raise FileNotFoundError(f"no cache at {path}: the directory does not exist")
             self.store = LocalStore(path, read_only=read_only)

@@ -139,6 +139,10 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
             )
 
 
+# All a reader says of a cache whose build has not finished: nothing in it is damaged.
+UNFINISHED = "unfinished: resume it (the same `alignkd-cache build` command with --resume)"
+
+
 def check_readable(attrs: dict, url: str) -> None:
     version = str(attrs.get("schema_version", ""))
     major = version.split(".")[0]
@@ -150,4 +154,4 @@ def check_readable(attrs: dict, url: str) -> None:
             f"{why}; rebuild the cache with this version or use a matching alignkd-cache version"
         )
     if not attrs.get("complete"):
-        raise IncompatibleCache(f"{url}: the build is not finished; run the same build command with --resume")
+        raise IncompatibleCache(f"{url}: {UNFINISHED}")

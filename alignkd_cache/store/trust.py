@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from alignkd_cache.store.inspection import MAX_PROBLEMS, Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, sha256
-from alignkd_cache.store.provenance import IncompatibleCache
+from alignkd_cache.store.provenance import UNFINISHED, IncompatibleCache
 from alignkd_cache.store.trust_arrays import check_arrays
 from alignkd_cache.store.trust_attrs import check_attrs
 from alignkd_cache.store.trust_manifest import check_manifest
@@ -57,6 +57,8 @@ def open_cache(url: str, storage_options: dict | None = None) -> Inspection:
         raise UntrustedCache(
             f"{url} is not an alignkd cache (no zarr.json at its root); give the --out of an `alignkd-cache build`"
         )
+    if found.problems == [(None, UNFINISHED)]:
+        raise UntrustedCache(f"{url}: {UNFINISHED}")
     if found.problems:
         sample, what = found.problems[0]
         where = f"sample {sample!r}: " if sample is not None else ""
