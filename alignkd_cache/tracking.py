@@ -6,7 +6,7 @@ reports. A resumed run purges the steps after its checkpoint from the tracker, a
 metrics.jsonl.
 
 trackio is not offered: installing it next to this package downgrades pillow below what the base
-install chose (checked with `pip install --dry-run trackio`).
+install chose (checked with a pip dry run of trackio).
 """
 
 from __future__ import annotations

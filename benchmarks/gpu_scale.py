@@ -545,7 +545,9 @@ def measure_build(
         "samples": written,
         "samples_per_s_end_to_end": written / wall,
         # One teacher load is part of every build; the forward section timed one load on its own.
-        "samples_per_s_excluding_load": written / (wall - load_s) if load_s is not None and wall > load_s else None,
+        "samples_per_s_excluding_load": written / (wall - load_s)
+        if load_s is not None and wall > load_s
+        else None,
         "encodings": info["encodings"],
         "bytes_per_sample": {s: v["bytes_per_sample"] for s, v in info["signals"].items()},
         "raw_fp16_per_sample": {s: v["raw_fp16_per_sample"] for s, v in info["signals"].items()},

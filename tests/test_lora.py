@@ -2,16 +2,18 @@
 
 import json
 
+import peft  # the test extra installs it: a missing one must fail, not skip
 import pytest
 import torch
 from run_logs import metrics, untimed
+from safetensors.torch import load_file
+from test_train import torchrun_from_cache
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.lora import LORA_DIR, lora_record, parse_lora
 from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.train import TrainOptions, from_cache, online
 
-peft = pytest.importorskip("peft")
 LORA = "r=4,alpha=8,targets=q_proj+v_proj"
 
 
@@ -83,3 +85,25 @@ def test_lora_online_writes_the_adapter_and_no_full_student_without_merge(
     online(str(llava_teacher_dir), str(llava_student_dir), data, root, options(out, max_steps=1))
     assert (out / LORA_DIR / "adapter_model.safetensors").is_file() and not (out / "config.json").exists()
     assert metrics(out)[0]["signals_route"] == "online" and metrics(out)[0]["attn"] > 0
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_equals_one_process_accumulating(
+    tmp_path, llava_student_dir, llava_cache, digits_dataset
+):
+    """Two gloo ranks (torchrun, the CLI's --lora) give one process's --grad-accum 2 step: the same
+    losses and the same LoRA adapter."""
+    root = digits_dataset[1]
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    from_cache(str(llava_student_dir), str(llava_cache), root, options(one, grad_accum=2, max_steps=2))
+    torchrun_from_cache(
+        llava_student_dir, llava_cache, root, ranks, "--lora", LORA, "--lr", "1e-2", "--max-steps", "2"
+    )
+    for x, y in zip(metrics(one), metrics(ranks), strict=True):
+        for key in ("loss", "ce", "logit", "vis", "attn", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+    mine = load_file(str(one / LORA_DIR / "adapter_model.safetensors"))
+    theirs = load_file(str(ranks / LORA_DIR / "adapter_model.safetensors"))
+    assert set(mine) == set(theirs)
+    for name, value in mine.items():
+        torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-5, msg=name)
