@@ -43,19 +43,12 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-class NoTracker:
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def open_tracker(report_to: str, out: Path, first_step: int) -> TensorBoardTracker | NoTracker:
-    """The tracker `--report-to` names; `first_step`: the step the run resumed from (0: a new run)."""
+def open_tracker(report_to: str, out: Path, first_step: int) -> TensorBoardTracker | None:
+    """The tracker `--report-to` names, None for `none`; `first_step`: the step the run resumed
+    from (0: a new run)."""
     if report_to not in REPORT_TO:
         raise ValueError(f"--report-to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
-    return TensorBoardTracker(out, first_step) if report_to == "tensorboard" else NoTracker()
+    return TensorBoardTracker(out, first_step) if report_to == "tensorboard" else None
 
 
 def scalars(record: dict, total_grad_norm: float, samples: list) -> dict[str, float]:

@@ -46,7 +46,7 @@ from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import SignalOptions
 from alignkd_cache.sources import TeacherSignalSource, TrainingSource
 from alignkd_cache.store.lock import LOCK_NAME, lock_dir
-from alignkd_cache.tracking import open_tracker, scalars
+from alignkd_cache.tracking import TensorBoardTracker, open_tracker, scalars
 
 ADAPTERS_FILE = "alignkd_adapters.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -323,7 +323,8 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
     bar.close()
-    tracker.close()
+    if tracker is not None:
+        tracker.close()
 
     save_checkpoint(out / CHECKPOINT_DIR, trainee, optimizer, scheduler, opts, step, world, run)
     if stop.signum and step < end:
@@ -367,7 +368,7 @@ class Loop:
     opts: TrainOptions
     world: World
     run: dict  # run_identity(), recorded in checkpoints
-    tracker: object  # tracking.open_tracker's
+    tracker: TensorBoardTracker | None  # tracking.open_tracker's
 
 
 def run_step(loop: Loop, step: int) -> tuple[int, float]:
@@ -389,6 +390,7 @@ def run_step(loop: Loop, step: int) -> tuple[int, float]:
     out = Path(opts.out)
     if world.main:
         record = log_step(out / METRICS_FILE, step, result, time.perf_counter() - started, source.route)
+    if world.main and loop.tracker is not None:  # the step's samples are made only for a tracker
         chosen = [source.samples[i] for micro in plan[step - 1] for i in micro]
         loop.tracker.log(step, scalars(record, result["total_grad_norm"], chosen))
     if opts.save_every and step % opts.save_every == 0 and step < loop.end:
