@@ -41,7 +41,6 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME, WriterLock, lock_store
 from alignkd_cache.store.manifest import block_path, part_key
 from alignkd_cache.store.provenance import (
-    LAYER0_SCHEMA_VERSION,
     SCHEMA_VERSION,
     IncompatibleCache,
     check_resume,
@@ -54,9 +53,8 @@ from alignkd_cache.store.writer import BackgroundWriter, SampleResult
 def build_attrs(backend, options: dict, data_path: str | Path, encodings: dict, vocab_size: int) -> dict:
     """The root attributes of a new build; a `layer0` build adds its stub's record (see build.py)."""
     fp = backend.fingerprint()
-    layer0 = options["signals"] == "layer0"
     return {
-        "schema_version": LAYER0_SCHEMA_VERSION if layer0 else SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "signals": options["signals"],
         "tool_version": alignkd_cache.__version__,
         "created": now(),
@@ -142,31 +140,33 @@ def _entries(loc: Location) -> list[str]:
     return os.listdir(root) if root is not None else loc.list_keys()
 
 
-def _plan_visual(outcomes, block_size: int) -> tuple[dict[int, tuple[int, int]], dict[str, int]]:
-    """index -> (block, row) of its image's stored visual tokens; the first user of a path owns it."""
-    owner: dict[str, int] = {}
-    rows_in_block: dict[int, int] = {}
-    ref: dict[int, tuple[int, int]] = {}
+def _plan_visual(outcomes, block_size: int) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """(sample index, image k) -> (owner index, block, first token row) of that image's stored
+    visual tokens: the first user of an image path stores them, in its block, after the tokens of
+    the images stored before it there (the order the writer appends them in)."""
+    owner: dict[str, tuple[int, int, int]] = {}
+    tokens_in_block: dict[int, int] = {}
+    refs: dict[tuple[int, int], tuple[int, int, int]] = {}
     for i, out in enumerate(outcomes):
-        if isinstance(out, Skip) or out.image is None:
+        if isinstance(out, Skip):
             continue
-        if out.image not in owner:
-            owner[out.image] = i
-            b = i // block_size
-            ref[i] = (b, rows_in_block.get(b, 0))
-            rows_in_block[b] = ref[i][1] + 1
-        ref[i] = ref[owner[out.image]]
-    return ref, owner
+        for k, (image, n) in enumerate(zip(out.images, out.num_visual, strict=True)):
+            if image not in owner:
+                b = i // block_size
+                owner[image] = (i, b, tokens_in_block.get(b, 0))
+                tokens_in_block[b] = owner[image][2] + n
+            refs[i, k] = owner[image]
+    return refs
 
 
-def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owners) -> list[SampleResult]:
+def _compute_block(backend, block, outcomes, records, dataset, opts, refs) -> list[SampleResult]:
     lo, hi = block * opts.block_size, min(len(outcomes), (block + 1) * opts.block_size)
     results = {}
     todo = []
     for i in range(lo, hi):
         out = outcomes[i]
         if isinstance(out, Skip):
-            results[i] = SampleResult(i, out.id, image=records[i].image, skip_reason=out.reason)
+            results[i] = SampleResult(i, out.id, images=records[i].images, skip_reason=out.reason)
         else:
             todo.append(i)
     batches = [todo[start : start + opts.batch_size] for start in range(0, len(todo), opts.batch_size)]
@@ -183,11 +183,16 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs, owner
                 forward = backend.forward(batch, capture=opts.signals == "stored")
             for j, i in enumerate(idx):
                 sample = outcomes[i]
-                owns_visual = sample.image is not None and owners.get(sample.image) == i
+                owner = [refs.get((i, k)) for k in range(len(sample.images))]
+                owns = [ref is not None and ref[0] == i for ref in owner]
                 # Top-k runs on the device; only the targets come to host memory.
-                signal = sample_signal(forward, batch, j, sample, opts, with_visual=owns_visual).to("cpu")
-                ref = None if owns_visual else refs.get(i)
-                results[i] = SampleResult(i, sample.id, sample.image, sample, signal=signal, visual_ref=ref)
+                signal = sample_signal(forward, batch, j, sample, opts, with_visual=owns).to("cpu")
+                visual_refs = [
+                    None if ref is None or own else ref[1:] for ref, own in zip(owner, owns, strict=True)
+                ]
+                results[i] = SampleResult(
+                    i, sample.id, sample.images, sample, signal, visual_refs=visual_refs
+                )
     return [results[i] for i in range(lo, hi)]
 
 
@@ -215,7 +220,7 @@ def build_cache(
     backend.model.eval()
     # Problems stay in dataset order as skipped rows, under their id (or file position when it has none).
     records = [
-        Record(e.id or e.where, e.image, [], e.where) if isinstance(e, Problem) else e
+        Record(e.id or e.where, (e.image,) if e.image else (), [], e.where) if isinstance(e, Problem) else e
         for e in checked.entries
     ]
     outcomes = _tokenized(records, checked.entries, backend, opts)
@@ -285,7 +290,7 @@ def _open_store(loc: Location, attrs: dict, resume: bool, world: distributed.Wor
 def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, world) -> None:
     """This rank's blocks (r, r + N, ...) that are not committed yet, written in the background."""
     rank, ranks = world.rank, world.size
-    refs, owners = _plan_visual(outcomes, opts.block_size) if opts.signals == "stored" else ({}, {})
+    refs = _plan_visual(outcomes, opts.block_size) if opts.signals == "stored" else {}
     dataset = _IndexedDataset(
         outcomes, image_root, backend.preprocess, pad_id(backend.tokenizer), backend.pad_color
     )
@@ -314,7 +319,7 @@ def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, worl
                 if stop.signum:
                     break
                 loc.delete_dir(block_path(b))  # an interrupted write of this block, if any
-                writer.submit(b, _compute_block(backend, b, outcomes, records, dataset, opts, refs, owners))
+                writer.submit(b, _compute_block(backend, b, outcomes, records, dataset, opts, refs))
                 bar.update(size(b))
                 bar.set_postfix_str(f"{written['bytes'] / 2**20:.1f} MiB written")
     finally:

@@ -7,9 +7,10 @@ family splices its visual tokens. The string is tokenized once per `<image>` chu
 supervised when its first character lies in an answer span, so no piece is tokenized on its own.
 
 Positions, per sample (all later stages key on them):
-- V: the visual-token positions (a contiguous run, empty for text-only samples);
-- T: the query positions, the text positions strictly after the last visual token (the layer-0
-  attention signal's queries: the ones that can see the image; not `--logit-positions text`);
+- V: the visual-token positions, every position holding the image token id, image after image in
+  order (`num_visual[k]` of them belong to image k; empty for text-only samples);
+- T: the query positions, the text positions after the first visual token (the layer-0 attention
+  signal's queries: the ones that can see an image; not `--logit-positions text`);
 - P: the logit positions whose next token is supervised (logits[p] predicts input_ids[p + 1]).
 """
 
@@ -38,7 +39,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 @dataclass(frozen=True)
 class Record:
     id: str
-    image: str | None
+    images: tuple[str, ...]  # in the order of their <image> markers; () for text-only
     conversations: list[dict]
     where: str  # "file:line" for messages
 
@@ -52,23 +53,31 @@ class Skip:
 @dataclass
 class TokenizedSample:
     id: str
-    image: str | None
+    images: tuple[str, ...]
     input_ids: list[int]
     labels: list[int]
-    visual_start: int  # -1 for text-only samples
-    num_visual: int
+    num_visual: tuple[int, ...]  # per image: its visual positions (image-token ids), in order
+    image_token_id: int
 
     @property
     def visual_positions(self) -> list[int]:
-        if self.visual_start < 0:
-            return []
-        return list(range(self.visual_start, self.visual_start + self.num_visual))
+        return [i for i, t in enumerate(self.input_ids) if t == self.image_token_id]
 
     @property
     def query_positions(self) -> list[int]:
-        if self.visual_start < 0:
+        visual = self.visual_positions
+        if not visual:
             return []
-        return list(range(self.visual_start + self.num_visual, len(self.input_ids)))
+        seen = set(visual)
+        return [p for p in range(visual[0], len(self.input_ids)) if p not in seen]
+
+    def image_spans(self) -> list[list[int]]:
+        """Each image's visual positions."""
+        visual, spans, start = self.visual_positions, [], 0
+        for n in self.num_visual:
+            spans.append(visual[start : start + n])
+            start += n
+        return spans
 
     @property
     def supervised_positions(self) -> list[int]:
@@ -87,7 +96,7 @@ class Problem:
     where: str  # file:line (JSONL) or file[index] (JSON list)
     id: str | None  # None when the record has no usable, unique id
     message: str  # the one-line error, naming the sample and what to fix
-    image: str | None = None  # its image path, if it names one
+    image: str | None = None  # its (first) image path, if it names one
 
 
 def _decode(path: Path) -> str:
@@ -186,7 +195,12 @@ def _parse_record(item: object, where: str, index: int) -> Record:
                 f"{where}: sample {sid!r} has a turn {turn!r}; each turn needs 'from' in "
                 f"{sorted(ROLES)} and a string 'value'"
             )
-    image = item.get("image")
+    if "video" in item:
+        raise DataError(
+            f"{where}: sample {sid!r} has a 'video'; videos are not supported: give frames as a list of images",
+            "video",
+        )
+    images = _images(item.get("image"), where, sid)
     markers = sum(t["value"].count(IMAGE_MARKER) for t in convs)
     answer_markers = [
         i for i, t in enumerate(convs) if ROLES[t["from"]] == "assistant" and IMAGE_MARKER in t["value"]
@@ -197,18 +211,10 @@ def _parse_record(item: object, where: str, index: int) -> Record:
             f"the image belongs in a human turn: move or remove the marker",
             "image marker in answer",
         )
-    if image is not None and markers == 0:
+    if markers != len(images):
         raise DataError(
-            f"{where}: sample {sid!r} has image {image!r} but no {IMAGE_MARKER} in its text; add one"
-        )
-    if image is None and markers > 0:
-        raise DataError(
-            f"{where}: sample {sid!r} has {IMAGE_MARKER} in its text but no 'image'; add the image or remove the marker"
-        )
-    if markers > 1:
-        raise DataError(
-            f"{where}: sample {sid!r} has {markers} {IMAGE_MARKER} markers; one image per sample is "
-            "supported (as in MobileVLM V2 and LLaVA-1.5): split it into several samples"
+            f"{where}: sample {sid!r} has {len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s) in its "
+            f"text; put one {IMAGE_MARKER} per image, in the order of 'image'"
         )
     if ROLES[convs[0]["from"]] != "user":
         raise DataError(
@@ -216,7 +222,19 @@ def _parse_record(item: object, where: str, index: int) -> Record:
         )
     if not any(ROLES[t["from"]] == "assistant" for t in convs):
         raise DataError(f"{where}: sample {sid!r} has no 'gpt' answer, so nothing would be supervised")
-    return Record(id=sid, image=None if image is None else str(image), conversations=convs, where=where)
+    return Record(id=sid, images=images, conversations=convs, where=where)
+
+
+def _images(value: object, where: str, sid: str) -> tuple[str, ...]:
+    """A record's 'image': absent, one path, or a list of paths (several images)."""
+    if value is None:
+        return ()
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(
+            f"{where}: sample {sid!r} has image {value!r}; give a path or a list of paths relative to --image-root"
+        )
+    return tuple(paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +242,9 @@ def _parse_record(item: object, where: str, index: int) -> Record:
 
 
 def move_image_to_front(text: str) -> str:
-    """LLaVA's / MobileVLM's `preprocess_multimodal`: the marker goes to the front of its own turn."""
-    if IMAGE_MARKER not in text:
+    """LLaVA's / MobileVLM's `preprocess_multimodal`: the marker goes to the front of its own turn.
+    That code knows one image; a turn with several markers keeps them where the text puts them."""
+    if text.count(IMAGE_MARKER) != 1:
         return text
     return (IMAGE_MARKER + "\n" + text.replace(IMAGE_MARKER, "").strip()).strip()
 
@@ -257,9 +276,11 @@ def _render_plain(record: Record, turns) -> tuple[str, list[tuple[int, int]]] | 
             record.id,
             f"template 'plain' takes one question and one answer, this sample has {len(turns)} turns",
         )
-    if record.image is not None and IMAGE_MARKER not in turns[0][1]:
+    if len(record.images) > 1:
+        return Skip(record.id, f"template 'plain' takes one image, this sample has {len(record.images)}")
+    if record.images and IMAGE_MARKER not in turns[0][1]:
         return Skip(record.id, f"template 'plain' needs the {IMAGE_MARKER} marker in the first turn")
-    prefix = IMAGE_MARKER if record.image is not None else ""
+    prefix = IMAGE_MARKER if record.images else ""
     text = prefix + turns[1][1] + "\n"
     return text, [(len(prefix), len(text))]
 
@@ -379,13 +400,12 @@ def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
         t if any(a <= s < b for a, b in spans) else IGNORE_INDEX for t, s in zip(ids, starts, strict=True)
     ]
     image_at = [i for i, t in enumerate(ids) if t == tok.image_token_id]
-    visual_start = image_at[0] if image_at else -1
-    contiguous = image_at == list(range(visual_start, visual_start + len(image_at)))
-    if len(image_at) not in (0, tok.num_visual_tokens) or not contiguous:
+    if len(image_at) != tok.num_visual_tokens * len(record.images):
         return Skip(record.id, f"the text itself holds the image token id {tok.image_token_id}; remove it")
     if len(ids) > tok.max_length:
         return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
-    sample = TokenizedSample(record.id, record.image, ids, labels, visual_start, len(image_at))
+    num_visual = (tok.num_visual_tokens,) * len(record.images)
+    sample = TokenizedSample(record.id, record.images, ids, labels, num_visual, tok.image_token_id)
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
     return sample
@@ -435,10 +455,10 @@ def resolve_image(image_root: str | Path, rel: str, sample_id: str) -> Path:
 def check_images(samples: list[TokenizedSample], image_root: str | Path | None) -> None:
     """Fail before any compute if an image is missing or outside the root."""
     for s in samples:
-        if s.image is not None:
-            if image_root is None:
-                raise DataError(f"sample {s.id!r} has an image but no --image-root was given")
-            resolve_image(image_root, s.image, s.id)
+        if s.images and image_root is None:
+            raise DataError(f"sample {s.id!r} has an image but no --image-root was given")
+        for image in s.images:
+            resolve_image(image_root, image, s.id)
 
 
 @dataclass
@@ -447,9 +467,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, S), right-padded
     attention_mask: torch.Tensor  # (B, S)
     labels: torch.Tensor  # (B, S), IGNORE_INDEX on prompt, image and padding
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
-    image_index: list[int | None]  # sample -> row of pixel_values
-    image_keys: list[str | None]  # sample -> content hash of its image
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W), the samples' images in order
+    image_index: list[list[int]]  # sample -> the rows of pixel_values of its images
+    image_keys: list[list[str]]  # sample -> the content hash of each of its images
     visual_positions: list[torch.Tensor]
     query_positions: list[torch.Tensor]
     supervised_positions: list[torch.Tensor]
@@ -479,9 +499,9 @@ def pad_id(tokenizer) -> int:
 
 
 def collate(
-    samples: list[TokenizedSample], images: list[tuple[torch.Tensor, str] | None], pad_id: int
+    samples: list[TokenizedSample], images: list[list[tuple[torch.Tensor, str]]], pad_id: int
 ) -> Batch:
-    """Right-pad a list of samples; `images[i]` is (pixel_values, key) or None for text-only."""
+    """Right-pad a list of samples; `images[i]` is sample i's [(pixel_values, key)], [] for text-only."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -492,13 +512,9 @@ def collate(
         input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
         mask[i, : len(s.input_ids)] = 1
-        if images[i] is None:
-            image_index.append(None)
-            keys.append(None)
-        else:
-            image_index.append(len(pixels))
-            pixels.append(images[i][0])
-            keys.append(images[i][1])
+        image_index.append(list(range(len(pixels), len(pixels) + len(images[i]))))
+        pixels += [pixel for pixel, _ in images[i]]
+        keys.append([key for _, key in images[i]])
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
         ids=[s.id for s in samples],
@@ -513,6 +529,13 @@ def collate(
         supervised_positions=[as_long(s.supervised_positions) for s in samples],
         samples=list(samples),
     )
+
+
+def load_images(sample: TokenizedSample, image_root, pad) -> list[tuple[object, str]]:
+    """The sample's images as (padded RGB image, content key), in order."""
+    return [
+        load_image(resolve_image(image_root, image, sample.id), sample.id, pad) for image in sample.images
+    ]
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -531,10 +554,8 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        if s.image is None:
-            return s, None
-        image, key = load_image(resolve_image(self.image_root, s.image, s.id), s.id, self.pad)
-        return s, (self.preprocess(image), key)
+        pictures = load_images(s, self.image_root, self.pad)
+        return s, [(self.preprocess(picture), key) for picture, key in pictures]
 
     def collate(self, items) -> Batch:
         return collate([s for s, _ in items], [im for _, im in items], self.pad_id)

@@ -8,6 +8,7 @@ families evaluate through the same code they train with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,11 @@ from alignkd_cache.data import (
     TokenizedSample,
     check_images,
     collate,
+    load_images,
     pad_id,
     read_records,
-    resolve_image,
     tokenize_all,
 )
-from alignkd_cache.images import load_image
 from alignkd_cache.progress import progress_bar
 
 
@@ -42,14 +42,7 @@ def prompt_of(sample: TokenizedSample) -> TokenizedSample:
     start = max(
         i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX
     )
-    return TokenizedSample(
-        sample.id,
-        sample.image,
-        sample.input_ids[:start],
-        [IGNORE_INDEX] * start,
-        sample.visual_start,
-        sample.num_visual,
-    )
+    return dataclasses.replace(sample, input_ids=sample.input_ids[:start], labels=[IGNORE_INDEX] * start)
 
 
 def trained_template(model_dir: Path | None) -> str | None:
@@ -84,19 +77,16 @@ def greedy_answers(
     bar = progress_bar(len(prompts), "eval", unit="prompt")
     for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
-        images = []
-        for s in group:
-            if s.image is None:
-                images.append(None)
-            else:
-                picture, key = load_image(resolve_image(image_root, s.image, s.id), s.id, backend.pad_color)
-                images.append((backend.preprocess(picture), key))
+        images = [
+            [(backend.preprocess(p), key) for p, key in load_images(s, image_root, backend.pad_color)]
+            for s in group
+        ]
         ids = [list(s.input_ids) for s in group]
         new: list[list[int]] = [[] for _ in group]
         done = [False] * len(group)
         for _ in range(max_new_tokens):
             samples = [
-                TokenizedSample(s.id, s.image, i, [IGNORE_INDEX] * len(i), s.visual_start, s.num_visual)
+                dataclasses.replace(s, input_ids=i, labels=[IGNORE_INDEX] * len(i))
                 for s, i in zip(group, ids, strict=True)
             ]
             logits = backend.forward(collate(samples, images, pad), capture=False).logits

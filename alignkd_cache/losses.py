@@ -117,7 +117,7 @@ class Normalisers:
     def of(cls, batch) -> Normalisers:
         """The counts of one micro-batch alone: each term becomes a mean over this batch."""
         tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-        return cls(tokens, sum(j is not None for j in batch.image_index))
+        return cls(tokens, sum(bool(rows) for rows in batch.image_index))
 
 
 @dataclass
@@ -132,7 +132,7 @@ class SampleCounts:
     @classmethod
     def of(cls, samples) -> SampleCounts:
         tokens = np.array([len(s.supervised_positions) for s in samples], np.int64)
-        return cls(tokens, np.array([s.image is not None for s in samples], bool))
+        return cls(tokens, np.array([bool(s.images) for s in samples], bool))
 
     def normalisers(self, indices: list[int]) -> Normalisers:
         """The counts of these samples together."""
@@ -357,7 +357,7 @@ def total_loss(
     if cfg.on("logit"):
         logits = [t.logits for t in signals]
         terms["logit"] = logit_loss(list(student.logits), logits, cfg.logit_loss, "sum") / tokens
-    with_image = [i for i, j in enumerate(batch.image_index) if j is not None]
+    with_image = [i for i, rows in enumerate(batch.image_index) if rows]
     if with_image and cfg.on("attn"):
         terms["attn"] = (
             attention_loss(
@@ -372,8 +372,8 @@ def total_loss(
     if with_image and cfg.on("vis"):
         terms["vis"] = (
             vision_loss(
-                [student.visual[batch.image_index[i]] for i in with_image],
-                [_need(signals[i].visual, "visual tokens", batch.ids[i]) for i in with_image],
+                [torch.cat([student.visual[r] for r in batch.image_index[i]]) for i in with_image],
+                [_visual(signals[i], batch.ids[i]) for i in with_image],
                 [
                     _need(signals[i].attention, "attention (for the top-k focus)", batch.ids[i])
                     for i in with_image
@@ -389,6 +389,13 @@ def total_loss(
     for name, value in terms.items():
         loss = loss + cfg.weights[name] * value
     return loss, terms
+
+
+def _visual(signal: TeacherSignal, sample_id: str) -> torch.Tensor:
+    """A sample's teacher visual tokens, its images' in order, as one (N_v, D)."""
+    if not signal.visual or any(v is None for v in signal.visual):
+        _need(None, "visual tokens", sample_id)
+    return torch.cat(signal.visual)
 
 
 def _need(value, what: str, sample_id: str):

@@ -49,15 +49,17 @@ class Preflight:
         Path(path).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
 
 
-def _check_image(record: Record, image_root, max_pixels: int) -> Problem | None:
-    try:
-        if image_root is None:
-            raise DataError(
-                f"sample {record.id!r} has an image but no --image-root was given", "no --image-root"
-            )
-        check_image(resolve_image(image_root, record.image, record.id), record.id, max_pixels)
-    except (DataError, ImageError) as e:
-        return Problem(e.reason, record.where, record.id, f"{record.where}: {e}", record.image)
+def _check_images(record: Record, image_root, max_pixels: int) -> Problem | None:
+    """Every image of the record: the first that cannot be used is its Problem."""
+    for image in record.images:
+        try:
+            if image_root is None:
+                raise DataError(
+                    f"sample {record.id!r} has an image but no --image-root was given", "no --image-root"
+                )
+            check_image(resolve_image(image_root, image, record.id), record.id, max_pixels)
+        except (DataError, ImageError) as e:
+            return Problem(e.reason, record.where, record.id, f"{record.where}: {e}", image)
     return None
 
 
@@ -69,8 +71,8 @@ def preflight(
 ) -> Preflight:
     entries = []
     for entry in read_entries(data)[:limit]:
-        if isinstance(entry, Record) and entry.image is not None:
-            entry = _check_image(entry, image_root, max_pixels) or entry
+        if isinstance(entry, Record) and entry.images:
+            entry = _check_images(entry, image_root, max_pixels) or entry
         entries.append(entry)
     return Preflight(entries)
 

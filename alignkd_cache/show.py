@@ -1,9 +1,10 @@
-"""`alignkd-cache show`: the teacher's text->vision attention of one sample, over its image.
+"""`alignkd-cache show`: the teacher's text->vision attention of one sample, over each of its images.
 
-The N_v visual tokens cover the padded square image as a row-major sqrt(N_v) x sqrt(N_v) grid
+An image's visual tokens cover the padded square image as a row-major sqrt(N_v) x sqrt(N_v) grid
 (CLIP patches for LLaVA, the pooled 12 x 12 grid for MobileVLM), so the selected attention mass
-per visual token is drawn as that grid stretched over the image. A layer0 cache's slice is
-recomputed by its stub, exactly as training recomputes it.
+per visual token is drawn as that grid stretched over the image, one row of panels per image. A
+count that is not a square is drawn per token instead. A layer0 cache's slice is recomputed by its
+stub, exactly as training recomputes it.
 """
 
 from __future__ import annotations
@@ -59,14 +60,14 @@ def show_attention(
     storage_options=None,
 ) -> Path:
     reader = CacheReader(url, storage_options)
-    sample = tokenized_from_row(reader.row(sample_id))
-    if sample.image is None:
+    sample = tokenized_from_row(reader.row(sample_id), int(reader.attrs["image_token_id"]))
+    if not sample.images:
         raise ValueError(
             f"sample {sample_id!r} has no image, so no text->vision attention; pick an image sample"
         )
-    path = resolve_image(image_root, sample.image, sample_id)
-    image, key = load_image(path, sample_id, attrs_pad_color(reader.attrs))
-    attention = teacher_attention(reader, sample, image, key).numpy()  # (H, |T|, N_v)
+    pad = attrs_pad_color(reader.attrs)
+    pictures = [load_image(resolve_image(image_root, im, sample_id), sample_id, pad) for im in sample.images]
+    attention = teacher_attention(reader, sample, pictures).numpy()  # (H, |T|, N_v)
     if head is not None and not 0 <= head < attention.shape[0]:
         raise ValueError(
             f"--head {head}: the cache holds {attention.shape[0]} head(s) for this sample (0..{attention.shape[0] - 1})"
@@ -75,59 +76,66 @@ def show_attention(
     if queries.start >= queries.stop:
         raise ValueError(f"--tokens {tokens!r} selects no text query (the sample has {attention.shape[1]})")
     per_head = attention[:, queries].sum(1)  # attention mass each visual token receives
-    grid = per_head.mean(0) if head is None else per_head[head]
-    side = math.isqrt(grid.size)
-    if side * side != grid.size:
-        raise ValueError(
-            f"{grid.size} visual tokens do not form a square grid; cannot place them on the image"
-        )
-    ids = sample.input_ids[sample.visual_start + sample.num_visual :][queries]
+    mass = per_head.mean(0) if head is None else per_head[head]
+    split = torch.from_numpy(mass).split(list(sample.num_visual))
+    ids = torch.tensor(sample.input_ids)[sample.query_positions][queries]
     who = "mean over heads" if head is None else f"head {head}"
     title = (
         f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop}: {query_text(reader, ids)}"
     )
-    return _draw(image, grid.reshape(side, side), f"{sample_id} (padded input)", title, Path(out))
+    panels = [(picture, grid.numpy()) for (picture, _), grid in zip(pictures, split, strict=True)]
+    return _draw(panels, f"{sample_id} (padded input)", title, Path(out))
 
 
-def teacher_attention(reader: CacheReader, sample, image, key: str) -> torch.Tensor:
-    """The sample's layer-0 slice: read from a stored cache, recomputed by a layer0 cache's stub."""
+def teacher_attention(reader: CacheReader, sample, pictures) -> torch.Tensor:
+    """The sample's layer-0 slice: read from a stored cache, recomputed by a layer0 cache's stub.
+    `pictures`: its (padded image, content key) pairs."""
     signal = reader.read(sample.id)
-    if key != signal.image_key:
-        raise DataError(
-            f"sample {sample.id!r}: its image is not the one the cache was built from (content key {key}, "
-            f"cached {signal.image_key}); restore the original file"
-        )
+    for k, ((_, key), cached) in enumerate(zip(pictures, signal.image_keys, strict=True)):
+        if key != cached:
+            raise DataError(
+                f"sample {sample.id!r}: its image {k} is not the one the cache was built from (content key {key}, "
+                f"cached {cached}); restore the original file"
+            )
     if cache_kind(reader.attrs) == "stored":
         return signal.attention
     stub = layer0.load_layer0(
         layer0.stub_directory(reader.loc, reader.attrs),
         dtype=getattr(torch, reader.attrs["options"]["dtype"]),
     )
-    batch = collate([sample], [(stub.preprocess(image), key)], pad_id(stub.tokenizer))
+    batch = collate([sample], [[(stub.preprocess(p), key) for p, key in pictures]], pad_id(stub.tokenizer))
     return layer0.recompute(stub, batch, reader.attrs["attn_heads"]).attention[0].float()
 
 
-def _draw(image, grid, left_title: str, right_title: str, out: Path) -> Path:
+def _draw(panels, left_title: str, right_title: str, out: Path) -> Path:
+    """One row per image: the padded image, and its tokens' attention mass over it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    axes[0].imshow(image)
-    axes[0].set_title(left_title)
-    axes[1].imshow(image)
-    heat = axes[1].imshow(
-        grid,
-        cmap="inferno",
-        alpha=0.6,
-        extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5),
-        interpolation="nearest",
-    )
-    axes[1].set_title(right_title, fontsize=9)
-    fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")
-    for ax in axes:
-        ax.axis("off")
+    fig, rows = plt.subplots(len(panels), 2, figsize=(9, 4.5 * len(panels)), squeeze=False)
+    for k, ((image, mass), axes) in enumerate(zip(panels, rows, strict=True)):
+        axes[0].imshow(image)
+        axes[0].set_title(left_title if len(panels) == 1 else f"{left_title}, image {k}")
+        side = math.isqrt(mass.size)
+        if side * side == mass.size:
+            axes[1].imshow(image)
+            heat = axes[1].imshow(
+                mass.reshape(side, side),
+                cmap="inferno",
+                alpha=0.6,
+                extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5),
+                interpolation="nearest",
+            )
+            fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")
+            axes[1].axis("off")
+        else:  # a processor's own layout (tiles, a dynamic grid): per token, in order
+            axes[1].bar(range(mass.size), mass, width=1.0, color="tab:orange")
+            axes[1].set_xlabel("visual token")
+            axes[1].set_ylabel("attention mass (summed over queries)")
+        axes[1].set_title(right_title, fontsize=9)
+        axes[0].axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -13,9 +13,11 @@ Logit targets keep the cache small without losing what a loss needs:
   (random-sampling KD: counts / draws is an unbiased estimate of the distribution, top-k is not).
   Draws depend only on (seed, sample_id) and the sample's own logits, never on batch composition.
 
-Pooling: visual tokens sit on a square grid (LDPv2's 12x12, LLaVA-1.5's 24x24). A teacher grid maps
-onto a student grid when the student side divides the teacher side; a student token then stands for
-a block of teacher tokens: their average (visual tokens), or the sum of their attention mass.
+Pooling: visual tokens sit on a square grid per image (LDPv2's 12x12, LLaVA-1.5's 24x24). A teacher
+grid maps onto a student grid when the student side divides the teacher side; a student token then
+stands for a block of teacher tokens: their average (visual tokens), or the sum of their attention
+mass. Each image of a sample pools on its own; an image with as many tokens on both sides maps one
+to one (dynamic-resolution families of one processor).
 """
 
 from __future__ import annotations
@@ -58,34 +60,49 @@ class TeacherSignal:
     """One sample's teacher signals, laid out on a token sequence (the teacher's, or after
     `for_student` the student's).
 
-    attention: (H or 1 for a head mean, |T|, N_v) layer-0 text->vision probabilities, each row
-        normalised over its whole causal row; None for a text-only sample (and for a layer-0 cache
-        until recomputed).
-    visual: (N_v, D) projected visual tokens of the sample's image; None for a text-only sample
-        (and, while building, for a sample whose image's tokens another sample stores).
+    attention: (H or 1 for a head mean, |T|, N_v) layer-0 text->vision probabilities over all the
+        sample's visual positions (its images' tokens in order), each row normalised over its whole
+        causal row; None for a text-only sample (and for a layer-0 cache until recomputed).
+    visual: per image, its (N_v, D) projected visual tokens; [] for a text-only sample. While
+        building, an image whose tokens another sample stores is None.
     logits: the logit targets; their positions index the sequence.
-    image_key: the content key of the image the visual signals come from (None: text-only).
+    image_keys: per image, the content key of the image the visual signals come from.
     """
 
     attention: torch.Tensor | None
-    visual: torch.Tensor | None
+    visual: list[torch.Tensor | None]
     logits: LogitTargets
-    image_key: str | None = None
+    image_keys: list[str] = dataclasses.field(default_factory=list)
 
     def to(self, device) -> TeacherSignal:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TeacherSignal(move(self.attention), move(self.visual), self.logits.to(device), self.image_key)
-
-    def for_student(self, positions: torch.Tensor, num_visual: int) -> TeacherSignal:
-        """The same signals on the student's sequence: logit `positions` mapped by the caller (see
-        sources.student_positions), the visual signals pooled to `num_visual` tokens."""
-        attention, visual = self.attention, self.visual
-        if attention is not None and attention.shape[-1] != num_visual:
-            attention = pool_attention(attention, num_visual)
-        if visual is not None and visual.shape[0] != num_visual:
-            visual = pool_visual(visual, num_visual)
         return TeacherSignal(
-            attention, visual, dataclasses.replace(self.logits, positions=positions), self.image_key
+            move(self.attention), [move(v) for v in self.visual], self.logits.to(device), self.image_keys
+        )
+
+    def for_student(
+        self, positions: torch.Tensor, teacher_visual: list[int], student_visual: list[int]
+    ) -> TeacherSignal:
+        """The same signals on the student's sequence: logit `positions` mapped by the caller (see
+        sources.student_positions), each image's visual signals pooled from the teacher's token
+        count to the student's."""
+        attention, visual = self.attention, list(self.visual)
+        if list(teacher_visual) != list(student_visual):
+            if attention is not None:
+                columns = attention.split(list(teacher_visual), dim=-1)
+                attention = torch.cat(
+                    [
+                        c if c.shape[-1] == n else pool_attention(c, n)
+                        for c, n in zip(columns, student_visual, strict=True)
+                    ],
+                    dim=-1,
+                )
+            visual = [
+                v if v is None or v.shape[0] == n else pool_visual(v, n)
+                for v, n in zip(visual, student_visual, strict=True)
+            ]
+        return TeacherSignal(
+            attention, visual, dataclasses.replace(self.logits, positions=positions), self.image_keys
         )
 
 
@@ -125,21 +142,24 @@ def stored_arrays(attrs: dict) -> list[str]:
     return ["attention", "visual", *names]
 
 
-def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = True) -> TeacherSignal:
+def sample_signal(
+    forward, batch, j: int, sample, options, with_visual: bool | list[bool] = True
+) -> TeacherSignal:
     """Sample j of a teacher forward (a backend's VLMOutput over `batch`) as a TeacherSignal on the
     teacher's sequence: the build and the resident teacher both take their signals here.
 
-    `options`: a SignalOptions (a BuildOptions is one). with_visual=False leaves the visual tokens out (another sample stores them).
+    `options`: a SignalOptions (a BuildOptions is one). `with_visual`: per image of the sample,
+    whether its visual tokens are kept (False: another sample stores them); default all.
     Tensors stay on the forward's device; logit targets are computed there.
     """
-    attention = visual = None
+    attention = None
     if forward.attention[j] is not None:
         attention = forward.attention[j].float()
         if options.attn_heads == "mean":
             attention = attention.mean(0, keepdim=True)
-    row = batch.image_index[j]
-    if row is not None and with_visual:
-        visual = forward.visual[row].float()
+    rows = batch.image_index[j]
+    keep = [True] * len(rows) if with_visual is True else with_visual
+    visual = [forward.visual[r].float() if k else None for r, k in zip(rows, keep, strict=True)]
     positions = torch.tensor(logit_positions(sample, options.logit_positions), dtype=torch.long)
     logits = logit_targets(
         forward.logits[j, : len(sample.input_ids)],
@@ -150,7 +170,7 @@ def sample_signal(forward, batch, j: int, sample, options, with_visual: bool = T
         seed=options.seed,
         sample_id=sample.id,
     )
-    return TeacherSignal(attention, visual, logits, batch.image_keys[j])
+    return TeacherSignal(attention, visual, logits, list(batch.image_keys[j]))
 
 
 @dataclass
@@ -189,14 +209,13 @@ def logit_positions(sample, which: str) -> list[int]:
     if which == "answer":
         return sample.supervised_positions
     if which == "text":
-        return followed_by_text(len(sample.input_ids), sample.visual_start, sample.num_visual)
+        return followed_by_text(sample.input_ids, sample.image_token_id)
     raise ValueError(f"unknown --logit-positions {which!r}; choose one of {LOGIT_POSITIONS}")
 
 
-def followed_by_text(length: int, visual_start: int, num_visual: int) -> list[int]:
+def followed_by_text(input_ids: list[int], image_token_id: int) -> list[int]:
     """The positions of a sequence whose next token is text (not visual): the "text" logit positions."""
-    visual = range(visual_start, visual_start + num_visual) if visual_start >= 0 else range(0)
-    return [p for p in range(length - 1) if p + 1 not in visual]
+    return [p for p in range(len(input_ids) - 1) if input_ids[p + 1] != image_token_id]
 
 
 def stored_heads(attn_heads: str, num_heads: int) -> int:

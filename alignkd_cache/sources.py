@@ -32,6 +32,7 @@ from alignkd_cache.data import (
     TokenizedSample,
     check_images,
     collate,
+    load_images,
     pad_id,
     read_records,
     resolve_image,
@@ -94,36 +95,48 @@ class TeacherSignalSource(TrainingSource, Protocol):
 # Mapping teacher signals onto the student's sequence
 
 
-def respliced(sample: TokenizedSample, image_token_id: int, num_visual: int) -> TokenizedSample:
-    """The teacher's token ids with its visual run replaced by the student's."""
-    if sample.visual_start < 0:
+def respliced(sample: TokenizedSample, image_token_id: int, num_visual: int | None) -> TokenizedSample:
+    """The teacher's token ids with each image's visual run replaced by the student's: its image
+    token id and `num_visual` tokens per image (None: the teacher's own count per image, as a
+    student of the same processor makes)."""
+    counts = tuple(sample.num_visual if num_visual is None else [num_visual] * len(sample.images))
+    if image_token_id == sample.image_token_id and counts == tuple(sample.num_visual):
         return sample
-    a, b = sample.visual_start, sample.visual_start + sample.num_visual
-    return TokenizedSample(
-        sample.id,
-        sample.image,
-        sample.input_ids[:a] + [image_token_id] * num_visual + sample.input_ids[b:],
-        sample.labels[:a] + [IGNORE_INDEX] * num_visual + sample.labels[b:],
-        a,
-        num_visual,
-    )
+    ids, labels, at = [], [], 0
+    for span, n in zip(sample.image_spans(), counts, strict=True):
+        if span != list(range(span[0], span[0] + len(span))):
+            raise CompatibilityError(
+                f"sample {sample.id!r}: an image's visual tokens are not one run, so they cannot be "
+                "replaced by another model's; distil within the family (same processor)"
+            )
+        ids += sample.input_ids[at : span[0]] + [image_token_id] * n
+        labels += sample.labels[at : span[0]] + [IGNORE_INDEX] * n
+        at = span[-1] + 1
+    ids += sample.input_ids[at:]
+    labels += sample.labels[at:]
+    return TokenizedSample(sample.id, sample.images, ids, labels, counts, image_token_id)
 
 
 def student_positions(
     positions: torch.Tensor, teacher: TokenizedSample, student: TokenizedSample
 ) -> torch.Tensor:
-    """Teacher logit positions -> the student's. Positions from the last visual token on shift by the
-    difference in visual-token counts (the last visual token predicts the first text token)."""
-    if teacher.visual_start < 0:
+    """Teacher logit positions -> the student's. Text positions map in order; an image's last
+    visual token (it predicts the text after the image) maps to the student's last for that image."""
+    inside = {p for span in teacher.image_spans() for p in span[:-1]}
+    if any(p in inside for p in positions.tolist()):
+        raise CompatibilityError(
+            f"sample {teacher.id!r}: teacher logit targets inside the image; refusing to distil there"
+        )
+    if teacher.input_ids == student.input_ids:
         mapped = positions
     else:
-        last_visual = teacher.visual_start + teacher.num_visual - 1
-        if bool(((positions >= teacher.visual_start) & (positions < last_visual)).any()):
-            raise CompatibilityError(
-                f"sample {teacher.id!r}: teacher logit targets inside the image; refusing to distil there"
-            )
-        shift = student.num_visual - teacher.num_visual
-        mapped = torch.where(positions >= last_visual, positions + shift, positions)
+        t_visual, s_visual = set(teacher.visual_positions), set(student.visual_positions)
+        t_text = [p for p in range(len(teacher.input_ids)) if p not in t_visual]
+        s_text = [p for p in range(len(student.input_ids)) if p not in s_visual]
+        where = dict(zip(t_text, s_text, strict=True))
+        for t_span, s_span in zip(teacher.image_spans(), student.image_spans(), strict=True):
+            where[t_span[-1]] = s_span[-1]
+        mapped = torch.tensor([where[p] for p in positions.tolist()], dtype=torch.long)
     # Exactly the supervised positions: logit KD is normalised by the supervised-token count.
     if sorted(mapped.tolist()) != student.supervised_positions:
         raise CompatibilityError(
@@ -136,37 +149,50 @@ def student_positions(
 
 
 def on_student(signal: TeacherSignal, teacher: TokenizedSample, student: TokenizedSample) -> TeacherSignal:
-    """A signal on the teacher's sequence -> the same on the student's (positions shifted, pooled)."""
+    """A signal on the teacher's sequence -> the same on the student's (positions mapped, pooled)."""
     return signal.for_student(
-        student_positions(signal.logits.positions, teacher, student), student.num_visual
+        student_positions(signal.logits.positions, teacher, student), teacher.num_visual, student.num_visual
     )
 
 
-def tokenized_from_row(row: dict) -> TokenizedSample:
+def tokenized_from_row(row: dict, image_token_id: int) -> TokenizedSample:
     """The teacher's tokenized sample from its cache manifest row."""
     ids = row["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
     for p in row["supervised_positions"]:
         labels[p + 1] = ids[p + 1]
-    return TokenizedSample(row["id"], row["image"], list(ids), labels, row["visual_start"], row["num_visual"])
+    return TokenizedSample(
+        row["id"], tuple(row["images"]), list(ids), labels, tuple(row["num_visual"]), image_token_id
+    )
 
 
 class CachedSamples(Sequence):
     """A cache's tokenized samples by position, each made from its manifest row when indexed: the
-    teacher's, or with `student` (image token id, visual tokens) respliced for the student."""
+    teacher's, or with `student` (image token id, visual tokens per image) respliced for the student."""
 
-    def __init__(self, reader, student: tuple[int, int] | None = None):
+    def __init__(self, reader, student: tuple[int, int | None] | None = None):
         self.reader, self.student = reader, student
+        self.image_token_id = int(reader.attrs["image_token_id"])
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, i: int) -> TokenizedSample:
-        teacher = tokenized_from_row(self.reader.row_at(i))
+        teacher = tokenized_from_row(self.reader.row_at(i), self.image_token_id)
         return teacher if self.student is None else respliced(teacher, *self.student)
 
 
-def _check_pooling(n_teacher: int, n_student: int, what: str) -> None:
+def _check_pooling(n_teacher: int | None, n_student: int | None, what: str) -> None:
+    """Refuse visual-token counts that no pooling maps (None: a count that follows each image)."""
+    if (n_teacher is None) != (n_student is None):
+        teacher, student = (
+            "a count per image (dynamic resolution or tiles)" if n is None else f"{n} per image"
+            for n in (n_teacher, n_student)
+        )
+        raise CompatibilityError(
+            f"visual-token layout: {what} has {teacher}, the student {student}; "
+            "no pooling maps one to the other: distil within the family"
+        )
     if n_teacher != n_student:
         try:
             pool_visual(torch.zeros(n_teacher, 1), n_student)
@@ -194,7 +220,7 @@ class CacheSource(torch.utils.data.Dataset):
         self.teacher_samples = CachedSamples(reader)
         self.samples = CachedSamples(reader, (student.image_token_id, student.num_visual_tokens))
         supervised = pc.list_value_length(reader.column("supervised_positions"))
-        images = reader.column("image").is_valid()
+        images = pc.greater(pc.list_value_length(reader.column("images")), 0)
         self.counts = SampleCounts(
             supervised.to_numpy().astype(np.int64), images.to_numpy(zero_copy_only=False)
         )
@@ -212,29 +238,32 @@ class CacheSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         student, teacher, cached = self.sample(i)
-        picture = self.picture(student, cached)
-        image = None if picture is None else (self.preprocess(picture), cached.image_key)
-        return student, image, on_student(cached, teacher, student)
+        images = [
+            (self.preprocess(p), key)
+            for p, key in zip(self.pictures(student, cached), cached.image_keys, strict=True)
+        ]
+        return student, images, on_student(cached, teacher, student)
 
     def sample(self, i: int) -> tuple[TokenizedSample, TokenizedSample, TeacherSignal]:
         """The i-th sample as the student's sequence, the teacher's, and its cached signals: one
         manifest row read."""
         row = self.reader.row_at(i)
-        teacher = tokenized_from_row(row)
+        teacher = tokenized_from_row(row, self.samples.image_token_id)
         return respliced(teacher, *self.samples.student), teacher, self.reader.read_row(row)
 
-    def picture(self, student: TokenizedSample, cached: TeacherSignal):
-        """The sample's image, padded as the build padded it, checked against the cached content key."""
-        if student.image is None:
-            return None
-        path = resolve_image(self.image_root, student.image, student.id)
-        picture, key = load_image(path, student.id, attrs_pad_color(self.reader.attrs))
-        if key != cached.image_key:
-            raise DataError(
-                f"sample {student.id!r}: image {path} is not the image the cache was built from "
-                f"(content key {key}, cached {cached.image_key}); restore the original file or rebuild the cache"
-            )
-        return picture
+    def pictures(self, student: TokenizedSample, cached: TeacherSignal) -> list:
+        """The sample's images, padded as the build padded them, checked against the cached content keys."""
+        pictures = []
+        for image, cached_key in zip(student.images, cached.image_keys, strict=True):
+            path = resolve_image(self.image_root, image, student.id)
+            picture, key = load_image(path, student.id, attrs_pad_color(self.reader.attrs))
+            if key != cached_key:
+                raise DataError(
+                    f"sample {student.id!r}: image {path} is not the image the cache was built from "
+                    f"(content key {key}, cached {cached_key}); restore the original file or rebuild the cache"
+                )
+            pictures.append(picture)
+        return pictures
 
     def collate(self, items) -> MicroBatch:
         batch = collate([s for s, _, _ in items], [im for _, im, _ in items], self.pad_id)
@@ -294,12 +323,12 @@ class Layer0Source(CacheSource):
 
     def __getitem__(self, i):
         student, teacher, cached = self.sample(i)
-        picture = self.picture(student, cached)
-        if picture is None:
-            return student, None, teacher, None, cached
-        pixels = self.preprocess(picture)
-        teacher_pixels = pixels if self.tower else self.stub.preprocess(picture)
-        return student, (pixels, cached.image_key), teacher, (teacher_pixels, cached.image_key), cached
+        mine, theirs = [], []
+        for picture, key in zip(self.pictures(student, cached), cached.image_keys, strict=True):
+            pixels = self.preprocess(picture)
+            mine.append((pixels, key))
+            theirs.append((pixels if self.tower else self.stub.preprocess(picture), key))
+        return student, mine, teacher, theirs, cached
 
     def collate(self, items) -> MicroBatch:
         student = collate([it[0] for it in items], [it[1] for it in items], self.pad_id)
@@ -317,9 +346,8 @@ class Layer0Source(CacheSource):
         for i, (cached, teacher, student) in enumerate(
             zip(micro.signals, micro.teacher.samples, micro.student.samples, strict=True)
         ):
-            row = micro.teacher.image_index[i]
-            visual = None if row is None else recomputed.visual[row]
-            signal = TeacherSignal(recomputed.attention[i], visual, cached.logits, cached.image_key)
+            visual = [recomputed.visual[r] for r in micro.teacher.image_index[i]]
+            signal = TeacherSignal(recomputed.attention[i], visual, cached.logits, cached.image_keys)
             out.append(on_student(signal, teacher, student).to(device))
         return out
 
@@ -370,7 +398,7 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
             f"drop --template or pass --template {attrs['template']}"
         )
     try:
-        _check_pooling(int(attrs["num_visual_tokens"]), student.num_visual_tokens, "the cache")
+        _check_pooling(attrs["num_visual_tokens"], student.num_visual_tokens, "the cache")
     except CompatibilityError as e:
         problems.append(str(e))
     if problems:
@@ -423,16 +451,12 @@ class OnlineSource(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         student, teacher = self.samples[i], self.teacher_samples[i]
-        if student.image is None:
-            return student, None, teacher, None
-        picture, key = load_image(
-            resolve_image(self.image_root, student.image, student.id), student.id, self.teacher.pad_color
-        )
+        pictures = load_images(student, self.image_root, self.teacher.pad_color)
         return (
             student,
-            (self.student_preprocess(picture), key),
+            [(self.student_preprocess(picture), key) for picture, key in pictures],
             teacher,
-            (self.teacher.preprocess(picture), key),
+            [(self.teacher.preprocess(picture), key) for picture, key in pictures],
         )
 
     def collate(self, items) -> MicroBatch:

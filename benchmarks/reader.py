@@ -28,7 +28,7 @@ from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store.codecs import resolve_preset
 from alignkd_cache.store.finalize import finalize
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.provenance import LAYER0_SCHEMA_VERSION, SCHEMA_VERSION
+from alignkd_cache.store.provenance import SCHEMA_VERSION
 from alignkd_cache.store.reader import CacheDataset, CacheReader
 from alignkd_cache.store.writer import SampleResult, write_block
 
@@ -53,7 +53,7 @@ def write_cache(url: str, n: int, stub: dict | None = None) -> None:
              "logit_id_dtype": "uint16", "block_size": BLOCK}  # fmt: skip
     if stub is not None:
         options["signals"] = "layer0"
-        attrs |= {"schema_version": LAYER0_SCHEMA_VERSION, "signals": "layer0", "layer0": stub["record"]}
+        attrs |= {"schema_version": SCHEMA_VERSION, "signals": "layer0", "layer0": stub["record"]}
     loc = Location(url)
     loc.group("w").attrs.update(attrs)
     if stub is not None:

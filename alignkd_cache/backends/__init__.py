@@ -20,15 +20,17 @@ class VLMOutput:
     directly; a teacher's becomes one signals.TeacherSignal per sample through sample_signal).
 
     logits: (B, S, vocab), every position; logits[b, p] predicts input_ids[b, p + 1].
-    attention: per sample, the layer-0 text->vision probabilities (H, |T|, N_v), each row
-        normalised over its whole causal row (so it sums to < 1); None for text-only samples.
-    visual: (n_images, N_v, D) projector outputs, one row per row of batch.pixel_values; None
-        when the batch has no image.
+    attention: per sample, the layer-0 text->vision probabilities (H, |T|, N_v) over all its
+        visual positions (N_v summed over its images), each row normalised over its whole causal
+        row (so it sums to < 1); None for text-only samples.
+    visual: the projector outputs, one (N_v, D) per image of the batch (batch.image_index names a
+        sample's); a (n_images, N_v, D) tensor where every image has the same count; None when the
+        batch has no image.
     """
 
     logits: torch.Tensor
     attention: list[torch.Tensor | None]
-    visual: torch.Tensor | None
+    visual: torch.Tensor | list[torch.Tensor] | None
 
 
 @runtime_checkable

@@ -118,7 +118,7 @@ def spliced_forward(
 ) -> VLMOutput:
     """Embed tokens, put each image's projected tokens at its V positions, run the LLM, lm_head.
 
-    `visual` is (n_images, N_v, D), one row per row of batch.pixel_values; `decoder` is a LLaMA-style
+    `visual` holds one (N_v, D) tensor per row of batch.pixel_values; `decoder` is a LLaMA-style
     model taking inputs_embeds and a 2-D attention mask and using CAPTURE_ATTENTION in its layers.
     """
     # MobileVLM marks image positions with -200, which has no embedding row; they are overwritten.
@@ -144,25 +144,24 @@ def spliced_forward(
     return VLMOutput(logits=lm_head(hidden), attention=attention, visual=visual)
 
 
-def _visual_slots(batch, visual: torch.Tensor | None, image_token_id: int):
+def _visual_slots(batch, visual, image_token_id: int):
     """(batch rows, positions, visual tokens) to splice, after checking that every sample's image
-    ids and visual positions agree with its image row and the model's visual-token count."""
+    ids and visual positions agree with its images and the model's visual-token counts."""
     input_ids = batch.input_ids
     image_ids_per_row = (input_ids == image_token_id).sum(1).tolist()
     rows, cols, feats = [], [], []
-    for b, image_row in enumerate(batch.image_index):
+    for b, image_rows in enumerate(batch.image_index):
         positions = batch.visual_positions[b]
-        if image_row is None:
+        if not image_rows:
             if len(positions) or image_ids_per_row[b]:
-                raise ValueError(
-                    f"sample {batch.ids[b]!r} has visual positions or image ids but no image row"
-                )
+                raise ValueError(f"sample {batch.ids[b]!r} has visual positions or image ids but no image")
             continue
-        if visual is None or len(positions) != visual.shape[1]:
-            have = None if visual is None else visual.shape[1]
+        tokens = torch.cat([visual[r] for r in image_rows]) if visual is not None else None
+        if tokens is None or len(positions) != tokens.shape[0]:
+            have = None if tokens is None else tokens.shape[0]
             raise ValueError(
                 f"sample {batch.ids[b]!r} has {len(positions)} visual positions but the model makes {have} "
-                "visual tokens per image; tokenize with this backend's num_visual_tokens"
+                "visual tokens for its images; tokenize with this backend's num_visual_tokens"
             )
         if not bool((input_ids[b, positions] == image_token_id).all()):
             raise ValueError(
@@ -177,5 +176,5 @@ def _visual_slots(batch, visual: torch.Tensor | None, image_token_id: int):
             )
         rows.append(torch.full_like(positions, b))
         cols.append(positions)
-        feats.append(visual[image_row])
+        feats.append(tokens)
     return rows, cols, feats

@@ -27,15 +27,20 @@ def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> d
     if table.column("index").to_pylist() != list(range(num_records)):
         raise RuntimeError(f"{loc.url}: block parts do not cover samples 0..{num_records - 1} exactly once")
     shared: dict[tuple[int, int], tuple[str, str]] = {}
-    for row in table.select(["id", "status", "image_key", "visual_block", "visual_row"]).to_pylist():
-        if row["status"] != "written" or row["visual_block"] < 0:
+    for row in table.select(["id", "status", "image_keys", "visual_blocks", "visual_offsets"]).to_pylist():
+        if row["status"] != "written":
             continue
-        first = shared.setdefault((row["visual_block"], row["visual_row"]), (row["id"], row["image_key"]))
-        if first[1] != row["image_key"]:
-            raise DataError(
-                f"samples {first[0]!r} and {row['id']!r} name the same image file but its content differs "
-                "(was it replaced during the build?); fix the images and rebuild"
-            )
+        for key, ref in zip(
+            row["image_keys"], zip(row["visual_blocks"], row["visual_offsets"], strict=True), strict=True
+        ):
+            if ref[0] < 0:
+                continue
+            first = shared.setdefault(ref, (row["id"], key))
+            if first[1] != key:
+                raise DataError(
+                    f"samples {first[0]!r} and {row['id']!r} name the same image file but its content differs "
+                    "(was it replaced during the build?); fix the images and rebuild"
+                )
     attrs = commit_manifest(loc, attrs, table, num_blocks)
     loc.delete_dir("parts")  # the manifest now holds them (one source of truth); no empty parts/ stays
     return attrs
@@ -47,15 +52,10 @@ def commit_manifest(loc: Location, attrs: dict, table: pa.Table, num_blocks: int
     data = loc.write_parquet(MANIFEST_KEY, table)
     status = table.column("status").to_pylist()
     written = table.filter(pa.compute.equal(table.column("status"), "written"))
-    images = {
-        (b, r)
-        for b, r in zip(
-            written.column("visual_block").to_pylist(), written.column("visual_row").to_pylist(), strict=True
-        )
-        if b >= 0
-    }
+    flat = lambda name: pa.compute.list_flatten(written.column(name)).to_pylist()  # noqa: E731
+    images = {(b, o) for b, o in zip(flat("visual_blocks"), flat("visual_offsets"), strict=True) if b >= 0}
     if cache_kind(attrs) == "layer0":  # no stored visual rows: count the distinct images by content
-        images = {k for k in written.column("image_key").to_pylist() if k is not None}
+        images = set(flat("image_keys"))
     counts = {
         "records": len(status),
         "written": status.count("written"),

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 
+import numpy as np
 import pyarrow.compute as pc
 
 from alignkd_cache.signals import STORED_ARRAYS, cache_kind
@@ -34,13 +35,19 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.to_pylist())
     n = max(1, written.num_rows)
     stored = _stored_bytes(loc, found.keys)
-    attn_rows = pc.sum(written.column("attention_rows")).as_py() or 0
     logit_rows = pc.sum(written.column("logit_rows")).as_py() or 0
-    with_image = pc.sum(pc.greater_equal(written.column("visual_block"), 0)).as_py() or 0
+    # A sample's attention rows are as wide as its visual tokens (all its images').
+    num_visual = written.column("num_visual").combine_chunks()
+    per_sample = np.bincount(
+        pc.list_parent_indices(num_visual).to_numpy(),
+        weights=pc.list_flatten(num_visual).to_numpy(),
+        minlength=written.num_rows,
+    )
+    attention_values = float(np.dot(per_sample, written.column("attention_rows").to_numpy()))
     values_per_logit_row = 2 * attrs["topk"] + (1 if attrs["logit_targets"] == "topk" else 0)
     raw = {
-        "attention": 2 * attn_rows * attrs["num_visual_tokens"],
-        "visual": 2 * with_image * attrs["num_visual_tokens"] * attrs["visual_dim"],
+        "attention": 2 * attention_values,
+        "visual": 2 * float(per_sample.sum()) * attrs["visual_dim"] * (cache_kind(attrs) == "stored"),
         "logits": 2 * logit_rows * values_per_logit_row,
     }
     per_signal = {

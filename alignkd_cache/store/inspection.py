@@ -26,6 +26,7 @@ class BlockRows:
     visual: np.ndarray
     logit: np.ndarray
     logit_width: np.ndarray  # the block's logit width, as its logit_ids metadata states (checked <= k)
+    attention_width: np.ndarray  # the block's widest sample's visual tokens (0 without attention)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Inspection:
             int(rows.visual[block]),
             int(rows.logit[block]),
             int(rows.logit_width[block]),
+            int(rows.attention_width[block]),
         )
 
     def read_json(self, key: str) -> dict | None:

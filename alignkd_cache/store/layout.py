@@ -44,14 +44,20 @@ def logit_width(attrs: dict) -> int:
 
 
 def block_specs(
-    attrs: dict, attention_rows: int, visual_rows: int, logit_rows: int, width: int | None = None
+    attrs: dict,
+    attention_rows: int,
+    visual_rows: int,
+    logit_rows: int,
+    width: int | None = None,
+    attention_width: int = 0,
 ) -> dict[str, ArraySpec]:
-    """Every array of a block with these row counts (scale arrays after their array), in write order."""
-    nv, dim = attrs["num_visual_tokens"], attrs["visual_dim"]
+    """Every array of a block with these row counts (scale arrays after their array), in write order.
+    `visual_rows` counts visual tokens; `attention_width` is the block's widest sample's visual
+    tokens (sum over its images)."""
     width = logit_width(attrs) if width is None else width
     shapes = {
-        "attention": (attention_rows, nv),
-        "visual": (visual_rows, nv, dim),
+        "attention": (attention_rows, attention_width),
+        "visual": (visual_rows, attrs["visual_dim"]),
         "logit_ids": (logit_rows, width),
         "logit_values": (logit_rows, width),
         "logit_tail": (logit_rows,),
@@ -69,10 +75,9 @@ def block_specs(
 
 
 def chunking(shape: tuple, dtype) -> tuple[tuple, tuple]:
-    """(inner chunk shape, shard shape): one shard per array, chunks of about CHUNK_BYTES (one visual
-    row each)."""
+    """(inner chunk shape, shard shape): one shard per array, chunks of about CHUNK_BYTES."""
     row_bytes = max(1, _itemsize(dtype) * math.prod(shape[1:]))
-    chunk_rows = 1 if len(shape) == 3 else max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
+    chunk_rows = max(1, min(CHUNK_BYTES // row_bytes, max(1, shape[0])))
     chunks = tuple(max(1, c) for c in (chunk_rows, *shape[1:]))
     shard_rows = max(1, -(-shape[0] // chunk_rows)) * chunk_rows
     return chunks, (shard_rows, *chunks[1:])

@@ -4,14 +4,19 @@ Row layout (schemas/manifest.arrow.json is the published copy of MANIFEST_SCHEMA
 them equal):
 - id, index (position in the dataset file after --limit), status ("written" | "skipped"),
   skip_reason;
-- image (path relative to the image root), image_key (content hash of the padded image);
-- input_ids (the teacher's exact tokens), visual_start (-1 without image), num_visual;
-  supervised_positions (P: logits[p] predicts input_ids[p+1]; labels are input_ids at p+1 for p in
-  P, -100 elsewhere), logit_positions (where the stored logit targets are: P, or every text
-  position with --logit-positions text). T is derived: visual_start + num_visual .. len(input_ids);
-- block, and [offset, offset + rows) into the block's flat attention rows (heads x |T| rows of N_v
-  keys, head-major) and logit rows (one per logit position);
-- visual_block, visual_row: the visual tokens of this sample's image, stored once per image.
+- images (paths relative to the image root, in the order of their <image> markers), image_keys
+  (content hash of each padded image);
+- input_ids (the teacher's exact tokens); num_visual (per image, how many of the positions holding
+  the cache's image_token_id are its visual tokens, image after image: V); supervised_positions (P:
+  logits[p] predicts input_ids[p+1]; labels are input_ids at p+1 for p in P, -100 elsewhere),
+  logit_positions (where the stored logit targets are: P, or every position followed by text with
+  --logit-positions text). T is derived: every non-visual position after the first visual one;
+- block, and [offset, offset + rows) into the block's attention rows (heads x |T| rows, head-major,
+  each as wide as the block's widest sample: the sample's sum(num_visual) first, zeros after) and
+  logit rows (one per logit position);
+- visual_blocks, visual_offsets: per image, the block and first token row of its visual tokens in
+  that block's (tokens, D) array, stored once per image content; -1 where no tokens are stored (a
+  layer0 cache).
 Written-sample columns are null for skipped samples.
 """
 
@@ -29,11 +34,10 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("index", pa.int64(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("skip_reason", pa.string()),
-        pa.field("image", pa.string()),
-        pa.field("image_key", pa.string()),
+        pa.field("images", pa.list_(pa.string())),
+        pa.field("image_keys", pa.list_(pa.string())),
         pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("visual_start", pa.int32()),
-        pa.field("num_visual", pa.int32()),
+        pa.field("num_visual", pa.list_(pa.int32())),
         pa.field("supervised_positions", pa.list_(pa.int32())),
         pa.field("logit_positions", pa.list_(pa.int32())),
         pa.field("block", pa.int32(), nullable=False),
@@ -41,8 +45,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("attention_rows", pa.int32()),
         pa.field("logit_offset", pa.int64()),
         pa.field("logit_rows", pa.int32()),
-        pa.field("visual_block", pa.int32()),
-        pa.field("visual_row", pa.int32()),
+        pa.field("visual_blocks", pa.list_(pa.int32())),
+        pa.field("visual_offsets", pa.list_(pa.int64())),
     ]
 )
 

@@ -52,7 +52,7 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
                 dst.write_bytes(new + key[len(prefix) :], f.loc.read_bytes(key))
         table = _shifted(table, "index", index_offset)
         table = _shifted(table, "block", block_offset)
-        table = _shifted(table, "visual_block", block_offset, only_valid=True)
+        table = _shifted_blocks(table, "visual_blocks", block_offset)
         parts.append(table)
         block_offset += a["num_blocks"]
         index_offset += table.num_rows
@@ -77,10 +77,16 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
     return commit_manifest(dst, result, merged, block_offset)
 
 
-def _shifted(table: pa.Table, column: str, by: int, only_valid: bool = False) -> pa.Table:
-    """Add `by` to a column (keeping its type); with only_valid, leave -1 ("none") alone."""
-    values = table.column(column)
-    moved = pc.add(values, pa.scalar(by, values.type))
-    if only_valid:
-        moved = pc.if_else(pc.greater_equal(values, 0), moved, values)
+def _shifted(table: pa.Table, column: str, by: int) -> pa.Table:
+    """Add `by` to a column (keeping its type)."""
+    moved = pc.add(table.column(column), pa.scalar(by, table.column(column).type))
     return table.set_column(table.schema.get_field_index(column), column, moved)
+
+
+def _shifted_blocks(table: pa.Table, column: str, by: int) -> pa.Table:
+    """Add `by` to every block of a list column, leaving -1 ("none") alone."""
+    lists = table.column(column).combine_chunks()
+    values = lists.values
+    moved = pc.if_else(pc.greater_equal(values, 0), pc.add(values, pa.scalar(by, values.type)), values)
+    shifted = pa.ListArray.from_arrays(lists.offsets, moved, mask=lists.is_null())
+    return table.set_column(table.schema.get_field_index(column), column, shifted)

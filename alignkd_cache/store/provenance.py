@@ -7,8 +7,11 @@ schema_version is "MAJOR.MINOR". A reader accepts its MAJORs (READABLE_MAJORS) w
 2.0 changed what the ids and pixels are (issue 10): one tokenization of the whole prompt with
 SentencePiece semantics, `<image>` moved to the front of its turn, and square padding with the
 image processor's mean. `preprocessing` records those choices so readers can check them.
-2.1 added `signals` ("stored"). 3.0 is the `layer0` kind (issue 12): no stored attention or visual
-arrays, a layer-0 stub instead; each kind keeps its own MAJOR so older readers refuse only 3.0.
+2.1 added `signals` ("stored"). 3.0 was the `layer0` kind (issue 12): no stored attention or visual
+arrays, a layer-0 stub instead. 4.0 (issue 21) holds several images per sample, each with its own
+visual-token count (dynamic resolution, tiles): per-image manifest lists, visual tokens stored as
+token rows, attention rows as wide as the sample's visual tokens. Both kinds are 4.x; `signals`
+says which.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from pathlib import Path
 
 from alignkd_cache.signals import cache_kind
 
-SCHEMA_VERSION = "2.1"  # a `stored` cache (2.1 added the optional `signals` attribute)
-# A `layer0` cache (its attention and visual signals are recomputed from a stub, docs/cache-format.md):
-# a new MAJOR, so that a 2.x reader refuses it rather than reading it as a stored cache.
-LAYER0_SCHEMA_VERSION = "3.0"
-READABLE_MAJORS = ("2", "3")
+SCHEMA_VERSION = "4.0"  # either kind (`signals`: stored or layer0)
+READABLE_MAJORS = ("4",)
 # What each older MAJOR did differently, for the refusal message.
+_ONE_IMAGE = (
+    "caches hold one image per sample with one visual-token count for all; 4.x manifests list each "
+    "image's count and offsets, so their rows and arrays differ"
+)
 OLDER_MAJORS = {
     "1": "1.x caches tokenized the system prompt and each turn separately, duplicated a later-turn "
-    "<image>, and padded images with their own mean colour; their ids and visual signals differ"
+    "<image>, and padded images with their own mean colour; their ids and visual signals differ",
+    "2": f"2.x {_ONE_IMAGE}",
+    "3": f"3.x (layer0) {_ONE_IMAGE}",
 }
 
 # Options that may differ between a build and its --resume: they cannot change what is stored.

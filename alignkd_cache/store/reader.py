@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from alignkd_cache.signals import LogitTargets, TeacherSignal
+from alignkd_cache.signals import LogitTargets, TeacherSignal, stored_heads
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
@@ -161,17 +161,19 @@ class CacheReader:
             ) from e
 
     def _read(self, row: dict) -> TeacherSignal:
-        b = row["block"]
-        attention = visual = None
+        b, nv = row["block"], row["num_visual"]
+        attention = None
         if row["attention_rows"]:
             a = self._decoded(
                 b, "attention", row["attention_offset"], row["attention_offset"] + row["attention_rows"]
             )
-            n_text = len(row["input_ids"]) - row["visual_start"] - row["num_visual"]  # text after the image
-            attention = torch.from_numpy(a.reshape(-1, n_text, a.shape[-1]))
-        if row["visual_block"] >= 0:
-            v = self._decoded(row["visual_block"], "visual", row["visual_row"], row["visual_row"] + 1)
-            visual = torch.from_numpy(v[0])
+            # Rows are as wide as the block's widest sample: this one's visual tokens come first.
+            heads = stored_heads(self.attrs["attn_heads"], self.attrs["num_heads"])
+            attention = torch.from_numpy(np.ascontiguousarray(a[:, : sum(nv)])).reshape(heads, -1, sum(nv))
+        visual = [
+            None if vb < 0 else torch.from_numpy(self._decoded(vb, "visual", offset, offset + n))
+            for vb, offset, n in zip(row["visual_blocks"], row["visual_offsets"], nv, strict=True)
+        ]
         lo, hi = row["logit_offset"], row["logit_offset"] + row["logit_rows"]
         ids = torch.from_numpy(self._rows(b, "logit_ids", lo, hi).astype(np.int64))
         values = torch.from_numpy(self._decoded(b, "logit_values", lo, hi).astype(np.float32))
@@ -185,7 +187,7 @@ class CacheReader:
             values=values,
             tail=tail,
         )
-        return TeacherSignal(attention, visual, logits, row["image_key"])
+        return TeacherSignal(attention, visual, logits, row["image_keys"])
 
     def read_many(self, ids: Iterable[str], threads: int = 8) -> list[TeacherSignal]:
         ids = list(ids)

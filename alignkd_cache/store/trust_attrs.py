@@ -11,7 +11,7 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.layout import group_document
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.provenance import LAYER0_SCHEMA_VERSION, IncompatibleCache, check_readable
+from alignkd_cache.store.provenance import IncompatibleCache, check_readable
 from alignkd_cache.store.stub import FORMAT as STUB_FORMAT
 from alignkd_cache.store.stub import MANIFEST as STUB_MANIFEST
 from alignkd_cache.store.stub import stub_sha256
@@ -73,15 +73,9 @@ _STUB_FILE = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 def check_kind(attrs: dict, found: Inspection) -> None:
-    """The kind matches the schema MAJOR, and a layer0 cache's stub record is well formed (its
-    files' contents are checked by `verify` and by load_layer0 before a training run uses them)."""
-    layer0 = cache_kind(attrs) == "layer0"
-    if layer0 != (attrs["schema_version"].split(".")[0] == LAYER0_SCHEMA_VERSION.split(".")[0]):
-        found.add(
-            f"attribute signals {cache_kind(attrs)!r} does not go with schema_version {attrs['schema_version']!r}"
-        )
-        return
-    if not layer0:
+    """A layer0 cache's stub record is well formed (its files' contents are checked by `verify` and
+    by load_layer0 before a training run uses them)."""
+    if cache_kind(attrs) != "layer0":
         return
     stub = attrs.get("layer0")
     if not isinstance(stub, dict) or stub.get("format") != STUB_FORMAT:

@@ -1,6 +1,7 @@
 """Trust, the plan: each block's row counts from the manifest's columns. Offsets must tile each
-block's arrays in manifest order, visual references must be rows 0..n-1 of their block shared by
-one image_key, and the image count must be the attributes'. The array metadata is then checked
+block's arrays in manifest order, each image's visual reference must be token rows of its block
+that follow the block's earlier images from 0, shared only by samples of one image_key and token
+count, and the image count must be the attributes'. The array metadata is then checked
 against the plan (trust_arrays), and verify streams by it."""
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ def written_columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
 
 def check_plan(loc: Location, found: Inspection) -> None:
     attrs, num_blocks = found.attrs, found.attrs["num_blocks"]
-    names = ["block", "visual_block", "visual_row"] + [f"{k}_{f}" for k in SPANS for f in ("offset", "rows")]
-    cols = written_columns(found.table, names)
-    ids = found.table.filter(pc.equal(found.table.column("status"), "written")).column("id")
+    written = found.table.filter(pc.equal(found.table.column("status"), "written"))
+    cols = {
+        name: written.column(name).to_numpy()
+        for name in ["block"] + [f"{k}_{f}" for k in SPANS for f in ("offset", "rows")]
+    }
+    ids = written.column("id")
     row_problems = []  # (written row, order within the row, what): worded in manifest order
     ends = {}
     for order, kind in enumerate(SPANS):
@@ -36,21 +40,43 @@ def check_plan(loc: Location, found: Inspection) -> None:
         for i in np.flatnonzero(offset != expected):
             what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
             row_problems.append((i, order, what))
-    keys = found.table.filter(pc.equal(found.table.column("status"), "written")).column("image_key")
-    refs, mismatch = _visual_refs(cols["visual_block"], cols["visual_row"], keys)
+    images = image_columns(written)
+    mismatch = _shared_refs(images)
     for i in np.flatnonzero(mismatch):
-        ref = (int(cols["visual_block"][i]), int(cols["visual_row"][i]))
-        row_problems.append((i, len(SPANS), f"shares visual row {ref} with a sample of another image_key"))
+        row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
         found.add(what, ids[int(i)].as_py())
-    visual = _check_visual_rows(refs, cols["block"], num_blocks, found)
+    visual = _check_visual_rows(images, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
-    found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width)
-    images = len(refs[0])
+    attention_width = np.zeros(num_blocks, np.int64)
+    with_rows = cols["attention_rows"] > 0
+    np.maximum.at(attention_width, cols["block"][with_rows], images["sum"][with_rows])
+    found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
+    count = len(np.unique(images["ref"][images["ref"] >= 0]))
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
-        images = len(pc.unique(keys.drop_null()))
-    if attrs["counts"]["images"] != images:
-        found.add(f"attribute counts.images is {attrs['counts']['images']}, the manifest has {images}")
+        count = len(pc.unique(pc.list_flatten(written.column("image_keys"))))
+    if attrs["counts"]["images"] != count:
+        found.add(f"attribute counts.images is {attrs['counts']['images']}, the manifest has {count}")
+
+
+def image_columns(written: pa.Table) -> dict[str, np.ndarray]:
+    """The written rows' images, flattened: each one's row, token count, key code and stored
+    reference (block << 40 | first token row; -1 for none), and per row the sum of its counts."""
+    flat = lambda name: pc.list_flatten(written.column(name)).to_numpy()  # noqa: E731
+    nv = written.column("num_visual").combine_chunks()
+    row = pc.list_parent_indices(nv).to_numpy()
+    n = pc.list_flatten(nv).to_numpy().astype(np.int64)
+    block, offset = flat("visual_blocks").astype(np.int64), flat("visual_offsets").astype(np.int64)
+    keys = pc.list_flatten(written.column("image_keys"))
+    return {
+        "row": row,
+        "n": n,
+        "key": pc.fill_null(pc.dictionary_encode(keys).combine_chunks().indices, -1).to_numpy(),
+        "block": block,
+        "offset": offset,
+        "ref": np.where(block >= 0, block << 40 | np.maximum(offset, 0), -1),
+        "sum": np.bincount(row, weights=n, minlength=written.num_rows).astype(np.int64),
+    }
 
 
 def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,30 +91,28 @@ def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.nd
     return expected, total
 
 
-def _visual_refs(vb: np.ndarray, vr: np.ndarray, keys: pa.ChunkedArray) -> tuple[tuple, np.ndarray]:
-    """((blocks, rows) of the distinct references, per written row: its key differs from the
-    first sample's on the same reference)."""
-    uses = np.flatnonzero(vb >= 0)
-    ref = vb[uses].astype(np.int64) << 32 | vr[uses].astype(np.int64)
-    distinct, first, which = np.unique(ref, return_index=True, return_inverse=True)
-    codes = pc.dictionary_encode(keys.take(pa.array(uses))).combine_chunks().indices
-    codes = pc.fill_null(codes, -1).to_numpy()
-    mismatch = np.zeros(len(vb), bool)
-    mismatch[uses] = codes != codes[first][which]
-    return (distinct >> 32, distinct & 0xFFFFFFFF), mismatch
+def _shared_refs(images: dict) -> np.ndarray:
+    """Per written row: an image of it shares its stored tokens with the first user of that
+    reference but not its key or token count."""
+    mismatch = np.zeros(len(images["sum"]), bool)
+    uses = np.flatnonzero(images["ref"] >= 0)
+    _, first, which = np.unique(images["ref"][uses], return_index=True, return_inverse=True)
+    for name in ("key", "n"):
+        values = images[name][uses]
+        mismatch[images["row"][uses][values != values[first][which]]] = True
+    return mismatch
 
 
-def _check_visual_rows(refs: tuple, block: np.ndarray, num_blocks: int, found: Inspection) -> np.ndarray:
-    """Each block's stored visual rows: the distinct rows referenced, which must be 0..n-1 and no
-    more than the block's samples. Returns the count per block."""
-    blocks, rows = refs
-    count = np.bincount(blocks, minlength=num_blocks)
-    top = np.full(num_blocks, -1, np.int64)
-    np.maximum.at(top, blocks, rows)
-    samples = np.bincount(block, minlength=num_blocks)  # written rows; skipped ones store no image
-    skipped = found.table.filter(pc.equal(found.table.column("status"), "skipped")).column("block").to_numpy()
-    samples += np.bincount(skipped, minlength=num_blocks)
-    for b in np.flatnonzero((top != count - 1) | (count > samples)):
-        listed = sorted(rows[blocks == b].tolist())[:5]
-        found.add(f"visual rows {listed} of block {b} are not 0..n-1 stored by its samples")
-    return count
+def _check_visual_rows(images: dict, num_blocks: int, found: Inspection) -> np.ndarray:
+    """Each block's stored visual tokens: the distinct references must tile its rows from 0, each
+    as long as its image's tokens. Returns the token rows per block."""
+    uses = np.flatnonzero(images["ref"] >= 0)
+    _, first = np.unique(images["ref"][uses], return_index=True)
+    distinct = uses[first]  # sorted by (block, offset)
+    block, offset, n = images["block"][distinct], images["offset"][distinct], images["n"][distinct]
+    total = np.bincount(block, weights=n, minlength=num_blocks).astype(np.int64)
+    expected, _ = _tiling(block, n, num_blocks)
+    for b in np.unique(block[offset != expected]):
+        listed = sorted(offset[block == b].tolist())[:5]
+        found.add(f"visual token rows starting at {listed} of block {b} do not follow each other from 0")
+    return total

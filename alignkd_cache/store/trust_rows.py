@@ -19,8 +19,8 @@ from alignkd_cache.store.location import Location
 ROWS_PER_BATCH = 1 << 16  # rows flattened at once: bounds the token arrays' memory, not the result
 
 WRITTEN_FIELDS = (
+    "image_keys",
     "input_ids",
-    "visual_start",
     "num_visual",
     "supervised_positions",
     "logit_positions",
@@ -28,9 +28,10 @@ WRITTEN_FIELDS = (
     "attention_rows",
     "logit_offset",
     "logit_rows",
-    "visual_block",
-    "visual_row",
+    "visual_blocks",
+    "visual_offsets",
 )
+PER_IMAGE = ("images", "image_keys", "num_visual", "visual_blocks", "visual_offsets")
 IMAGE_KEY = "[0-9a-f]{32}"
 
 
@@ -78,7 +79,9 @@ def row_problems(i: int, r: dict, duplicate: bool, attrs: dict, found: Inspectio
         found.add(f"manifest row {i}: index is {r['index']}, rows must be in dataset order", sid)
     if not 0 <= r["block"] < attrs["num_blocks"]:
         found.add(f"block {r['block']} is not one of the cache's {attrs['num_blocks']} blocks", sid)
-    if r["status"] == "written":
+    if r["images"] is None:
+        found.add("images is null; a sample without images has an empty list", sid)
+    elif r["status"] == "written":
         _check_written(r, attrs, found)
     elif r["status"] == "skipped":
         if r["skip_reason"] is None or any(r[k] is not None for k in WRITTEN_FIELDS):
@@ -87,44 +90,50 @@ def row_problems(i: int, r: dict, duplicate: bool, attrs: dict, found: Inspectio
         found.add(f"status {r['status']!r} is not 'written' or 'skipped'", sid)
 
 
+def visual_layout(ids: list[int], num_visual: list[int], image_token_id: int) -> tuple[int, int]:
+    """(first visual position or -1, |T|: the text positions after it)."""
+    visual = [p for p, t in enumerate(ids) if t == image_token_id]
+    if not visual:
+        return -1, 0
+    return visual[0], len(ids) - visual[0] - sum(num_visual)
+
+
 def _tokens_fit(r: dict, attrs: dict, found: Inspection) -> bool:
-    """The row's ids, visual run and image key are those of a valid sample of this cache."""
+    """The row's ids, per-image lists and image keys are those of a valid sample of this cache."""
     sid = r["id"]
-    ids, vs, nv = r["input_ids"], r["visual_start"], r["num_visual"]
+    ids, nv = r["input_ids"], r["num_visual"]
     n = len(ids)
     if not 2 <= n <= attrs["options"]["max_length"]:
         found.add(
             f"input_ids has {n} tokens; the cache's max_length is {attrs['options']['max_length']}", sid
         )
         return False
-    image = vs >= 0
-    if image and (nv != attrs["num_visual_tokens"] or vs + nv >= n):
-        found.add(
-            f"visual_start {vs} / num_visual {nv} do not fit {n} tokens of which {attrs['num_visual_tokens']} visual",
-            sid,
-        )
+    lengths = {name: len(r[name]) for name in PER_IMAGE}
+    if len(set(lengths.values())) != 1:
+        found.add(f"the per-image lists differ in length ({lengths}); each needs one entry per image", sid)
         return False
-    if not image and (vs != -1 or nv != 0):
-        found.add(f"visual_start {vs} / num_visual {nv}: a text-only sample has -1 / 0", sid)
+    fixed = attrs["num_visual_tokens"]
+    if any(k < 1 or (fixed is not None and k != fixed) for k in nv):
+        want = f"{fixed} each" if fixed is not None else "at least 1 each"
+        found.add(f"num_visual {nv} is not the cache's visual-token count per image ({want})", sid)
         return False
-    keyed = isinstance(r["image"], str) and re.fullmatch(IMAGE_KEY, r["image_key"] or "")
-    unkeyed = r["image"] is None and r["image_key"] is None
-    if not (keyed if image else unkeyed):
-        found.add(
-            "image / image_key do not match the sample's visual tokens (a 32-hex-digit key per image)", sid
-        )
+    if not all(isinstance(k, str) and re.fullmatch(IMAGE_KEY, k) for k in r["image_keys"]):
+        found.add("image_keys are not one 32-hex-digit content key per image", sid)
         return False
     image_id, vocab = attrs["image_token_id"], attrs["vocab_size"]
-    tokens, is_visual = np.asarray(ids, dtype=np.int64), np.zeros(n, bool)
-    is_visual[vs : vs + nv] = image
-    bad = ((tokens == image_id) != is_visual) | (~is_visual & ((tokens < 0) | (tokens >= vocab)))
-    if bad.any():
-        p = int(np.flatnonzero(bad)[0])
-        found.add(
-            f"input_ids[{p}] is {ids[p]}: text ids must be in 0..{vocab - 1} and the image id {image_id} "
-            "must fill exactly the visual positions",
-            sid,
+    tokens = np.asarray(ids, dtype=np.int64)
+    is_visual = tokens == image_id
+    bad = ~is_visual & ((tokens < 0) | (tokens >= vocab))
+    if bad.any() or int(is_visual.sum()) != sum(nv):
+        p = int(np.flatnonzero(bad)[0]) if bad.any() else None
+        what = (
+            f"input_ids[{p}] is {ids[p]}: text ids must be in 0..{vocab - 1}"
+            if p is not None
+            else (
+                f"input_ids hold {int(is_visual.sum())} image-token ids ({image_id}), num_visual sums to {sum(nv)}"
+            )
         )
+        found.add(f"{what}; the image id must fill exactly the visual positions", sid)
         return False
     return True
 
@@ -137,9 +146,9 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
         return
     if not _tokens_fit(r, attrs, found):
         return
-    ids, vs, nv = r["input_ids"], r["visual_start"], r["num_visual"]
-    n, image = len(ids), vs >= 0
-    text_next = followed_by_text(n, vs, nv)
+    ids, nv = r["input_ids"], r["num_visual"]
+    image = bool(nv)
+    text_next = followed_by_text(ids, attrs["image_token_id"])
     sup, pos = r["supervised_positions"], r["logit_positions"]
     if not set(sup) <= set(text_next) or sup != sorted(set(sup)):
         found.add("supervised_positions are not increasing positions followed by a text token", sid)
@@ -151,18 +160,21 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
     heads = stored_heads(attrs["attn_heads"], attrs["num_heads"])
     stored = cache_kind(attrs) == "stored"  # a layer0 cache stores no attention and no visual rows
     image_rows = image and stored
-    need = {"attention_rows": heads * (n - vs - nv) if image_rows else 0, "logit_rows": len(expected)}
+    queries = visual_layout(ids, nv, attrs["image_token_id"])[1]
+    need = {"attention_rows": heads * queries if image_rows else 0, "logit_rows": len(expected)}
     for name, rows in need.items():
         if r[name] != rows:
             found.add(f"{name} is {r[name]}, its positions need {rows}", sid)
-    if image_rows != (r["visual_block"] >= 0) or (
-        image_rows and not 0 <= r["visual_block"] < attrs["num_blocks"]
-    ):
-        found.add(
-            f"visual_block {r['visual_block']} does not match the sample's image (or is not a block)", sid
-        )
-    elif image_rows and r["visual_row"] < 0 or not image_rows and r["visual_row"] != -1:
-        found.add(f"visual_row {r['visual_row']} is not a row", sid)
+    for vb, offset in zip(r["visual_blocks"], r["visual_offsets"], strict=True):
+        if (stored and not 0 <= vb < attrs["num_blocks"]) or (not stored and vb != -1):
+            found.add(
+                f"visual_blocks {r['visual_blocks']} do not match the sample's images (or are not blocks)",
+                sid,
+            )
+            return
+        if (stored and offset < 0) or (not stored and offset != -1):
+            found.add(f"visual_offsets {r['visual_offsets']} are not token rows", sid)
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +197,7 @@ def suspect_rows(batch: pa.RecordBatch, start: int, attrs: dict) -> np.ndarray:
     suspect = ints(batch, "index") != np.arange(start, start + n_rows)
     suspect |= (block < 0) | (block >= attrs["num_blocks"])
     suspect |= pc.fill_null(pc.equal(batch.column("id"), ""), True).to_numpy(zero_copy_only=False)
+    suspect |= batch.column("images").is_null().to_numpy(zero_copy_only=False)
     suspect |= ~(written | skipped)
     suspect |= skipped & (batch.column("skip_reason").is_null().to_numpy(zero_copy_only=False))
     suspect |= skipped & np.any([present[k] for k in WRITTEN_FIELDS], axis=0)
@@ -195,31 +208,50 @@ def suspect_rows(batch: pa.RecordBatch, start: int, attrs: dict) -> np.ndarray:
 def _written_suspects(batch: pa.RecordBatch, attrs: dict) -> np.ndarray:
     """The written-row rules (_tokens_fit, _check_written) on columns; rows with nulls are flagged
     by the caller, and the values computed for them here are meaningless."""
+    n_rows = batch.num_rows
     n_ids = _lengths(batch.column("input_ids"))
-    vs, nv = ints(batch, "visual_start"), ints(batch, "num_visual")
-    image = vs >= 0
+    n_images = _lengths(batch.column("images"))
     suspect = (n_ids < 2) | (n_ids > attrs["options"]["max_length"])
-    suspect |= image & ((nv != attrs["num_visual_tokens"]) | (vs + nv >= n_ids))
-    suspect |= ~image & ((vs != -1) | (nv != 0))
-    has_image = batch.column("image").is_valid().to_numpy(zero_copy_only=False)
-    key = pc.fill_null(batch.column("image_key"), "")
-    keyed = has_image & pc.match_substring_regex(key, f"^{IMAGE_KEY}$").to_numpy(zero_copy_only=False)
-    unkeyed = ~has_image & batch.column("image_key").is_null().to_numpy(zero_copy_only=False)
-    suspect |= np.where(image, ~keyed, ~unkeyed)
-    vis = (vs, nv, image)
-    suspect |= _bad_tokens(batch.column("input_ids"), vis, attrs)
+    for name in PER_IMAGE[1:]:
+        suspect |= _lengths(batch.column(name)) != n_images
+    nv, nv_row, _ = _flat(batch.column("num_visual"))
+    fixed = attrs["num_visual_tokens"]
+    suspect |= _any_per_row((nv < 1) | ((nv != fixed) if fixed is not None else False), nv_row, n_rows)
+    sum_nv = np.bincount(nv_row, weights=nv, minlength=n_rows).astype(np.int64)
+    keys = pc.list_flatten(batch.column("image_keys"))
+    key_ok = pc.fill_null(pc.match_substring_regex(keys, f"^{IMAGE_KEY}$"), False).to_numpy(
+        zero_copy_only=False
+    )
+    suspect |= _any_per_row(~key_ok, pc.list_parent_indices(batch.column("image_keys")).to_numpy(), n_rows)
+    tokens, row, position = _flat(batch.column("input_ids"))
+    is_visual = tokens == attrs["image_token_id"]
+    out_of_vocab = ~is_visual & ((tokens < 0) | (tokens >= attrs["vocab_size"]))
+    suspect |= _any_per_row(out_of_vocab, row, n_rows)
+    suspect |= np.bincount(row[is_visual], minlength=n_rows) != sum_nv
+    first = np.full(n_rows, np.iinfo(np.int64).max)
+    np.minimum.at(first, row[is_visual], position[is_visual])
+    image = sum_nv > 0
+    starts = np.concatenate([[0], np.cumsum(n_ids)])[:-1]  # each row's first token in `tokens`
+    visual_at = lambda p, r: is_visual[starts[r] + np.clip(p, 0, np.maximum(n_ids[r] - 1, 0))]  # noqa: E731
     sup = batch.column("supervised_positions")
-    suspect |= _not_increasing_followed_by_text(sup, n_ids, vis)
-    suspect |= _logit_positions_differ(batch, n_ids, vis, attrs)
+    suspect |= _not_increasing_followed_by_text(sup, n_ids, visual_at)
+    token0_visual = (
+        (n_ids > 0) & visual_at(np.zeros(n_rows, np.int64), np.arange(n_rows)) if len(tokens) else 0
+    )
+    suspect |= _logit_positions_differ(
+        batch, attrs, n_ids, sum_nv, np.asarray(token0_visual, np.int64), visual_at
+    )
     stored = cache_kind(attrs) == "stored"
     image_rows = image & stored
     heads = stored_heads(attrs["attn_heads"], attrs["num_heads"])
-    suspect |= ints(batch, "attention_rows") != np.where(image_rows, heads * (n_ids - vs - nv), 0)
+    queries = np.where(image, n_ids - np.where(image, first, 0) - sum_nv, 0)
+    suspect |= ints(batch, "attention_rows") != np.where(image_rows, heads * queries, 0)
     suspect |= ints(batch, "logit_rows") != _lengths(batch.column("logit_positions"))
-    vb, vr = ints(batch, "visual_block"), ints(batch, "visual_row")
-    suspect |= image_rows != (vb >= 0)
-    suspect |= image_rows & (vb >= attrs["num_blocks"])
-    return suspect | np.where(image_rows, vr < 0, vr != -1)
+    vb, vb_row, _ = _flat(batch.column("visual_blocks"))
+    vo, vo_row, _ = _flat(batch.column("visual_offsets"))
+    bad_block = (vb < 0) | (vb >= attrs["num_blocks"]) if stored else vb != -1
+    suspect |= _any_per_row(bad_block, vb_row, n_rows)
+    return suspect | _any_per_row(vo < 0 if stored else vo != -1, vo_row, n_rows)
 
 
 def _lengths(lists: pa.ListArray) -> np.ndarray:
@@ -238,35 +270,21 @@ def _any_per_row(bad: np.ndarray, row: np.ndarray, n_rows: int) -> np.ndarray:
     return np.bincount(row[bad], minlength=n_rows) > 0
 
 
-def _is_visual(position: np.ndarray, row: np.ndarray, vis: tuple) -> np.ndarray:
-    vs, nv, image = vis
-    return image[row] & (position >= vs[row]) & (position < vs[row] + nv[row])
-
-
-def _bad_tokens(input_ids: pa.ListArray, vis: tuple, attrs: dict) -> np.ndarray:
-    tokens, row, position = _flat(input_ids)
-    is_visual = _is_visual(position, row, vis)
-    out_of_vocab = (tokens < 0) | (tokens >= attrs["vocab_size"])
-    bad = ((tokens == attrs["image_token_id"]) != is_visual) | (~is_visual & out_of_vocab)
-    return _any_per_row(bad, row, len(input_ids))
-
-
-def _not_increasing_followed_by_text(positions: pa.ListArray, n_ids: np.ndarray, vis: tuple) -> np.ndarray:
+def _not_increasing_followed_by_text(positions: pa.ListArray, n_ids: np.ndarray, visual_at) -> np.ndarray:
     """Per row: some position is not followed by a text token, or they do not increase."""
     p, row, index = _flat(positions)
-    bad = (p < 0) | (p > n_ids[row] - 2) | _is_visual(p + 1, row, vis)
+    bad = (p < 0) | (p > n_ids[row] - 2)
+    bad |= visual_at(p + 1, row)
     bad[1:] |= (index[1:] > 0) & (p[1:] <= p[:-1])
     return _any_per_row(bad, row, len(positions))
 
 
-def _logit_positions_differ(batch: pa.RecordBatch, n_ids: np.ndarray, vis: tuple, attrs: dict) -> np.ndarray:
+def _logit_positions_differ(batch, attrs, n_ids, sum_nv, first_visual, visual_at) -> np.ndarray:
     positions = batch.column("logit_positions")
     if attrs["logit_positions"] == "text":  # all followed-by-text positions, in order
-        vs, nv, image = vis
-        visual_after_0 = np.where(image, nv - (vs == 0), 0)
-        count = np.maximum(n_ids - 1, 0) - visual_after_0
+        count = np.maximum(n_ids - 1, 0) - sum_nv + first_visual
         differ = _lengths(positions) != count
-        return differ | _not_increasing_followed_by_text(positions, n_ids, vis)
+        return differ | _not_increasing_followed_by_text(positions, n_ids, visual_at)
     supervised = batch.column("supervised_positions")
     differ = _lengths(positions) != _lengths(supervised)
     same_length = pa.array(~differ)

@@ -28,10 +28,10 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.stub import stub_problems
 from alignkd_cache.store.trust import FIX, UntrustedCache, chunk_damage, inspect, open_cache
-from alignkd_cache.store.trust_plan import written_columns
+from alignkd_cache.store.trust_plan import image_columns, written_columns
 
 # Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
-# found through visual_block/visual_row instead.
+# found through each image's visual_blocks/visual_offsets/num_visual instead.
 _KIND = {
     f"{name}{suffix}": "attention" if field == "attention" else "logit"
     for name, (field, _) in STORED_ARRAYS.items()
@@ -172,19 +172,20 @@ class Blame:
     """Which samples use rows of a block's array, from the manifest's columns (sorted by block once)."""
 
     def __init__(self, found: Inspection):
-        names = ["block", "visual_block", "visual_row", "attention_offset", "attention_rows", "logit_offset"]
+        names = ["block", "attention_offset", "attention_rows", "logit_offset"]
         self.cols = written_columns(found.table, [*names, "logit_rows"])
         written = found.table.filter(pc.equal(found.table.column("status"), "written"))
         self.ids = written.column("id")
         self.by_block = np.argsort(self.cols["block"], kind="stable")
-        self.by_visual = np.argsort(self.cols["visual_block"], kind="stable")
+        self.images = image_columns(written)
 
     def samples(self, bad: BadRows) -> list[str]:
         """The ids whose signals use rows bad.lo..bad.hi-1 of its array, in manifest order."""
         if bad.name.startswith("visual"):
-            rows = self._of(self.by_visual, "visual_block", bad.block)
-            row = self.cols["visual_row"][rows]
-            hit = rows[(row >= bad.lo) & (row < bad.hi)]
+            im = self.images
+            start, stop = im["offset"], im["offset"] + im["n"]
+            used = (im["block"] == bad.block) & (start < bad.hi) & (bad.lo < stop)
+            hit = np.unique(im["row"][used])
         else:
             rows, kind = self._of(self.by_block, "block", bad.block), _KIND[bad.name]
             start, count = self.cols[f"{kind}_offset"][rows], self.cols[f"{kind}_rows"][rows]

@@ -27,19 +27,19 @@ from alignkd_cache.store.manifest import block_path, part_key, to_table
 class SampleResult:
     """One dataset sample's manifest row and teacher signal (CPU tensors, before encoding).
 
-    `sample` is the teacher's tokenized sample (its input_ids, visual_start, num_visual and
-    supervised_positions go into the manifest); None, with a skip_reason, when skipped. The signal's
-    visual tokens are set only on the sample that stores its image's row; the others point at that
-    row with visual_ref.
+    `sample` is the teacher's tokenized sample (its input_ids, num_visual and supervised_positions
+    go into the manifest); None, with a skip_reason, when skipped. An image's visual tokens are set
+    only on the sample that stores them; the others' signal has None there and visual_refs points
+    at the stored rows.
     """
 
     index: int
     id: str
-    image: str | None = None
+    images: tuple[str, ...] = ()
     sample: object | None = None
     skip_reason: str | None = None
     signal: TeacherSignal | None = None
-    visual_ref: tuple[int, int] | None = None  # (block, row) of its image's visual tokens
+    visual_refs: list[tuple[int, int] | None] | None = None  # per image: (block, first token row)
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str | None = None) -> int:
@@ -51,11 +51,14 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, encoding: str |
 
 def write_block(loc: Location, block: int, results: list[SampleResult], layout: dict) -> int:
     """Encode and write one block; returns the bytes it stored. `layout` is the store's attrs."""
-    width = max([r.signal.logits.ids.shape[1] for r in results if r.signal is not None] or [1])
+    signals = [r.signal for r in results if r.signal is not None]
+    width = max([t.logits.ids.shape[1] for t in signals] or [1])
+    attention_width = max([t.attention.shape[-1] for t in signals if t.attention is not None] or [0])
     parts: dict[str, list[np.ndarray]] = {name: [] for name in STORED_ARRAYS}
-    rows = [_row(r, block, parts, width, layout["num_visual_tokens"]) for r in results]
+    store_visual = "visual" in stored_arrays(layout)
+    rows = [_row(r, block, parts, width, attention_width, store_visual) for r in results]
     group = loc.group("a").create_group(block_path(block), overwrite=True)
-    stored, specs = 0, block_specs(layout, 0, 0, 0, width)
+    stored, specs = 0, block_specs(layout, 0, 0, 0, width, attention_width)
     for name in stored_arrays(layout):
         encoding = specs[name].encoding
         values = _concat(parts[name], specs[name])
@@ -67,40 +70,45 @@ def write_block(loc: Location, block: int, results: list[SampleResult], layout: 
     return stored
 
 
-def _row(r: SampleResult, block: int, parts: dict, width: int, num_visual: int) -> dict:
+def _row(
+    r: SampleResult, block: int, parts: dict, width: int, attention_width: int, store_visual: bool
+) -> dict:
     """r's manifest row. Its signal's array rows are appended to `parts`, after the rows already there."""
-    row = {"id": r.id, "index": r.index, "block": block, "image": r.image}
+    row = {"id": r.id, "index": r.index, "block": block, "images": list(r.images)}
     if r.signal is None:
         return row | {"status": "skipped", "skip_reason": r.skip_reason}
     s, t, logits = r.sample, r.signal, r.signal.logits
     attn_offset = sum(len(a) for a in parts["attention"])
     logit_offset = sum(len(a) for a in parts["logit_ids"])
-    n_attn = 0 if t.attention is None else t.attention.shape[0] * t.attention.shape[1]
+    n_attn = 0
     if t.attention is not None:
-        parts["attention"].append(t.attention.numpy().reshape(n_attn, num_visual))
+        n_attn = t.attention.shape[0] * t.attention.shape[1]
+        flat = t.attention.numpy().reshape(n_attn, t.attention.shape[-1])
+        parts["attention"].append(np.pad(flat, ((0, 0), (0, attention_width - flat.shape[1]))))
     pad = ((0, 0), (0, width - logits.ids.shape[1]))
     parts["logit_ids"].append(np.pad(logits.ids.numpy(), pad))
     parts["logit_values"].append(np.pad(logits.values.float().numpy(), pad))
     if logits.tail is not None:
         parts["logit_tail"].append(logits.tail.float().numpy())
-    if t.visual is not None:
-        r.visual_ref = (block, len(parts["visual"]))
-        parts["visual"].append(t.visual.numpy()[None])
-    vb, vr = r.visual_ref if r.visual_ref is not None else (-1, -1)
+    refs = list(r.visual_refs or [None] * len(t.visual)) if store_visual else [None] * len(t.visual)
+    for k, visual in enumerate(t.visual):
+        if visual is not None and store_visual:
+            refs[k] = (block, sum(len(v) for v in parts["visual"]))
+            parts["visual"].append(visual.numpy())
+    refs = [ref if ref is not None else (-1, -1) for ref in refs]
     return row | {
         "status": "written",
-        "image_key": t.image_key,
+        "image_keys": list(t.image_keys),
         "input_ids": s.input_ids,
-        "visual_start": s.visual_start,
-        "num_visual": s.num_visual,
+        "num_visual": list(s.num_visual),
         "supervised_positions": s.supervised_positions,
         "logit_positions": logits.positions.tolist(),
         "attention_offset": attn_offset,
         "attention_rows": n_attn,
         "logit_offset": logit_offset,
         "logit_rows": len(logits.positions),
-        "visual_block": vb,
-        "visual_row": vr,
+        "visual_blocks": [b for b, _ in refs],
+        "visual_offsets": [o for _, o in refs],
     }
 
 
