@@ -191,7 +191,7 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs) -> li
                     None if ref is None or own else ref[1:] for ref, own in zip(owner, owns, strict=True)
                 ]
                 results[i] = SampleResult(
-                    i, sample.id, sample.images, sample, signal, visual_refs=visual_refs
+                    i, sample.id, sample.images, sample, signal=signal, visual_refs=visual_refs
                 )
     return [results[i] for i in range(lo, hi)]
 

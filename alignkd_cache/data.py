@@ -153,6 +153,7 @@ def read_entries(path: str | Path) -> list[Record | Problem]:
         except DataError as e:
             sid, image = (item.get("id"), item.get("image")) if isinstance(item, dict) else (None, None)
             usable = isinstance(sid, str) and e.reason != "duplicate id"
+            image = image[0] if isinstance(image, list) and image else image
             image = image if isinstance(image, str) else None
             entries.append(Problem(e.reason, where, sid if usable else None, str(e), image))
             continue
@@ -501,7 +502,7 @@ def pad_id(tokenizer) -> int:
 def collate(
     samples: list[TokenizedSample], images: list[list[tuple[torch.Tensor, str]]], pad_id: int
 ) -> Batch:
-    """Right-pad a list of samples; `images[i]` is sample i's [(pixel_values, key)], [] for text-only."""
+    """Right-pad a list of samples; `images[i]` is sample i's [(pixel_values, key)], [] (or None) for text-only."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -512,9 +513,10 @@ def collate(
         input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
         mask[i, : len(s.input_ids)] = 1
-        image_index.append(list(range(len(pixels), len(pixels) + len(images[i]))))
-        pixels += [pixel for pixel, _ in images[i]]
-        keys.append([key for _, key in images[i]])
+        mine = images[i] or []
+        image_index.append(list(range(len(pixels), len(pixels) + len(mine))))
+        pixels += [pixel for pixel, _ in mine]
+        keys.append([key for _, key in mine])
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
         ids=[s.id for s in samples],

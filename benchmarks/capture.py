@@ -87,8 +87,9 @@ def run_route(backend: MobileVLMBackend, batch, route: str):
     # The alternative: every layer eager, every probability kept, layer 0's T x V sliced afterwards.
     visual = backend.encode_images(batch.pixel_values)
     embeds = llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
-    for b, row in enumerate(batch.image_index):
-        embeds[b, batch.visual_positions[b]] = visual[row]
+    for b, rows in enumerate(batch.image_index):
+        if rows:
+            embeds[b, batch.visual_positions[b]] = torch.cat([visual[r] for r in rows])
     out = llm(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, output_attentions=True, use_cache=False
     )

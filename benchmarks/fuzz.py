@@ -137,9 +137,9 @@ def _random_manifest(rng: random.Random, rehash: bool):
     in-vocabulary token, a renamed id, another image file or skip reason) are not generated: no check
     can tell them from a cache built that way; everything else must be refused or change nothing."""
     column = rng.choice(
-        ["id", "index", "status", "skip_reason", "image", "image_key", "input_ids", "visual_start", "num_visual",
+        ["id", "index", "status", "skip_reason", "images", "image_keys", "input_ids", "num_visual",
          "supervised_positions", "logit_positions", "block", "attention_offset", "attention_rows", "logit_offset",
-         "logit_rows", "visual_block", "visual_row"]
+         "logit_rows", "visual_blocks", "visual_offsets"]
     )  # fmt: skip
 
     def edit(rows):
@@ -152,8 +152,8 @@ def _random_manifest(rng: random.Random, rehash: bool):
             value = rng.choice(["", rows[0]["id"], rows[-1]["id"]])
         elif column == "skip_reason":
             value = None
-        elif column == "image":
-            value = rng.choice([None, "/etc/passwd", "../../secret.png", "images/../../x.png"])
+        elif column == "images":
+            value = rng.choice([None, [], ["/etc/passwd"], ["../../secret.png"], ["images/../../x.png"]])
         elif column == "input_ids" and kept:
             value = list(kept)
             value[rng.randrange(len(value))] = rng.choice([-1, -7, 10**6, 2**31 - 1])
@@ -229,7 +229,7 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
     """The cases issue #13 names, each once."""
 
     def image_row(rows):
-        return next(r for r in rows if r["status"] == "written" and r["visual_start"] >= 0)
+        return next(r for r in rows if r["status"] == "written" and r["images"])
 
     def row_set(field, value):
         return lambda root: _manifest_edit(root, lambda rows: image_row(rows).update({field: value}), True)
@@ -237,7 +237,8 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
     def token(where, value):
         def edit(rows):
             r = image_row(rows)
-            r["input_ids"][len(r["input_ids"]) - 1 if where == "text" else r["visual_start"]] = value
+            image_at = r["input_ids"].index(-200) if -200 in r["input_ids"] else 0
+            r["input_ids"][len(r["input_ids"]) - 1 if where == "text" else image_at] = value
 
         return lambda root: _manifest_edit(root, edit, True)
 
@@ -269,7 +270,7 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
         ("negative input id", token("text", -1)),
         ("image-token id in the text", token("text", -200)),
         ("block pointing nowhere", row_set("block", 999)),
-        ("visual_block pointing nowhere", row_set("visual_block", 999)),
+        ("visual_blocks pointing nowhere", row_set("visual_blocks", [999])),
         ("status outside the two", row_set("status", "done")),
         ("10^6 input ids", row_set("input_ids", [1] * 10**6)),
         ("duplicate id", lambda root: _manifest_edit(root, lambda rows: rows[1].update(id=rows[0]["id"]), True)),
@@ -318,8 +319,8 @@ def content(url) -> str:
     reader = CacheReader(str(url))
     digest = hashlib.sha256(json.dumps(reader.ids).encode())
     for sid in reader.ids:
-        s, sample = reader.read(sid), tokenized_from_row(reader.row(sid))
-        digest.update(json.dumps([sample.input_ids, sample.labels, s.image_key]).encode())
+        s, sample = reader.read(sid), tokenized_from_row(reader.row(sid), reader.attrs["image_token_id"])
+        digest.update(json.dumps([sample.input_ids, sample.labels, s.image_keys]).encode())
         for t in (s.attention, s.visual, s.logits.positions, s.logits.ids, s.logits.values, s.logits.tail):
             digest.update(b"-" if t is None else t.numpy().tobytes())
     digest.update(json.dumps(reader.skipped, sort_keys=True).encode())

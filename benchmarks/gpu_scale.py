@@ -382,7 +382,9 @@ def write_dataset(root: Path, tokenizer, scale: Scale, seed: int) -> dict:
         return {"id": f"s{i:06d}", "image": f"images/img{i % n_images:05d}.png", "conversations": turns}
 
     def length(rec: dict) -> int:
-        return len(tokenize(Record(rec["id"], rec["image"], rec["conversations"], rec["id"]), tok).input_ids)
+        return len(
+            tokenize(Record(rec["id"], (rec["image"],), rec["conversations"], rec["id"]), tok).input_ids
+        )
 
     records = []
     for i in range(scale.samples):

@@ -65,7 +65,7 @@ def write_cache(url: str, n: int, stub: dict | None = None) -> None:
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             ids = [1] + [-200] * NV + rng.integers(3, VOCAB, T).tolist()
             labels = [IGNORE_INDEX] * (len(ids) - P) + ids[-P:]
-            sample = TokenizedSample(f"s{i}", f"{i}.png", ids, labels, 1, NV)
+            sample = TokenizedSample(f"s{i}", (f"{i}.png",), ids, labels, (NV,), -200)
             att = rng.dirichlet(np.ones(NV + 40) * 0.3, size=(H, T))[..., :NV].astype(np.float32)
             visual = torch.from_numpy(rng.normal(size=(NV, D)).astype(np.float32))
             logits = LogitTargets(
@@ -76,10 +76,10 @@ def write_cache(url: str, n: int, stub: dict | None = None) -> None:
                 torch.full((P,), 0.1),
             )
             if stub is None:
-                signal = TeacherSignal(torch.from_numpy(att), visual, logits, f"{i:032x}")
+                signal = TeacherSignal(torch.from_numpy(att), [visual], logits, [f"{i:032x}"])
             else:
-                signal = TeacherSignal(None, None, logits, f"{i:032x}")
-            results.append(SampleResult(i, f"s{i}", image=f"{i}.png", sample=sample, signal=signal))  # fmt: skip
+                signal = TeacherSignal(None, [None], logits, [f"{i:032x}"])
+            results.append(SampleResult(i, f"s{i}", (f"{i}.png",), sample=sample, signal=signal))  # fmt: skip
         write_block(loc, b, results, attrs)
     finalize(loc, attrs, n, -(-n // BLOCK))
 

@@ -42,33 +42,38 @@ def attrs_for(codecs: str = "balanced", logit_targets: str = "topk", block_size:
 def synthetic_results(
     n: int, seed: int = 0, logit_targets: str = "topk", start: int = 0, image_keys: list[str] | None = None
 ) -> list[SampleResult]:
-    """Samples start..start+n-1: every 4th text-only, every 5th skipped, images shared by pairs of
-    samples (an even `start` keeps each pair in one call). `image_keys`: real files' content keys;
-    pair p then uses file `img{p % len(image_keys)}.png` and its key (default: a file per pair,
-    keyed by its name)."""
+    """Samples start..start+n-1: every 4th text-only, every 5th skipped, every 7th with a second
+    image (`extra.png`), images shared by pairs of samples (an even `start` keeps each pair in one
+    call). `image_keys`: real files' content keys; pair p then uses file `img{p % len(image_keys)}.png`
+    and its key, and the second image the last key (default: a file per pair, keyed by its name)."""
     rng = np.random.default_rng(seed)
     results, owner = [], {}
     for i in range(start, start + n):
         sid = f"s{i}"
         if i % 5 == 4:
-            results.append(SampleResult(i, sid, image=None, skip_reason="12 tokens > max length 8"))
+            results.append(SampleResult(i, sid, skip_reason="12 tokens > max length 8"))
             continue
         pair = i // 2 if image_keys is None else i // 2 % len(image_keys)
-        image = None if i % 4 == 3 else f"img{pair}.png"
+        images = () if i % 4 == 3 else (f"img{pair}.png",) + (("extra.png",) if i % 7 == 6 else ())
         n_text = int(rng.integers(3, 7))
-        vs = 1 if image else -1
-        ids = [1] + ([5] * NV if image else []) + rng.integers(6, VOCAB, n_text).tolist()
+        ids = [1]
+        for _ in images:
+            ids += [5] * NV + rng.integers(6, VOCAB, 2).tolist()
+        ids += rng.integers(6, VOCAB, n_text).tolist()
         labels = [IGNORE_INDEX] * (len(ids) - 2) + ids[-2:]
-        sample = TokenizedSample(sid, image, ids, labels, vs, NV if image else 0)
+        sample = TokenizedSample(sid, images, ids, labels, (NV,) * len(images), 5)
         positions = np.array(sample.supervised_positions)
         attention = None
-        if image:
-            logits = rng.normal(size=(H, n_text, NV + 3)) * 3
+        if images:
+            width = NV * len(images)
+            logits = rng.normal(size=(H, len(sample.query_positions), width + 3)) * 3
             p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-            attention = p[..., :NV].astype(np.float32)
-        visual = rng.normal(size=(NV, D)).astype(np.float32) * 4 if image and image not in owner else None
-        if image and image not in owner:
-            owner[image] = i
+            attention = p[..., :width].astype(np.float32)
+        visual = [
+            rng.normal(size=(NV, D)).astype(np.float32) * 4 if im not in owner else None for im in images
+        ]
+        for im in images:
+            owner.setdefault(im, i)
         logp = np.log(rng.dirichlet(np.ones(VOCAB) * 0.1, size=len(positions)) + 1e-12)
         top = np.argsort(-logp, axis=1)[:, :K]
         if logit_targets == "topk":
@@ -79,10 +84,11 @@ def synthetic_results(
             tail = None
         tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
         logits = LogitTargets(logit_targets, tensor(positions), tensor(top), tensor(values), tensor(tail))
-        key = hashlib.sha256(image.encode()).hexdigest()[:32] if image else None
-        key = image_keys[pair] if image and image_keys else key
-        signal = TeacherSignal(tensor(attention), tensor(visual), logits, key)
-        results.append(SampleResult(i, sid, image=image, sample=sample, signal=signal))
+        keys = [hashlib.sha256(im.encode()).hexdigest()[:32] for im in images]
+        if image_keys:
+            keys = [image_keys[pair], image_keys[-1]][: len(images)]
+        signal = TeacherSignal(tensor(attention), [tensor(v) for v in visual], logits, keys)
+        results.append(SampleResult(i, sid, images, sample=sample, signal=signal))
     return results
 
 
@@ -109,12 +115,18 @@ def write_synthetic_store(
 
 
 def plan_visual_rows(results: list[SampleResult], block_size: int) -> None:
-    """The owner of an image gets the next row of its block, as build plans it; the others point at it."""
+    """The owner of an image gets the next token rows of its block, as build plans it; the others
+    point at them."""
     refs, rows = {}, {}
     for r in results:
-        if r.signal is not None and r.signal.visual is not None:
-            b = r.index // block_size
-            refs[r.image] = (b, rows.get(b, 0))
-            rows[b] = refs[r.image][1] + 1
-        elif r.sample is not None and r.image:
-            r.visual_ref = refs[r.image]
+        if r.signal is None:
+            continue
+        r.visual_refs = []
+        for image, visual in zip(r.images, r.signal.visual, strict=True):
+            if visual is not None:
+                b = r.index // block_size
+                refs[image] = (b, rows.get(b, 0))
+                rows[b] = refs[image][1] + len(visual)
+                r.visual_refs.append(None)
+            else:
+                r.visual_refs.append(refs[image])

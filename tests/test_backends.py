@@ -61,9 +61,9 @@ def eager_layer0(backend, batch) -> torch.Tensor:
     llm = LlamaForCausalLM.from_pretrained(backend.source, config=config)
     embeds = llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
     visual = backend.encode_images(batch.pixel_values)
-    for b, row in enumerate(batch.image_index):
-        if row is not None:
-            embeds[b, batch.visual_positions[b]] = visual[row]
+    for b, rows in enumerate(batch.image_index):
+        if rows:
+            embeds[b, batch.visual_positions[b]] = torch.cat([visual[r] for r in rows])
     return llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_attentions=True).attentions[
         0
     ]
@@ -73,8 +73,8 @@ def eager_layer0(backend, batch) -> torch.Tensor:
 def test_layer0_slice_equals_eager_reference(teacher, digits_dataset, template):
     batch = dataset_batch(teacher, digits_dataset, template)
     assert batch.attention_mask.min() == 0, "the batch should be right-padded"
-    assert any(row is None for row in batch.image_index), "the batch should hold text-only samples"
-    starts = {s.visual_start for s in batch.samples if s.visual_start >= 0}
+    assert any(not rows for rows in batch.image_index), "the batch should hold text-only samples"
+    starts = {s.visual_positions[0] for s in batch.samples if s.images}
     # plain puts the image right after BOS; v1 puts the system prompt first.
     assert starts == {1} if template == "plain" else min(starts) > 1
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_layer0_slice_equals_eager_reference(teacher, digits_dataset, template):
         reference = eager_layer0(teacher, batch)
     assert reference.shape[1] == teacher.num_heads
     for b, sample in enumerate(batch.samples):
-        if sample.visual_start < 0:
+        if not sample.images:
             assert signals.attention[b] is None
             continue
         t, v = batch.query_positions[b], batch.visual_positions[b]
@@ -126,20 +126,19 @@ def test_batch_equals_samples_one_at_a_time(teacher, digits_dataset):
     with torch.no_grad():
         together = teacher.forward(batch)
         for b, sample in enumerate(batch.samples):
-            image = (
-                None
-                if batch.image_index[b] is None
-                else (batch.pixel_values[batch.image_index[b]], batch.image_keys[b])
-            )
-            alone = teacher.forward(collate([sample], [image], teacher.tokenizer.pad_token_id))
+            images = [
+                (batch.pixel_values[r], key)
+                for r, key in zip(batch.image_index[b], batch.image_keys[b], strict=True)
+            ]
+            alone = teacher.forward(collate([sample], [images], teacher.tokenizer.pad_token_id))
             n = len(sample.input_ids)
             torch.testing.assert_close(together.logits[b, :n], alone.logits[0], atol=TOL, rtol=0)
-            if sample.visual_start < 0:
+            if not sample.images:
                 assert together.attention[b] is None and alone.attention[0] is None
                 continue
             torch.testing.assert_close(together.attention[b], alone.attention[0], atol=TOL, rtol=0)
             torch.testing.assert_close(
-                together.visual[batch.image_index[b]], alone.visual[0], atol=TOL, rtol=0
+                together.visual[batch.image_index[b][0]], alone.visual[0], atol=TOL, rtol=0
             )
 
 

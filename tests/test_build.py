@@ -75,11 +75,11 @@ def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher
             sig = backend.forward(batch, capture=True)
         got = reader.read(samples[i].id)
         if sig.attention[0] is None:
-            assert got.attention is None and got.visual is None
+            assert got.attention is None and got.visual == []
         else:
             # Batching differs from the build's (batch of 3, padded), so allow float noise only.
             torch.testing.assert_close(got.attention, sig.attention[0].float(), atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(got.visual, sig.visual[0].float(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got.visual[0], sig.visual[0].float(), atol=1e-5, rtol=1e-4)
         logp = torch.log_softmax(sig.logits[0].float(), -1)[got.logits.positions]
         torch.testing.assert_close(got.logits.values, logp.gather(1, got.logits.ids), atol=1e-4, rtol=1e-4)
         assert got.logits.positions.tolist() == samples[i].supervised_positions
@@ -131,7 +131,7 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
     )
     reader = CacheReader(str(tmp_path / "m.zarr"))
     got = reader.read("digit-0")
-    assert got.attention.shape[0] == 1 and got.visual.shape == (
+    assert got.attention.shape[0] == 1 and got.visual[0].shape == (
         attrs["num_visual_tokens"],
         attrs["visual_dim"],
     )
@@ -394,13 +394,16 @@ url = sys.argv[1]
 root = zarr.open_group(url, mode="r")
 attrs = dict(root.attrs)
 manifest = pq.read_table(f"{url}/manifest.parquet").to_pylist()
-row = next(r for r in manifest if r["status"] == "written" and r["visual_block"] >= 0)
+row = next(r for r in manifest if r["status"] == "written" and r["images"] and r["visual_blocks"][0] >= 0)
 block = root[f"blocks/b{row['block']:06d}"]
 a = block["attention"][row["attention_offset"] : row["attention_offset"] + row["attention_rows"]]
 assert block["attention"].attrs["encoding"] == "f32"
-n_text = len(row["input_ids"]) - row["visual_start"] - row["num_visual"]
-a = a.reshape(-1, n_text, attrs["num_visual_tokens"])
-v = root[f"blocks/b{row['visual_block']:06d}"]["visual"][row["visual_row"]]
+n_v = sum(row["num_visual"])
+first = row["input_ids"].index(attrs["image_token_id"])
+n_text = len(row["input_ids"]) - first - n_v
+a = a[:, :n_v].reshape(-1, n_text, n_v)
+vb, vo = row["visual_blocks"][0], row["visual_offsets"][0]
+v = root[f"blocks/b{vb:06d}"]["visual"][vo : vo + row["num_visual"][0]]
 lo, hi = row["logit_offset"], row["logit_offset"] + row["logit_rows"]
 logp = block["logit_values"][lo:hi]
 tail = block["logit_tail"][lo:hi]
@@ -428,7 +431,7 @@ def test_read_with_only_zarr_and_pyarrow(lossless_cache, tmp_path):
     vocab = CacheReader(lossless_cache).attrs["vocab_size"]
     expected = (p * (sample.logits.values - float(np.log(1.0 / vocab)))).sum(1).mean().item()
     assert got["kl"] == pytest.approx(expected, rel=1e-5)
-    assert got["v0"] == pytest.approx(sample.visual[0, 0].item())
+    assert got["v0"] == pytest.approx(sample.visual[0][0, 0].item())
     assert got["tail0"] == pytest.approx(sample.logits.tail[0].item())
 
 

@@ -75,17 +75,17 @@ def test_positions_follow_the_spliced_image(tmp_path, tokenizer, template):
 def test_plain_puts_the_image_right_after_bos_and_supervises_the_caption(tmp_path, tokenizer):
     (record,) = record_file(tmp_path, vqa(q="<image>", a="a grid of digits"))
     s = tokenize(record, tok_for(tokenizer, "plain"))
-    assert s.visual_start == 1
+    assert s.visual_positions[0] == 1
     assert decode(tokenizer, [s.input_ids[p + 1] for p in s.supervised_positions]) == "a grid of digits\n"
 
 
 def test_v1_puts_the_system_prompt_before_the_image(tmp_path, tokenizer):
     (record,) = record_file(tmp_path, vqa(q="Which digit is top-left?\n<image>"))
     s = tokenize(record, tok_for(tokenizer, "v1"))
-    prefix = decode(tokenizer, s.input_ids[1 : s.visual_start])
+    prefix = decode(tokenizer, s.input_ids[1 : s.visual_positions[0]])
     assert prefix == V1_SYSTEM + " USER: "
-    assert s.visual_start > 20  # the image is far from index 1 under v1
-    text = decode(tokenizer, s.input_ids[s.visual_start + N_V :])
+    assert s.visual_positions[0] > 20  # the image is far from index 1 under v1
+    text = decode(tokenizer, s.input_ids[s.visual_positions[0] + N_V :])
     assert text == "\nWhich digit is top-left? ASSISTANT: 7</s>"
     assert decode(tokenizer, [s.input_ids[p + 1] for p in s.supervised_positions]) == " 7</s>"
 
@@ -101,7 +101,7 @@ def test_multi_turn_v1_supervises_every_answer_and_no_question(tmp_path, tokeniz
 def test_text_only_sample_has_no_visual_or_text_query_positions(tmp_path, tokenizer):
     (record,) = record_file(tmp_path, vqa(image=None, q="What is two plus two?", a="4"))
     s = tokenize(record, tok_for(tokenizer, "v1"))
-    assert s.visual_positions == [] and s.query_positions == [] and s.num_visual == 0
+    assert s.visual_positions == [] and s.query_positions == [] and s.num_visual == ()
     assert IMAGE_TOKEN not in s.input_ids
     assert s.supervised_positions
 
@@ -151,7 +151,7 @@ def test_batches_equal_samples_one_at_a_time(tmp_path, tokenizer):
     preprocess = lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)  # noqa: E731
     ds = SampleDataset(samples, tmp_path, preprocess, tokenizer.pad_token_id, CLIP_PAD)
     batch = ds.collate([ds[i] for i in range(3)])
-    assert batch.image_index == [0, None, 1]
+    assert batch.image_index == [[0], [], [1]]
     for i in range(3):
         one = ds.collate([ds[i]])
         n = len(samples[i].input_ids)
@@ -162,7 +162,7 @@ def test_batches_equal_samples_one_at_a_time(tmp_path, tokenizer):
         for field in ("visual_positions", "query_positions", "supervised_positions"):
             assert torch.equal(getattr(batch, field)[i], getattr(one, field)[0])
         if one.pixel_values is not None:
-            assert torch.equal(batch.pixel_values[batch.image_index[i]], one.pixel_values[0])
+            assert torch.equal(batch.pixel_values[batch.image_index[i][0]], one.pixel_values[0])
             assert batch.image_keys[i] == one.image_keys[0]
 
 
@@ -182,9 +182,11 @@ def test_collate_pads_to_the_longest_sample(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("items", "message"),
     [
-        ([vqa(q="Which digit?")], "has image 'a.png' but no <image>"),
-        ([vqa(image=None)], "<image> in its text but no 'image'"),
-        ([vqa(q="<image> and <image>")], "2 <image> markers; one image per sample"),
+        ([vqa(q="Which digit?")], r"has 1 image\(s\) but 0 <image> marker\(s\)"),
+        ([vqa(image=None)], r"has 0 image\(s\) but 1 <image> marker\(s\)"),
+        ([vqa(q="<image> and <image>")], r"has 1 image\(s\) but 2 <image> marker\(s\)"),
+        ([vqa(image=[])], "give a path or a list of paths"),
+        ([{**vqa(), "video": "v.mp4"}], "videos are not supported"),
         ([{"id": "e", "conversations": []}], "'e' has an empty or missing conversation"),
         ([{"id": "r", "conversations": [{"from": "robot", "value": "hi"}]}], "'r' has a turn .*robot"),
         ([vqa("d"), vqa("d")], r"duplicate id 'd' \(first at"),

@@ -322,8 +322,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
             assert image.width > 300 and image.height > 200
     # The heatmap's title shows the sample's text, decoded with the teacher's tokenizer.
     reader = CacheReader(str(out / "cache"))
-    sample = tokenized_from_row(reader.row("train-00000-position"))
-    assert "Which digit is" in query_text(reader, sample.input_ids[sample.visual_start + sample.num_visual :])
+    sample = tokenized_from_row(reader.row("train-00000-position"), reader.attrs["image_token_id"])
+    assert "Which digit is" in query_text(reader, [sample.input_ids[p] for p in sample.query_positions])
 
     # The teacher is cached under the user cache directory: a second request trains nothing.
     teachers = list((tmp_path / "xdg" / "alignkd-cache").glob("demo-teacher-*"))

@@ -139,10 +139,9 @@ def test_image_in_a_later_turn_moves_to_the_front_of_that_turn_once(sp_dirs, tmp
     tok = load_tokenizer(sp_dirs["absent"])
     record = records(tmp_path, CASES)["image_in_turn_2"]
     s = tokenize(record, Tokenization(tok, "v1", IMAGE_TOKEN_INDEX, 5))
-    assert s.input_ids.count(IMAGE_TOKEN_INDEX) == 5 and s.visual_positions == list(
-        range(s.visual_start, s.visual_start + 5)
-    )
-    before = tok.decode([t for t in s.input_ids[: s.visual_start] if t >= 0])
+    start = s.visual_positions[0]
+    assert s.input_ids.count(IMAGE_TOKEN_INDEX) == 5 and s.visual_positions == list(range(start, start + 5))
+    before = tok.decode([t for t in s.input_ids[:start] if t >= 0])
     assert before.endswith("A tall scan.</s>USER: ") and "Describe" in before
     assert tok.decode(s.input_ids[s.query_positions[0] :]).startswith("\nWhat digit? ASSISTANT: 3</s>")
 
@@ -199,7 +198,7 @@ def test_chat_equals_the_llava_processor_and_apply_chat_template(llava_teacher_d
         turn = next(i for i, t in enumerate(record.conversations) if "<image>" in t["value"])
         messages[turn]["content"] = "<image>\n" + messages[turn]["content"]
         prompt = tok.apply_chat_template(messages, tokenize=False)
-        picture = Image.open(images / record.image).convert("RGB")
+        picture = Image.open(images / record.images[0]).convert("RGB")
         out = processor(images=picture, text=prompt, return_tensors="pt")
         assert tokenize(record, tokenization).input_ids == out["input_ids"][0].tolist(), name
         torch.testing.assert_close(backend.preprocess(picture), out["pixel_values"][0], atol=0, rtol=0)
@@ -263,7 +262,7 @@ def test_an_image_id_outside_the_visual_span_never_reaches_the_embedding(sp_mobi
     )
     s.input_ids[-3] = teacher.image_token_id  # a second, unspliced image id in the text
     dataset = SampleDataset([s], images, teacher.preprocess, 0, teacher.pad_color)
-    with pytest.raises(ValueError, match="holds 5 image-token ids but 4 visual positions"):
+    with pytest.raises(ValueError, match="has 5 visual positions but the model makes 4 visual tokens"):
         teacher.forward(dataset.collate([dataset[0]]))
 
 
@@ -304,7 +303,7 @@ def test_a_legacy_false_teachers_cache_trains_a_legacy_student(sp_mobilevlms, im
         str(teacher.source), data, images, str(tmp_path / "c.zarr"), BuildOptions(topk=4, progress=False)
     )
     # Schema 2.x: the preprocessing record of issue 10 (2.1 only added the optional `signals`).
-    assert attrs["schema_version"].startswith("2.") and attrs["counts"]["written"] == len(CASES)
+    assert attrs["schema_version"].startswith("4.") and attrs["counts"]["written"] == len(CASES)
     assert attrs["preprocessing"]["tokenizer"]["legacy"] is False
     assert attrs["preprocessing"]["image"]["pad_color"] == [127, 63, 191]
     source = CacheSource(CacheReader(str(tmp_path / "c.zarr")), student, images)

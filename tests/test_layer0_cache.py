@@ -85,7 +85,7 @@ def test_a_layer0_cache_stores_logits_and_the_stub_only(caches):
     path = caches[("llava", "layer0", "all")]
     reader = CacheReader(str(path))
     attrs = reader.attrs
-    assert attrs["signals"] == "layer0" and attrs["schema_version"].startswith("3.")
+    assert attrs["signals"] == "layer0" and attrs["schema_version"].startswith("4.")
     arrays = {p.name for p in (path / "blocks").glob("b*/*") if p.is_dir()}
     assert arrays == {"logit_ids", "logit_values", "logit_tail"}
     stub_files = {
@@ -93,7 +93,7 @@ def test_a_layer0_cache_stores_logits_and_the_stub_only(caches):
     }
     assert stub_files == set(attrs["layer0"]["files"]) | {"layer0.json"}
     signal = reader.read(reader.ids[0])
-    assert signal.attention is None and signal.visual is None and signal.image_key is not None
+    assert signal.attention is None and signal.visual == [None] and len(signal.image_keys) == 1
     stored = CacheReader(str(caches[("llava", "stored", "all")]))
     for sid in reader.ids:  # the logit targets are the stored cache's (a forward without capture)
         a, b = reader.read(sid).logits, stored.read(sid).logits
@@ -125,14 +125,14 @@ def test_layer0_signals_equal_the_lossless_stored_signals(caches, students, digi
     _, got = all_signals(layer0)
     assert sum(s.attention is None for s in got) == 2  # the two text-only samples
     for a, b in zip(want, got, strict=True):
-        for name in ("attention", "visual"):
-            x, y = getattr(a, name), getattr(b, name)
+        pairs = [(a.attention, b.attention, -1)] + [
+            (x, y, -2) for x, y in zip(a.visual, b.visual, strict=True)
+        ]
+        assert len(a.visual) == len(b.visual)
+        for x, y, axis in pairs:
             assert (x is None) == (y is None)
             if x is not None:
-                assert (
-                    x.shape == y.shape
-                    and x.shape[-2 if name == "visual" else -1] == student.num_visual_tokens
-                )
+                assert x.shape == y.shape and x.shape[axis] == student.num_visual_tokens
                 torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
         assert torch.equal(a.logits.positions, b.logits.positions)
 
@@ -284,13 +284,15 @@ def test_show_recomputes_a_layer0_caches_attention(caches, digits_dataset, tmp_p
     _, root = digits_dataset
     stored = CacheReader(str(caches[("mobilevlm", "stored", "all")]))
     layer0 = CacheReader(str(caches[("mobilevlm", "layer0", "all")]))
-    sample = tokenized_from_row(layer0.row("digit-1"))
-    image, key = load_image(
-        root / sample.image, sample.id, tuple(layer0.attrs["preprocessing"]["image"]["pad_color"])
-    )
+    sample = tokenized_from_row(layer0.row("digit-1"), layer0.attrs["image_token_id"])
+    pictures = [
+        load_image(
+            root / sample.images[0], sample.id, tuple(layer0.attrs["preprocessing"]["image"]["pad_color"])
+        )
+    ]
     torch.testing.assert_close(
-        teacher_attention(layer0, sample, image, key),
-        teacher_attention(stored, sample, image, key),
+        teacher_attention(layer0, sample, pictures),
+        teacher_attention(stored, sample, pictures),
         atol=1e-5,
         rtol=0,
     )

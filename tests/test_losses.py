@@ -395,7 +395,7 @@ def test_attention_loss_is_nonzero_and_trains_layer0_queries_and_keys(llava_stud
     tok = Tokenization(student.tokenizer, "v1", student.image_token_id, student.num_visual_tokens)
     samples, _ = tokenize_all(read_records(data), tok)
     dataset = SampleDataset(
-        [s for s in samples if s.image][:3], root, student.preprocess, 0, student.pad_color
+        [s for s in samples if s.images][:3], root, student.preprocess, 0, student.pad_color
     )
     batch = dataset.collate([dataset[i] for i in range(3)])
     signals = student.forward(batch, capture=True)
@@ -426,12 +426,12 @@ def test_top_k_focus_indices_fall_inside_the_visual_positions(llava_student_dir,
         tok = Tokenization(student.tokenizer, template, student.image_token_id, student.num_visual_tokens)
         samples, _ = tokenize_all(read_records(data), tok)
         dataset = SampleDataset(
-            [s for s in samples if s.image], root, student.preprocess, 0, student.pad_color
+            [s for s in samples if s.images], root, student.preprocess, 0, student.pad_color
         )
         batch = dataset.collate([dataset[i] for i in range(len(dataset))])
         with torch.no_grad():
             signals = student.forward(batch, capture=True)
         for i, sample in enumerate(batch.samples):
             top = top_visual_tokens(signals.attention[i], 16)
-            positions = set((sample.visual_start + top).tolist())
+            positions = set((sample.visual_positions[0] + top).tolist())
             assert len(positions) == 16 and positions <= set(sample.visual_positions)

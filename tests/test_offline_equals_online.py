@@ -158,6 +158,6 @@ def test_logit_targets_must_sit_exactly_at_the_supervised_positions(student, tea
     t, s = source.teacher_samples[0], source.samples[0]
     exact = torch.tensor(t.supervised_positions)
     assert student_positions(exact, t, t).tolist() == t.supervised_positions
-    for wrong in (exact[1:], torch.cat([exact, torch.tensor([t.visual_start + t.num_visual])])):
+    for wrong in (exact[1:], torch.cat([exact, torch.tensor([t.visual_positions[-1] + 1])])):
         with pytest.raises(CompatibilityError, match="not exactly at the positions"):
             student_positions(wrong, t, s)

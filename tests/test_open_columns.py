@@ -9,10 +9,12 @@ import copy
 import random
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from store_synthetic import VOCAB, write_synthetic_store
 
+from alignkd_cache.data import TokenizedSample
 from alignkd_cache.losses import SampleCounts
 from alignkd_cache.signals import followed_by_text
 from alignkd_cache.sources import CachedSamples
@@ -55,8 +57,7 @@ def tamper(rows: list[dict], rng: random.Random) -> None:
     same_length = [ids[:-1] + [token] for token in (5, VOCAB, VOCAB + 100, -3)] + [ids[:1] + [6] + ids[2:]]
     edits = {
         "input_ids": [[1], [6] * 70, [1, 6, 400], None, *same_length],
-        "visual_start": [-1, 0, 2, n, None],
-        "num_visual": [0, 8, 10],
+        "num_visual": [[], [0], [8], [10], [9, 9], None],
         "supervised_positions": [
             [],
             [n - 1],
@@ -72,12 +73,12 @@ def tamper(rows: list[dict], rng: random.Random) -> None:
         "logit_rows": [0, 3, None],
         "attention_offset": [0, 5, -1],
         "logit_offset": [0, 1],
-        "visual_block": [-1, 0, 1, 99],
-        "visual_row": [-1, 0, 1, 5],
+        "visual_blocks": [[], [-1], [0], [1], [99], [0, 0]],
+        "visual_offsets": [[], [-1], [0], [9], [5], [0, 9]],
         "status": ["bogus", "skipped", "written"],
         "skip_reason": [None, "x"],
-        "image": [None, "img0.png"],
-        "image_key": [None, "XYZ", "0" * 32],
+        "images": [None, [], ["img0.png"], ["img0.png", "img1.png"]],
+        "image_keys": [None, [], ["XYZ"], ["0" * 32], ["0" * 32, "1" * 32]],
         "index": [0, 3],
         "block": [-1, 0, 99],
         "id": ["", rows[0]["id"]],
@@ -90,14 +91,17 @@ def as_built_with(rules: str, attrs: dict, rows: list[dict]) -> dict:
     """The attributes and rows of a cache built with these options (so that only the edits are bad)."""
     attrs = dict(attrs)
     for r in (r for r in rows if r["status"] == "written"):
-        n_text = len(r["input_ids"]) - r["visual_start"] - r["num_visual"] if r["visual_start"] >= 0 else 0
+        n_text = len(
+            TokenizedSample(r["id"], (), r["input_ids"], [], (), attrs["image_token_id"]).query_positions
+        )
         if rules == "text":
-            r["logit_positions"] = followed_by_text(len(r["input_ids"]), r["visual_start"], r["num_visual"])
+            r["logit_positions"] = followed_by_text(r["input_ids"], attrs["image_token_id"])
             r["logit_rows"] = len(r["logit_positions"])
         if rules == "mean heads":
             r["attention_rows"] = n_text
         if rules == "layer0":
-            r["attention_rows"], r["visual_block"], r["visual_row"] = 0, -1, -1
+            r["attention_rows"] = 0
+            r["visual_blocks"] = r["visual_offsets"] = [-1] * len(r["images"])
     attrs |= {"text": {"logit_positions": "text"}, "mean heads": {"attn_heads": "mean"}}.get(rules, {})
     return attrs | ({"signals": "layer0"} if rules == "layer0" else {})
 
@@ -133,7 +137,7 @@ def test_normalisers_from_columns_equal_those_from_the_samples(cache):
     reader = CacheReader(str(cache))
     counts = SampleCounts(
         np.array([len(p) for p in reader.column("supervised_positions").to_pylist()], np.int64),
-        reader.column("image").is_valid().to_numpy(zero_copy_only=False),
+        pc.greater(pc.list_value_length(reader.column("images")), 0).to_numpy(zero_copy_only=False),
     )
     student = CachedSamples(reader, (7, 4))  # respliced: another image token and visual-token count
     assert len(student) == len(reader) == len(reader.ids)

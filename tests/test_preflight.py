@@ -105,7 +105,7 @@ def test_skip_builds_the_rest_and_records_each_skip_with_its_reason(messy, tmp_p
     assert [r["status"] for r in manifest] == ["written", *["skipped"] * 3, "written", *["skipped"] * 4, "written",
                                                "skipped"]  # fmt: skip
     by_id = {r["id"]: r["skip_reason"] for r in manifest}
-    assert {r["id"]: r["image"] for r in manifest}["gone-2"] == "images/missing_2.png"
+    assert {r["id"]: r["images"] for r in manifest}["gone-2"] == ["images/missing_2.png"]
     assert by_id["gone-1"].startswith("missing image: ") and "missing_1.png" in by_id["gone-1"]
     assert by_id[f"{data}:2"].startswith("bad id: ")  # no usable id: named by its line
     assert by_id["bomb"].startswith("image too large: ")

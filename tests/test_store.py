@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from store_synthetic import H, write_synthetic_store
+from store_synthetic import NV, H, write_synthetic_store
 
 from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.store import codecs
@@ -83,20 +83,27 @@ def test_round_trip_through_reader(tmp_path, preset, kind):
     written = [r for r in results if r.sample is not None]
     assert reader.ids == [r.id for r in written]
     assert set(reader.skipped) == {r.id for r in results if r.sample is None}
-    tokenized = [tokenized_from_row(row) for row in reader.rows]
+    tokenized = [tokenized_from_row(row, reader.attrs["image_token_id"]) for row in reader.rows]
     assert [s.input_ids for s in tokenized] == [r.sample.input_ids for r in written]
     assert [s.labels for s in tokenized] == [r.sample.labels for r in written]
-    owners = {r.image: r.signal.visual.numpy() for r in written if r.signal.visual is not None}
+    owners = {
+        image: v.numpy()
+        for r in written
+        for image, v in zip(r.images, r.signal.visual, strict=True)
+        if v is not None
+    }
     tol = {"lossless": (0, 0, 0), "balanced": (5e-3, 2e-3, 2e-2), "compact": (5e-3, 0.1, 0.2)}[preset]
     for r in written:
         got, want_logits = reader.read(r.id), r.signal.logits
         if r.signal.attention is None:
-            assert got.attention is None and got.visual is None
+            assert got.attention is None and got.visual == []
         else:
             assert got.attention.shape == r.signal.attention.shape
             assert np.abs(got.attention.numpy() - r.signal.attention.numpy()).max() <= tol[0]
-            want = owners[r.image]
-            assert np.abs(got.visual.numpy() - want).max() <= tol[1] * np.abs(want).max()
+            assert len(got.visual) == len(r.images)
+            for image, visual in zip(r.images, got.visual, strict=True):
+                want = owners[image]
+                assert np.abs(visual.numpy() - want).max() <= tol[1] * np.abs(want).max()
         assert torch.equal(got.logits.ids, want_logits.ids.long())
         assert got.logits.positions.tolist() == want_logits.positions.tolist()
         if kind == "topk":
@@ -124,9 +131,9 @@ def test_arrays_kept_whole_read_the_same_as_slices_within_the_budget(tmp_path, p
     for _ in range(2):
         for sid in kept.ids:
             a, b = kept.read(sid), sliced.read(sid)
-            for name in ("attention", "visual"):
-                x, y = getattr(a, name), getattr(b, name)
-                assert (x is None and y is None) or torch.equal(x, y)
+            assert (a.attention is None and b.attention is None) or torch.equal(a.attention, b.attention)
+            assert len(a.visual) == len(b.visual)
+            assert all(torch.equal(x, y) for x, y in zip(a.visual, b.visual, strict=True))
             for name in ("ids", "values", "positions", "tail"):
                 assert torch.equal(getattr(a.logits, name), getattr(b.logits, name))
             assert 0 < kept._whole_bytes <= budget
@@ -137,10 +144,11 @@ def test_shared_images_are_stored_once(tmp_path):
     url = str(tmp_path / "c.zarr")
     results = write_synthetic_store(url)
     reader = CacheReader(url)
-    images = {r.image for r in results if r.sample is not None and r.image}
+    images = {image for r in results if r.sample is not None for image in r.images}
+    assert any(len(r.images) == 2 for r in results if r.sample is not None)
     assert reader.attrs["counts"]["images"] == len(images)
     stored = sum(reader.array(b, "visual").shape[0] for b in range(reader.attrs["num_blocks"]))
-    assert stored == len(images)
+    assert stored == len(images) * NV
 
 
 def test_reader_in_dataloader_with_forked_workers(tmp_path):
@@ -210,7 +218,7 @@ def test_verify_names_the_samples_in_a_damaged_chunk(tmp_path):
 def test_missing_chunk_is_an_error_not_zeros(tmp_path):
     url = tmp_path / "c.zarr"
     write_synthetic_store(str(url))
-    (url / "blocks/b000000/visual/c/0/0/0").unlink()
+    (url / "blocks/b000000/visual/c/0/0").unlink()
     report = verify(str(url))
     assert any("missing" in p for p in report.problems)
     with pytest.raises(ValueError, match="missing"):  # refused when opened, before any step
@@ -233,4 +241,6 @@ def test_reader_decodes_head_count_from_rows(tmp_path):
     reader = CacheReader(url)
     signal = reader.read(reader.ids[0])
     assert signal.attention.shape[0] == H
-    assert signal.attention.shape[1] == len(tokenized_from_row(reader.row(reader.ids[0])).query_positions)
+    assert signal.attention.shape[1] == len(
+        tokenized_from_row(reader.row(reader.ids[0]), reader.attrs["image_token_id"]).query_positions
+    )

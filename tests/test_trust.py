@@ -70,7 +70,7 @@ def edit_array(url: Path, path: str, edit) -> None:
 
 
 def first_image_row(rows) -> dict:
-    return next(r for r in rows if r["status"] == "written" and r["visual_start"] >= 0)
+    return next(r for r in rows if r["status"] == "written" and r["images"])
 
 
 def set_field(name, value):
@@ -80,7 +80,7 @@ def set_field(name, value):
 def set_token(where, value):
     def edit(rows):
         r = first_image_row(rows)
-        p = {"text": len(r["input_ids"]) - 1, "visual": r["visual_start"]}[where]
+        p = {"text": len(r["input_ids"]) - 1, "visual": r["input_ids"].index(5)}[where]
         r["input_ids"][p] = value
 
     return edit
@@ -113,7 +113,7 @@ def refusals(url: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "target",
-    ["blocks/b000001/visual/c/0/0/0", "blocks/b000001", "manifest.parquet", "blocks/b000001/passwd"],
+    ["blocks/b000001/visual/c/0/0", "blocks/b000001", "manifest.parquet", "blocks/b000001/passwd"],
 )
 def test_symlinks_are_refused_by_every_command_and_never_read(store, tmp_path, target):
     secret = tmp_path / "secret"
@@ -132,7 +132,7 @@ def test_symlinks_are_refused_by_every_command_and_never_read(store, tmp_path, t
 
 
 def test_a_fifo_is_refused_without_blocking(store, tmp_path):
-    os.mkfifo(store / "blocks/b000000/visual/c/0/0/0.fifo")
+    os.mkfifo(store / "blocks/b000000/visual/c/0/0.fifo")
     for message in refusals(store, tmp_path):
         assert "not a regular file" in message
 
@@ -163,10 +163,12 @@ def test_zarr_v2_metadata_is_never_parsed(store, tmp_path):
         (set_token("text", 5), "input_ids"),  # the image-token id inside the text
         (set_token("visual", 7), "input_ids"),
         (set_field("block", 99), "block"),
-        (set_field("visual_block", 99), "visual_block"),
-        (set_field("visual_row", 7), "visual rows"),
+        (set_field("visual_blocks", [99]), "visual_blocks"),
+        (set_field("visual_offsets", [7]), "visual token rows"),
+        (set_field("num_visual", [4]), "num_visual"),
         (set_field("status", "done"), "status"),
-        (lambda rows: next(r for r in rows if r["visual_start"] == -1).update(image_key="x"), "image_key"),
+        (lambda rows: first_image_row(rows).update(image_keys=["x"]), "image_keys"),
+        (lambda rows: first_image_row(rows).update(images=[]), "per-image lists"),
         (set_field("attention_rows", 2), "attention_rows"),
         (set_field("logit_positions", [0]), "logit_positions"),
         (lambda rows: rows[1].update(id=rows[0]["id"]), "duplicate"),
@@ -178,7 +180,7 @@ def test_a_tampered_manifest_with_a_recomputed_hash_is_refused_naming_sample_and
     edit_manifest(store, edit)
     for message in refusals(store, tmp_path):
         assert field in message
-        assert "sample '" in message or field in ("visual rows",)
+        assert "sample '" in message or field in ("visual token rows",)
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,8 @@ def text_to_vision_slice(
         raise ValueError(f"{heads} query heads cannot share {kv_heads} key heads")
     if len(query_positions) == 0:
         return query.new_zeros((heads, 0, len(visual_positions)), dtype=torch.float32)
-    width = int(query_positions.max()) + 1  # keys past the last query are never seen
+    # Keys past the last query (and past the last visual column kept) are never needed.
+    width = int(torch.cat([query_positions, visual_positions]).max()) + 1
     q = query[:, query_positions].float()
     k = key[:, :width].float()
     # Group query heads onto their shared key head instead of copying keys per head.
@@ -78,8 +79,9 @@ def text_to_vision_slice(
     scores = torch.einsum("gqtd,gsd->gqts", q, k).reshape(heads, len(query_positions), width) * scaling
     keys = torch.arange(width, device=query.device)
     allowed = (keys[None, :] <= query_positions[:, None]) & key_mask[:width][None, :]
-    log_norm = scores.masked_fill(~allowed, float("-inf")).logsumexp(-1, keepdim=True)
-    return (scores[:, :, visual_positions] - log_norm).exp()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A query before a later image sees none of it: those columns are 0, as in the model's softmax.
+    return (scores[:, :, visual_positions] - scores.logsumexp(-1, keepdim=True)).exp()
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -232,12 +232,17 @@ def _written_suspects(batch: pa.RecordBatch, attrs: dict) -> np.ndarray:
     np.minimum.at(first, row[is_visual], position[is_visual])
     image = sum_nv > 0
     starts = np.concatenate([[0], np.cumsum(n_ids)])[:-1]  # each row's first token in `tokens`
-    visual_at = lambda p, r: is_visual[starts[r] + np.clip(p, 0, np.maximum(n_ids[r] - 1, 0))]  # noqa: E731
+
+    def visual_at(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """Whether position p of row r holds the image token (False outside the row)."""
+        if not len(tokens):
+            return np.zeros(len(p), bool)
+        at = np.minimum(starts[r] + np.clip(p, 0, np.maximum(n_ids[r] - 1, 0)), len(tokens) - 1)
+        return is_visual[at] & (n_ids[r] > 0)
+
     sup = batch.column("supervised_positions")
     suspect |= _not_increasing_followed_by_text(sup, n_ids, visual_at)
-    token0_visual = (
-        (n_ids > 0) & visual_at(np.zeros(n_rows, np.int64), np.arange(n_rows)) if len(tokens) else 0
-    )
+    token0_visual = visual_at(np.zeros(n_rows, np.int64), np.arange(n_rows))
     suspect |= _logit_positions_differ(
         batch, attrs, n_ids, sum_nv, np.asarray(token0_visual, np.int64), visual_at
     )
