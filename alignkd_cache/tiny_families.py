@@ -100,7 +100,7 @@ def _sizes(role: str) -> dict:
     raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
 
 
-def _text(s: dict, vocab: int, **extra) -> dict:
+def _text(s: dict, tok, vocab: int, **extra) -> dict:
     return {
         "vocab_size": vocab,
         "hidden_size": s["hidden"],
@@ -110,6 +110,8 @@ def _text(s: dict, vocab: int, **extra) -> dict:
         "num_key_value_heads": s["kv"],
         "max_position_embeddings": 1024,
         "bos_token_id": None,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
         **extra,
     }
 
@@ -154,7 +156,7 @@ def _build(model_type: str, s: dict):
             }
             rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
             config = Qwen2_5_VLConfig(
-                text_config=_text(s, vocab, rope_parameters=rope), vision_config=vision, **ids
+                text_config=_text(s, tok, vocab, rope_parameters=rope), vision_config=vision, **ids
             )
             proc_cls = without_video(Qwen2_5_VLProcessor)
         else:
@@ -173,7 +175,7 @@ def _build(model_type: str, s: dict):
             }
             rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
             config = Qwen3VLConfig(
-                text_config=_text(s, vocab, head_dim=head_dim, rope_parameters=rope),
+                text_config=_text(s, tok, vocab, head_dim=head_dim, rope_parameters=rope),
                 vision_config=vision,
                 **ids,
             )
@@ -210,7 +212,7 @@ def _build(model_type: str, s: dict):
         vision = {**_vision_common(s), "image_size": [size, size], "patch_size": [14, 14]}
         config = InternVLConfig(
             vision_config=vision,
-            text_config={**_text(s, len(tok) + s["vocab_pad"]), "model_type": "qwen2"},
+            text_config={**_text(s, tok, len(tok) + s["vocab_pad"]), "model_type": "qwen2"},
             image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=4,
         )
@@ -248,7 +250,7 @@ def _build(model_type: str, s: dict):
         tile, patch = 32, 8  # 4x4 patches per tile, pixel-shuffled by 2 -> 4 tokens per tile
         config = SmolVLMConfig(
             vision_config={**_vision_common(s), "image_size": tile, "patch_size": patch},
-            text_config={**_text(s, len(tok) + s["vocab_pad"]), "model_type": "llama"},
+            text_config={**_text(s, tok, len(tok) + s["vocab_pad"]), "model_type": "llama"},
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             scale_factor=2,
         )
@@ -286,7 +288,7 @@ def _build(model_type: str, s: dict):
                 "image_size": size,
                 "patch_size": patch,
             },
-            text_config={**_text(s, len(tok) + s["vocab_pad"]), "model_type": "qwen2"},
+            text_config={**_text(s, tok, len(tok) + s["vocab_pad"]), "model_type": "qwen2"},
             image_token_index=tok.convert_tokens_to_ids("<image>"),
             video_token_index=tok.convert_tokens_to_ids("<video>"),
             image_grid_pinpoints=pinpoints,
@@ -315,11 +317,6 @@ def tiny_checkpoint(model_type: str, out_dir, *, role: str = "teacher", seed: in
 
     out = Path(out_dir)
     config, processor = _build(model_type, _sizes(role))
-    tok = processor.tokenizer
-    for sub in (config, getattr(config, "text_config", None)):
-        if sub is not None:
-            sub.pad_token_id = tok.pad_token_id
-            sub.eos_token_id = tok.eos_token_id
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
