@@ -216,13 +216,18 @@ def test_unsupported_model_type(tmp_path):
     assert all(name in message for name in ("llava", "mobilevlm", *SUPPORTED_MODEL_TYPES))
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_student_gradients(model_type, tmp_path, images):
+def test_student_gradients(family, tmp_path, images):
+    model_type, _, teacher, teacher_encoded = family
     path = tiny_checkpoint(model_type, tmp_path / "student", role="student")
     vlm = TransformersVLM.load(path)
     assert vlm.vocab_size == vlm.model.config.get_text_config().vocab_size  # no padding for the student
     vlm.model.train()
     encoded = [vlm.encode(turns, imgs, sid) for sid, turns, imgs in samples(images)]
+    # A same-family pair: the same sequences and visual-token counts as the teacher's.
+    assert [(s.input_ids, s.num_visual) for s in encoded] == [
+        (s.input_ids, s.num_visual) for s in teacher_encoded
+    ]
+    assert teacher.num_heads > vlm.num_heads and teacher.visual_dim > vlm.visual_dim
     logits, attention, visual = vlm(vlm.collate(encoded, vlm.tokenizer.pad_token_id))
     llm = vlm.model.model.get_decoder()
     q_proj = llm.layers[0].self_attn.q_proj.weight
@@ -235,3 +240,20 @@ def test_student_gradients(model_type, tmp_path, images):
     sum(a.sum() for a in attention if a is not None).backward()
     assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision)
+
+
+def test_save_pretrained_round_trip(family, images, tmp_path):
+    model_type, _, vlm, encoded = family
+    vlm.save_pretrained(tmp_path / "copy")
+    again = TransformersVLM.load(tmp_path / "copy")
+    assert again.family == model_type and again.vocab_size == vlm.vocab_size
+    for (sid, turns, imgs), sample in zip(samples(images), encoded, strict=True):
+        copy = again.encode(turns, imgs, sid)
+        assert (copy.input_ids, copy.labels, copy.num_visual) == (
+            sample.input_ids,
+            sample.labels,
+            sample.num_visual,
+        )
+    batch = vlm.collate(encoded[:2], vlm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch)[0], vlm(batch)[0], atol=0, rtol=0)
