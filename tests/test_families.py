@@ -257,3 +257,9 @@ def test_save_pretrained_round_trip(family, images, tmp_path):
     batch = vlm.collate(encoded[:2], vlm.tokenizer.pad_token_id)
     with torch.no_grad():
         torch.testing.assert_close(again(batch)[0], vlm(batch)[0], atol=0, rtol=0)
+
+
+def test_encode_errors_name_the_sample(family, images):
+    _, _, vlm, _ = family
+    with pytest.raises(ValueError, match="sample 'bad'.*1 <image> markers but 2 images"):
+        vlm.encode([("user", "<image> one"), ("assistant", "x")], images, "bad")

@@ -267,14 +267,12 @@ class TransformersVLM:
         for start, end, want in answers:
             lo, hi = shift(start), shift(end)
             hit = [p for p, (a, b) in enumerate(offsets) if a < hi and b > lo]
-            got = expanded[offsets[hit[0]][0] : offsets[hit[-1]][1]] if hit else ""
-            if (
-                not hit
-                or got.strip() != want.strip()
-                or got[: len(got) - len(got.lstrip())] != got[: lo - offsets[hit[0]][0]]
-            ):
+            first, last = (offsets[hit[0]][0], offsets[hit[-1]][1]) if hit else (lo, lo)
+            # The tokens must cover exactly the answer and its end token, plus at most the
+            # template's separating whitespace merged into the first token.
+            if not hit or expanded[lo:hi] != want or last != hi or expanded[first:lo].strip():
                 raise ValueError(
-                    f"sample {sample_id!r}: the answer tokens {got!r} do not align with the answer {want!r}"
+                    f"sample {sample_id!r}: the answer tokens {expanded[first:last]!r} do not align with {want!r}"
                 )
             for p in hit:
                 labels[p] = input_ids[p]
