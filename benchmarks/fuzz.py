@@ -321,7 +321,7 @@ def content(url) -> str:
     for sid in reader.ids:
         s, sample = reader.read(sid), tokenized_from_row(reader.row(sid), reader.attrs["image_token_id"])
         digest.update(json.dumps([sample.input_ids, sample.labels, s.image_keys]).encode())
-        for t in (s.attention, s.visual, s.logits.positions, s.logits.ids, s.logits.values, s.logits.tail):
+        for t in (s.attention, *s.visual, s.logits.positions, s.logits.ids, s.logits.values, s.logits.tail):
             digest.update(b"-" if t is None else t.numpy().tobytes())
     digest.update(json.dumps(reader.skipped, sort_keys=True).encode())
     return digest.hexdigest()

@@ -133,6 +133,37 @@ def run_ok(*args) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.fixture(scope="session")
+def two_image_dataset(digits_dataset, tmp_path_factory):
+    """A sample with two differently sized images (one in a later turn, text between them), a
+    sample with one, and a text-only one, over the digit scans."""
+    _, root = digits_dataset
+    records = [
+        {
+            "id": "pair",
+            "image": ["images/digit_1.png", "images/digit_4.png"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhich digit is this?"},
+                {"from": "gpt", "value": "It is 1"},
+                {"from": "human", "value": "And this one? <image>"},
+                {"from": "gpt", "value": "It is 4"},
+            ],
+        },
+        {
+            "id": "one",
+            "image": "images/digit_2.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "2"}],
+        },
+        {
+            "id": "none",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}],
+        },
+    ]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.json"
+    path.write_text(json.dumps(records))
+    return path, root
+
+
 def build_digits_cache(teacher_dir, digits_dataset, out: Path, **options) -> Path:
     """A cache of the digits by `teacher_dir`: lossless, batch 4, unless `options` say otherwise."""
     data, root = digits_dataset

@@ -329,3 +329,34 @@ def test_pickled_weights_are_refused(mobilevlm_student_dir, tmp_path):
     (target / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin.*never loaded"):
         MobileVLMBackend.load(target)
+
+
+def test_two_images_in_one_sample_equal_the_eager_reference(teacher, two_image_dataset):
+    """Every visual position of both images is a column; the text between them is a query that sees
+    the first image only, as the model's own causal softmax has it."""
+    batch = dataset_batch(teacher, two_image_dataset)
+    pair = batch.samples[0]
+    assert pair.num_visual == (teacher.num_visual_tokens,) * 2 and batch.image_index == [[0, 1], [2], []]
+    with torch.no_grad():
+        signals = teacher.forward(batch)
+        reference = eager_layer0(teacher, batch)
+    for b, sample in enumerate(batch.samples):
+        if not sample.images:
+            assert signals.attention[b] is None
+            continue
+        t, v = batch.query_positions[b], batch.visual_positions[b]
+        torch.testing.assert_close(signals.attention[b], reference[b][:, t][:, :, v], atol=TOL, rtol=0)
+    second = torch.tensor(pair.image_spans()[1])
+    between = batch.query_positions[0] < second[0]
+    assert between.any(), "the text between the two images must be a query"
+    assert float(signals.attention[0][:, between][:, :, teacher.num_visual_tokens :].abs().max()) == 0.0
+    assert float(signals.attention[0][:, between][:, :, : teacher.num_visual_tokens].min()) > 0.0
+    if teacher.family == "llava":  # the model's own splicing of two images, not ours
+        with torch.no_grad():
+            own = teacher.model(
+                input_ids=batch.input_ids,
+                pixel_values=batch.pixel_values,
+                attention_mask=batch.attention_mask,
+            ).logits
+        valid = batch.attention_mask.bool()
+        torch.testing.assert_close(signals.logits[valid], own[valid], atol=TOL, rtol=0)

@@ -175,7 +175,9 @@ def test_no_message_suggests_an_option_that_does_not_exist(tmp_path):
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", source.read_text()))
         assert named <= known, (source, named - known)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="neither an HF LLaVA nor a MobileVLM") as e:
+    with pytest.raises(
+        ValueError, match="model_type 'bert' is not supported; supported: internvl, llava, "
+    ) as e:
         detect_family(tmp_path)
     assert "--" not in str(e.value)
 

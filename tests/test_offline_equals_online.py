@@ -84,6 +84,21 @@ def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, ca
     torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
 
 
+def test_two_image_samples_give_the_online_loss_and_gradients(
+    student, teacher, tmp_path, llava_teacher_dir, two_image_dataset
+):
+    """Several images per sample (text between them), one image, text-only: the cache stores each
+    image's tokens and the sample's whole attention slice, and gives the online terms."""
+    cache = build_digits_cache(llava_teacher_dir, two_image_dataset, tmp_path / "pairs")
+    assert CacheReader(str(cache)).row("pair")["num_visual"] == [teacher.num_visual_tokens] * 2
+    cfg = LossConfig(parse_weights(""))
+    (off, g_off), (on, g_on) = compare(student, teacher, cache, two_image_dataset, cfg)
+    for term in ("loss", "ce", "logit", "vis", "attn"):
+        assert off[term] > 0, term
+        assert abs(off[term] - on[term]) <= 1e-5, (term, off[term], on[term])
+    torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
+
+
 def test_balanced_lossy_cache_is_within_one_percent(student, teacher, caches, digits_dataset):
     cfg = LossConfig(parse_weights(""))
     (off, g_off), (on, g_on) = compare(student, teacher, caches["balanced"], digits_dataset, cfg)

@@ -59,7 +59,8 @@ class Backend(Protocol):
 
 
 def detect_family(path: str | Path) -> str:
-    """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id)."""
+    """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id); any
+    other model_type is refused in one line naming it and the supported ones."""
     from alignkd_cache.backends.checkpoint import resolve_checkpoint
 
     return _family(resolve_checkpoint(path), path)
@@ -77,11 +78,18 @@ def _family(local: Path, path: str | Path) -> str:
     model_type = config.get("model_type", "")
     if model_type == "mobilevlm" or "mm_projector_type" in config:
         return "mobilevlm"
-    if model_type == "llava" or "vision_config" in config:
+    if model_type == "llava" or (not model_type and "vision_config" in config):
         return "llava"
-    raise ValueError(
-        f"model {path}: model_type {model_type!r} is neither an HF LLaVA nor a MobileVLM V2 checkpoint; "
-        "give a LLaVA (llava-hf) or MobileVLM V2 checkpoint"
+    from alignkd_cache.backends.transformers_vlm import SUPPORTED_MODEL_TYPES, UnsupportedFamily
+
+    if model_type in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedFamily(
+            f"model {path}: model_type {model_type!r} has a backend (alignkd_cache.backends.transformers_vlm, "
+            "docs/families.md) that `build` and `alignkd-train` do not run yet; use a llava or mobilevlm checkpoint"
+        )
+    supported = ", ".join(sorted(("llava", "mobilevlm", *SUPPORTED_MODEL_TYPES)))
+    raise UnsupportedFamily(
+        f"model {path}: model_type {model_type!r} is not supported; supported: {supported}"
     )
 
 

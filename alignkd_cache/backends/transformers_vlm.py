@@ -389,13 +389,7 @@ class TransformersVLM:
                     )
                 if request.slices is None:
                     raise RuntimeError(f"layer 0 of {self.family} never ran through {CAPTURE_ATTENTION!r}")
-                # capture.text_to_vision_slice does not mask keys after the query (it never had to:
-                # LLaVA / MobileVLM queries all follow the one image). Here text between images or
-                # tiles is a query too, and the model's softmax gives a later image 0 there.
-                attention = [
-                    None if a is None else a.masked_fill(v[None, None, :] > t[None, :, None], 0.0)
-                    for a, t, v in zip(request.slices, query_positions, visual_positions, strict=True)
-                ]
+                attention = request.slices
             else:
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs
