@@ -29,7 +29,16 @@ import alignkd_cache
 from alignkd_cache import distributed, layer0
 from alignkd_cache.backends import load_backend
 from alignkd_cache.backends.tokenizer import tokenizer_settings
-from alignkd_cache.data import DataError, Problem, Record, SampleDataset, Skip, Tokenization, pad_id, tokenize
+from alignkd_cache.data import (
+    DataError,
+    Problem,
+    Record,
+    SampleDataset,
+    Skip,
+    pad_id,
+    tokenization_for,
+    tokenize,
+)
 from alignkd_cache.interrupt import interrupted, stop_requests
 from alignkd_cache.options import BuildOptions
 from alignkd_cache.preflight import Preflight, default_report_path, preflight
@@ -98,7 +107,7 @@ def preprocessing(backend, template: str) -> dict:
         "template": template,
         "tokenizer": tokenizer_settings(backend.tokenizer),
         "image": {
-            "pad_color": list(backend.pad_color),
+            "pad_color": None if backend.pad_color is None else list(backend.pad_color),
             "processor": type(processor).__name__,
             **{k: v for k, v in json.loads(processor.to_json_string()).items() if k in settings},
         },
@@ -186,7 +195,9 @@ def _compute_block(backend, block, outcomes, records, dataset, opts, refs) -> li
                 owner = [refs.get((i, k)) for k in range(len(sample.images))]
                 owns = [ref is not None and ref[0] == i for ref in owner]
                 # Top-k runs on the device; only the targets come to host memory.
-                signal = sample_signal(forward, batch, j, sample, opts, with_visual=owns).to("cpu")
+                signal = sample_signal(
+                    forward, batch, j, sample, opts, with_visual=owns, vocab=backend.vocab_size
+                ).to("cpu")
                 visual_refs = [
                     None if ref is None or own else ref[1:] for ref, own in zip(owner, owns, strict=True)
                 ]
@@ -223,11 +234,8 @@ def build_cache(
         Record(e.id or e.where, (e.image,) if e.image else (), [], e.where) if isinstance(e, Problem) else e
         for e in checked.entries
     ]
-    outcomes = _tokenized(records, checked.entries, backend, opts)
-    # The logit width: every family names its output projection lm_head (HF convention).
-    vocab = next(
-        m.out_features for name, m in backend.model.named_modules() if name.split(".")[-1] == "lm_head"
-    )
+    outcomes = _tokenized(records, checked.entries, backend, opts, image_root)
+    vocab = backend.vocab_size  # the logits' width: what the targets' ids index
     attrs = build_attrs(backend, opts.recorded(), data, resolve_preset(opts.codecs), vocab)
     loc = Location(out, opts.storage_options)
     with tempfile.TemporaryDirectory(prefix="alignkd-layer0-") as scratch:
@@ -242,11 +250,9 @@ def build_cache(
     return world.agreed(f"to finalize {loc.url}", finalized if world.main else None)
 
 
-def _tokenized(records, entries, backend, opts: BuildOptions) -> list:
-    """Each record tokenized with the teacher's tokenizer, or a Skip saying why not."""
-    tok = Tokenization(
-        backend.tokenizer, opts.template, backend.image_token_id, backend.num_visual_tokens, opts.max_length
-    )
+def _tokenized(records, entries, backend, opts: BuildOptions, image_root) -> list:
+    """Each record tokenized with the teacher's tokenizer (or processor), or a Skip saying why not."""
+    tok = tokenization_for(backend, opts.template, opts.max_length, image_root)
     outcomes = []
     for record, entry in zip(records, entries, strict=True):
         if isinstance(entry, Problem):
@@ -292,7 +298,12 @@ def _build_blocks(backend, loc, attrs, records, outcomes, image_root, opts, worl
     rank, ranks = world.rank, world.size
     refs = _plan_visual(outcomes, opts.block_size) if opts.signals == "stored" else {}
     dataset = _IndexedDataset(
-        outcomes, image_root, backend.preprocess, pad_id(backend.tokenizer), backend.pad_color
+        outcomes,
+        image_root,
+        backend.preprocess,
+        pad_id(backend.tokenizer),
+        backend.pad_color,
+        backend.collate_pixels,
     )
     num_blocks = math.ceil(len(outcomes) / opts.block_size)
     mine = [b for b in range(rank, num_blocks, ranks)]
@@ -354,6 +365,7 @@ def _report(checked: Preflight, path: str | Path, on_bad_sample: str, show: bool
 class _IndexedDataset(SampleDataset):
     """SampleDataset addressed by dataset index (skipped entries are never asked for)."""
 
-    def __init__(self, outcomes, image_root, preprocess, pad_id, pad):
+    def __init__(self, outcomes, image_root, preprocess, pad_id, pad, collate_pixels):
         self.samples, self.image_root, self.preprocess, self.pad_id = outcomes, image_root, preprocess, pad_id
-        self.pad = tuple(pad)
+        self.pad = None if pad is None else tuple(pad)
+        self.collate_pixels = collate_pixels

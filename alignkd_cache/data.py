@@ -17,6 +17,7 @@ Positions, per sample (all later stages key on them):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,14 +333,19 @@ def _render_chat(turns, tokenizer, record: Record) -> tuple[str, list[tuple[int,
 
 @dataclass
 class Tokenization:
-    """How one model family tokenizes: the tokenizer plus where and how its image tokens go."""
+    """How one model family tokenizes: the tokenizer plus where and how its image tokens go.
+
+    `encode`: for a family whose processor renders, expands and counts the image tokens itself
+    (dynamic resolution, tiles; backends.transformers_vlm), the record -> its processed sample;
+    then the template is the processor's chat template and `num_visual_tokens` is None."""
 
     tokenizer: object
     template: str
     image_token_id: int
-    num_visual_tokens: int
+    num_visual_tokens: int | None
     max_length: int = 2048
     add_bos: bool = True  # plain and v1 prepend BOS; a chat template writes its own
+    encode: Callable[[Record], object] | None = None
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -392,6 +398,8 @@ def _encode_with_images(text: str, tok: Tokenization) -> tuple[list[int], list[i
 
 
 def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
+    if tok.encode is not None:
+        return _processed(record, tok)
     rendered = render(record, tok.template, tok.tokenizer)
     if isinstance(rendered, Skip):
         return rendered
@@ -410,6 +418,58 @@ def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
     return sample
+
+
+def _processed(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
+    """A record through its family's processor (Tokenization.encode)."""
+    turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations]
+    if [role for role, _ in turns] != ["user", "assistant"] * (len(turns) // 2) or len(turns) % 2:
+        return Skip(
+            record.id, "turns do not alternate human, gpt, human, ... (the chat templates require it)"
+        )
+    try:
+        encoded = tok.encode(record)
+    except ValueError as e:  # the processor's rendering does not locate the answers
+        return Skip(record.id, f"the processor's chat template: {e}")
+    ids = encoded.input_ids
+    if len(ids) > tok.max_length:
+        return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
+    sample = TokenizedSample(
+        record.id, record.images, ids, encoded.labels, tuple(encoded.num_visual), tok.image_token_id
+    )
+    if not sample.supervised_positions:
+        return Skip(record.id, "no supervised token (empty answers)")
+    return sample
+
+
+def tokenization_for(backend, template: str, max_length: int, image_root=None) -> Tokenization:
+    """The Tokenization of a backend (teacher or student) with this template; a family whose
+    processor renders the conversation (backend.encode) reads each record's images from image_root."""
+    encode = None
+    if backend.num_visual_tokens is None:
+        if template != "chat":
+            raise DataError(
+                f"model family {backend.family!r} renders conversations with its processor's chat template; "
+                "pass --template chat"
+            )
+
+        def encode(record: Record):
+            if record.images and image_root is None:
+                raise DataError(f"sample {record.id!r} has an image but no --image-root was given")
+            pictures = [
+                load_image(resolve_image(image_root, p, record.id), record.id, None)[0] for p in record.images
+            ]
+            turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations]
+            return backend.encode(turns, pictures, record.id)
+
+    return Tokenization(
+        backend.tokenizer,
+        template,
+        backend.image_token_id,
+        backend.num_visual_tokens,
+        max_length,
+        encode=encode,
+    )
 
 
 def tokenize_all(records: list[Record], tok: Tokenization, on_too_long: str = "skip"):
@@ -468,7 +528,8 @@ class Batch:
     input_ids: torch.Tensor  # (B, S), right-padded
     attention_mask: torch.Tensor  # (B, S)
     labels: torch.Tensor  # (B, S), IGNORE_INDEX on prompt, image and padding
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W), the samples' images in order
+    pixel_values: torch.Tensor | dict | None  # the batch's images in order: (n_images, 3, H, W), or
+    # a processor-driven family's image inputs (its `collate_pixels`)
     image_index: list[list[int]]  # sample -> the rows of pixel_values of its images
     image_keys: list[list[str]]  # sample -> the content hash of each of its images
     visual_positions: list[torch.Tensor]
@@ -477,7 +538,11 @@ class Batch:
     samples: list[TokenizedSample] = field(repr=False, default_factory=list)
 
     def to(self, device) -> Batch:
-        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        def move(t):
+            if isinstance(t, dict):
+                return {k: move(v) for k, v in t.items()}
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
         return Batch(
             self.ids,
             move(self.input_ids),
@@ -499,23 +564,34 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def stack_pixels(per_sample: list[list[torch.Tensor]]) -> torch.Tensor | None:
+    """Fixed-size preprocessed images (3, H, W), sample after sample, as one (n_images, 3, H, W)."""
+    flat = [pixels for sample in per_sample for pixels in sample]
+    return torch.stack(flat) if flat else None
+
+
 def collate(
-    samples: list[TokenizedSample], images: list[list[tuple[torch.Tensor, str]]], pad_id: int
+    samples: list[TokenizedSample],
+    images: list[list[tuple[object, str]]],
+    pad_id: int,
+    collate_pixels: Callable = stack_pixels,
 ) -> Batch:
-    """Right-pad a list of samples; `images[i]` is sample i's [(pixel_values, key)], [] (or None) for text-only."""
+    """Right-pad a list of samples; `images[i]` is sample i's [(pixels, key)], [] (or None) for
+    text-only. `collate_pixels` (the backend's) makes the batch's image inputs of the samples' pixels."""
     width = max(len(s.input_ids) for s in samples)
     n = len(samples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    pixels, image_index, keys = [], [], []
+    pixels, image_index, keys = [], [], []  # pixels: per sample, its images
     for i, s in enumerate(samples):
         input_ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, : len(s.labels)] = torch.tensor(s.labels)
         mask[i, : len(s.input_ids)] = 1
         mine = images[i] or []
-        image_index.append(list(range(len(pixels), len(pixels) + len(mine))))
-        pixels += [pixel for pixel, _ in mine]
+        first = sum(len(p) for p in pixels)
+        image_index.append(list(range(first, first + len(mine))))
+        pixels.append([pixel for pixel, _ in mine])
         keys.append([key for _, key in mine])
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
@@ -523,7 +599,7 @@ def collate(
         input_ids=input_ids,
         attention_mask=mask,
         labels=labels,
-        pixel_values=torch.stack(pixels) if pixels else None,
+        pixel_values=collate_pixels(pixels) if any(pixels) else None,
         image_index=image_index,
         image_keys=keys,
         visual_positions=[as_long(s.visual_positions) for s in samples],
@@ -543,13 +619,23 @@ def load_images(sample: TokenizedSample, image_root, pad) -> list[tuple[object, 
 class SampleDataset(torch.utils.data.Dataset):
     """Tokenized samples plus their preprocessed images; a torch Dataset for DataLoader workers.
 
-    `pad` is the square-padding colour the image keys are defined with (the model's `pad_color`).
+    `pad` is the square-padding colour the image keys are defined with (the model's `pad_color`;
+    None: not padded); `collate_pixels` the model's (Backend.collate_pixels).
     """
 
-    def __init__(self, samples: list[TokenizedSample], image_root, preprocess, pad_id: int, pad):
+    def __init__(
+        self,
+        samples: list[TokenizedSample],
+        image_root,
+        preprocess,
+        pad_id: int,
+        pad,
+        collate_pixels: Callable = stack_pixels,
+    ):
         check_images(samples, image_root)
         self.samples, self.image_root, self.preprocess, self.pad_id = samples, image_root, preprocess, pad_id
-        self.pad = tuple(pad)
+        self.pad = None if pad is None else tuple(pad)
+        self.collate_pixels = collate_pixels
 
     def __len__(self):
         return len(self.samples)
@@ -560,4 +646,4 @@ class SampleDataset(torch.utils.data.Dataset):
         return s, [(self.preprocess(picture), key) for picture, key in pictures]
 
     def collate(self, items) -> Batch:
-        return collate([s for s, _ in items], [im for _, im in items], self.pad_id)
+        return collate([s for s, _ in items], [im for _, im in items], self.pad_id, self.collate_pixels)

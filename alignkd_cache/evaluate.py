@@ -19,16 +19,17 @@ from alignkd_cache.data import (
     IGNORE_INDEX,
     ROLES,
     Record,
-    Tokenization,
     TokenizedSample,
     check_images,
     collate,
     load_images,
     pad_id,
     read_records,
+    tokenization_for,
     tokenize_all,
 )
 from alignkd_cache.progress import progress_bar
+from alignkd_cache.signals import SignalOptions
 
 
 def normalise(text: str) -> str:
@@ -89,7 +90,9 @@ def greedy_answers(
                 dataclasses.replace(s, input_ids=i, labels=[IGNORE_INDEX] * len(i))
                 for s, i in zip(group, ids, strict=True)
             ]
-            logits = backend.forward(collate(samples, images, pad), capture=False).logits
+            logits = backend.forward(
+                collate(samples, images, pad, backend.collate_pixels), capture=False
+            ).logits
             if 0 <= backend.image_token_id < logits.shape[-1]:
                 # The image placeholder is not text: generating it would feed an unspliced image id back.
                 logits[..., backend.image_token_id] = float("-inf")
@@ -120,7 +123,7 @@ def evaluate(
     predictions: str | Path | None = None,
 ) -> dict:
     records = {r.id: r for r in read_records(data)}
-    tok = Tokenization(backend.tokenizer, template, backend.image_token_id, backend.num_visual_tokens)
+    tok = tokenization_for(backend, template, SignalOptions.max_length, image_root)
     samples, skips = tokenize_all(list(records.values()), tok)
     check_images(samples, image_root)
     prompts = [prompt_of(s) for s in samples]

@@ -105,8 +105,9 @@ def _to_rgb(raw: Image.Image) -> Image.Image:
     return raw.convert("RGB")
 
 
-def load_image(path: str | Path, sample_id: str, pad: tuple[int, int, int]) -> tuple[Image.Image, str]:
+def load_image(path: str | Path, sample_id: str, pad: tuple[int, int, int] | None) -> tuple[Image.Image, str]:
     """Return the RGB image padded with `pad` and its content key; a clear error for unreadable files.
+    pad=None: not padded (a family whose processor takes the image as it is: dynamic resolution, tiles).
 
     Images up to 2 x DECODE_SIDE on their long side decode exactly as in LLaVA; larger ones are
     shrunk by an integer factor (JPEG while decoding, via draft) so that memory stays bounded."""
@@ -121,5 +122,6 @@ def load_image(path: str | Path, sample_id: str, pad: tuple[int, int, int]) -> t
     factor = max(image.size) // DECODE_SIDE
     if factor >= 2:
         image = image.reduce(factor)
-    image = pad_to_square(image, pad)
+    if pad is not None:
+        image = pad_to_square(image, pad)
     return image, image_key(image)

@@ -143,11 +143,12 @@ def stored_arrays(attrs: dict) -> list[str]:
 
 
 def sample_signal(
-    forward, batch, j: int, sample, options, with_visual: bool | list[bool] = True
+    forward, batch, j: int, sample, options, with_visual: bool | list[bool] = True, vocab: int | None = None
 ) -> TeacherSignal:
     """Sample j of a teacher forward (a backend's VLMOutput over `batch`) as a TeacherSignal on the
     teacher's sequence: the build and the resident teacher both take their signals here.
 
+    `vocab`: the ids targets may name (Backend.vocab_size; None: every logit).
     `options`: a SignalOptions (a BuildOptions is one). `with_visual`: per image of the sample,
     whether its visual tokens are kept (False: another sample stores them); default all.
     Tensors stay on the forward's device; logit targets are computed there.
@@ -169,6 +170,7 @@ def sample_signal(
         draws=options.draws,
         seed=options.seed,
         sample_id=sample.id,
+        vocab=vocab,
     )
     return TeacherSignal(attention, visual, logits, list(batch.image_keys[j]))
 
@@ -236,19 +238,25 @@ def logit_targets(
     draws: int = SignalOptions.draws,
     seed: int = 0,
     sample_id: str = "",
+    vocab: int | None = None,
 ) -> LogitTargets:
     """logits (S, vocab) of one sample -> targets at `positions` (on the logits' device, except
-    sampled targets, which are drawn on the CPU)."""
+    sampled targets, which are drawn on the CPU).
+
+    `vocab`: the ids a target may name (the tokenizer's; None: all). The probabilities stay those of
+    the full softmax: the mass of the rows past `vocab` (a padded embedding) is in the top-k tail;
+    sampled targets draw from the distribution over the `vocab` ids, renormalised."""
     if kind not in ONLINE_KINDS:
         raise ValueError(f"unknown logit target kind {kind!r}; choose one of {ONLINE_KINDS}")
     positions = torch.as_tensor(positions, dtype=torch.long, device=logits.device)
     log_probs = torch.log_softmax(logits[positions].float(), dim=-1)
+    vocab = log_probs.shape[-1] if vocab is None else vocab
     if kind == "full":
         return LogitTargets("full", positions, None, log_probs, None)
     if kind == "topk":
-        if not 1 <= k <= log_probs.shape[-1]:
-            raise ValueError(f"top-k needs 1 <= k <= vocab size {log_probs.shape[-1]}, got k={k}")
-        values, ids = log_probs.topk(k, dim=-1)
+        if not 1 <= k <= vocab:
+            raise ValueError(f"top-k needs 1 <= k <= vocab size {vocab}, got k={k}")
+        values, ids = log_probs[:, :vocab].topk(k, dim=-1)
         # The tail as a logsumexp over the other ids: 1 - sum(top-k) loses every tail below the
         # rounding error of that sum (~1e-7 in fp32), and the loss needs small tails exactly.
         others = log_probs.scatter(-1, ids, float("-inf"))
@@ -256,7 +264,8 @@ def logit_targets(
         return LogitTargets("topk", positions, ids, values, tail)
     if draws < 1:
         raise ValueError(f"sampled targets need draws >= 1, got {draws}")
-    return _sampled(log_probs.detach().cpu().double(), positions.cpu(), draws, sample_seed(seed, sample_id))
+    kept = log_probs[:, :vocab].detach().cpu().double()
+    return _sampled(kept, positions.cpu(), draws, sample_seed(seed, sample_id))
 
 
 def _sampled(log_probs: torch.Tensor, positions: torch.Tensor, draws: int, seed: int) -> LogitTargets:

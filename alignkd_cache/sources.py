@@ -28,7 +28,6 @@ from alignkd_cache.data import (
     Batch,
     DataError,
     SampleDataset,
-    Tokenization,
     TokenizedSample,
     check_images,
     collate,
@@ -36,6 +35,7 @@ from alignkd_cache.data import (
     pad_id,
     read_records,
     resolve_image,
+    tokenization_for,
     tokenize_all,
 )
 from alignkd_cache.images import load_image
@@ -212,6 +212,7 @@ class CacheSource(torch.utils.data.Dataset):
 
     def __init__(self, reader, student, image_root, template: str | None = None):
         self.reader, self.image_root, self.preprocess = reader, image_root, student.preprocess
+        self.collate_pixels = student.collate_pixels
         self.pad_id = pad_id(student.tokenizer)
         attrs = reader.attrs
         check_cache_matches(attrs, student, template, reader.url)
@@ -266,7 +267,9 @@ class CacheSource(torch.utils.data.Dataset):
         return pictures
 
     def collate(self, items) -> MicroBatch:
-        batch = collate([s for s, _, _ in items], [im for _, im, _ in items], self.pad_id)
+        batch = collate(
+            [s for s, _, _ in items], [im for _, im, _ in items], self.pad_id, self.collate_pixels
+        )
         return MicroBatch(batch, None, [t for _, _, t in items])
 
     def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
@@ -331,8 +334,10 @@ class Layer0Source(CacheSource):
         return student, mine, teacher, theirs, cached
 
     def collate(self, items) -> MicroBatch:
-        student = collate([it[0] for it in items], [it[1] for it in items], self.pad_id)
-        teacher = collate([it[2] for it in items], [it[3] for it in items], self.teacher_pad_id)
+        student = collate([it[0] for it in items], [it[1] for it in items], self.pad_id, self.collate_pixels)
+        teacher = collate(
+            [it[2] for it in items], [it[3] for it in items], self.teacher_pad_id, self.stub.collate_pixels
+        )
         return MicroBatch(student, teacher, [it[4] for it in items])
 
     def signals(self, micro: MicroBatch, device) -> list[TeacherSignal]:
@@ -387,7 +392,7 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
             f"{tokenizer_settings(student.tokenizer)}): the student trains on the cache's token ids, i.e. the "
             "teacher's tokenization, not the one its own tokenizer would produce"
         )
-    if tuple(student.pad_color) != attrs_pad_color(attrs):
+    if (None if student.pad_color is None else tuple(student.pad_color)) != attrs_pad_color(attrs):
         warnings.append(
             f"image padding: the cache's images are padded with {attrs_pad_color(attrs)}, the student's processor "
             f"mean is {tuple(student.pad_color)}; the student sees the teacher's padding"
@@ -427,13 +432,8 @@ class OnlineSource(torch.utils.data.Dataset):
             )
         _check_pooling(teacher.num_visual_tokens, student.num_visual_tokens, "the teacher")
         self.teacher, self.student_preprocess, self.options = teacher, student.preprocess, options
-        tok = Tokenization(
-            teacher.tokenizer,
-            options.template,
-            teacher.image_token_id,
-            teacher.num_visual_tokens,
-            options.max_length,
-        )
+        self.student_collate_pixels = student.collate_pixels
+        tok = tokenization_for(teacher, options.template, options.max_length, image_root)
         self.teacher_samples, self.skips = tokenize_all(read_records(data), tok)
         self.data_sha256 = file_sha256(data)
         self.samples = [
@@ -460,8 +460,12 @@ class OnlineSource(torch.utils.data.Dataset):
         )
 
     def collate(self, items) -> MicroBatch:
-        student = collate([it[0] for it in items], [it[1] for it in items], self.pad_id)
-        teacher = collate([it[2] for it in items], [it[3] for it in items], self.teacher_pad_id)
+        student = collate(
+            [it[0] for it in items], [it[1] for it in items], self.pad_id, self.student_collate_pixels
+        )
+        teacher = collate(
+            [it[2] for it in items], [it[3] for it in items], self.teacher_pad_id, self.teacher.collate_pixels
+        )
         return MicroBatch(student, teacher, None)
 
     @torch.no_grad()
@@ -471,9 +475,13 @@ class OnlineSource(torch.utils.data.Dataset):
         with torch.autocast(torch.device(device).type, enabled=False):
             forward = self.teacher.forward(micro.teacher, capture=True)
         return [
-            on_student(sample_signal(forward, micro.teacher, i, teacher, self.options), teacher, student).to(
-                device
-            )
+            on_student(
+                sample_signal(
+                    forward, micro.teacher, i, teacher, self.options, vocab=self.teacher.vocab_size
+                ),
+                teacher,
+                student,
+            ).to(device)
             for i, (teacher, student) in enumerate(
                 zip(micro.teacher.samples, micro.student.samples, strict=True)
             )
@@ -530,11 +538,16 @@ class DataSource(SampleDataset):
         template=SignalOptions.template,
         max_length=SignalOptions.max_length,
     ):
-        tok = Tokenization(
-            model.tokenizer, template, model.image_token_id, model.num_visual_tokens, max_length
-        )
+        tok = tokenization_for(model, template, max_length, image_root)
         samples, self.skips = tokenize_all(read_records(data), tok)
-        super().__init__(samples, image_root, model.preprocess, pad_id(model.tokenizer), model.pad_color)
+        super().__init__(
+            samples,
+            image_root,
+            model.preprocess,
+            pad_id(model.tokenizer),
+            model.pad_color,
+            model.collate_pixels,
+        )
         self.counts = SampleCounts.of(samples)
         self.data, self.template = str(data), template
         self.data_sha256, self.max_length = file_sha256(data), max_length

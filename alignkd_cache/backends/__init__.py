@@ -39,14 +39,19 @@ class Backend(Protocol):
     model: torch.nn.Module
     tokenizer: object
     image_token_id: int  # the id the data layer writes at visual positions
-    num_visual_tokens: int  # N_v
+    num_visual_tokens: int | None  # N_v per image; None: the processor sets each image's (encode)
     image_processor: object  # its settings are recorded in a cache's `preprocessing`
-    pad_color: tuple[int, int, int]  # square-padding fill: int(255 * image_processor.image_mean)
+    pad_color: tuple[int, int, int] | None  # square-padding fill: int(255 * image_mean); None: no padding
     num_heads: int  # layer-0 query heads (H)
     visual_dim: int  # D of the projected visual tokens (= LLM hidden size)
+    vocab_size: int  # the logits' width: the ids the logit targets and losses use
 
-    def preprocess(self, image) -> torch.Tensor:
-        """An RGB PIL image -> (3, H, W) pixel values: padded to a square with pad_color, then processed."""
+    def preprocess(self, image):
+        """An RGB PIL image -> its pixels for collate_pixels ((3, H, W) after square padding and
+        the processor, for a fixed-size family)."""
+
+    def collate_pixels(self, per_sample: list[list]) -> torch.Tensor | dict | None:
+        """Per sample, its images' `preprocess` outputs -> the batch's image inputs (Batch.pixel_values)."""
 
     def forward(self, batch, capture: bool = True) -> VLMOutput:
         """Run the model. capture=False skips the attention slice (plain sdpa everywhere)."""
@@ -59,8 +64,9 @@ class Backend(Protocol):
 
 
 def detect_family(path: str | Path) -> str:
-    """'llava' or 'mobilevlm', from the checkpoint's config.json (a local directory or a hub id); any
-    other model_type is refused in one line naming it and the supported ones."""
+    """'llava', 'mobilevlm' or a transformers-native family's model_type (backends.transformers_vlm),
+    from the checkpoint's config.json (a local directory or a hub id); any other model_type is
+    refused in one line naming it and the supported ones."""
     from alignkd_cache.backends.checkpoint import resolve_checkpoint
 
     return _family(resolve_checkpoint(path), path)
@@ -83,10 +89,7 @@ def _family(local: Path, path: str | Path) -> str:
     from alignkd_cache.backends.transformers_vlm import SUPPORTED_MODEL_TYPES, UnsupportedFamily
 
     if model_type in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedFamily(
-            f"model {path}: model_type {model_type!r} has a backend (alignkd_cache.backends.transformers_vlm, "
-            "docs/families.md) that `build` and `alignkd-train` do not run yet; use a llava or mobilevlm checkpoint"
-        )
+        return model_type
     supported = ", ".join(sorted(("llava", "mobilevlm", *SUPPORTED_MODEL_TYPES)))
     raise UnsupportedFamily(
         f"model {path}: model_type {model_type!r} is not supported; supported: {supported}"
@@ -113,4 +116,14 @@ def load_backend(
         from alignkd_cache.backends.mobilevlm import MobileVLMBackend
 
         return MobileVLMBackend.load(local, dtype=dtype, device=device, model_id=str(path), **kwargs)
-    raise ValueError(f"unknown model family {family!r}; choose 'llava' or 'mobilevlm'")
+    from alignkd_cache.backends.transformers_vlm import SUPPORTED_MODEL_TYPES, TransformersVLM
+
+    if family in SUPPORTED_MODEL_TYPES:
+        if kwargs:
+            raise ValueError(
+                f"{path}: options {sorted(kwargs)} do not apply to a {family} checkpoint; drop them"
+            )
+        return TransformersVLM.load(local, dtype=dtype, device=device, model_id=str(path))
+    raise ValueError(
+        f"unknown model family {family!r}; choose one of llava, mobilevlm, {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

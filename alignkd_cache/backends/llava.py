@@ -19,6 +19,7 @@ from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint
 from alignkd_cache.backends.saving import save_like_source, weight_files
 from alignkd_cache.backends.tokenizer import load_tokenizer
+from alignkd_cache.data import stack_pixels
 from alignkd_cache.images import pad_color, pad_to_square
 
 
@@ -72,6 +73,12 @@ class LlavaBackend:
         tokenizer = load_tokenizer(local)
         image_processor = AutoImageProcessor.from_pretrained(local)
         return cls(model, tokenizer, image_processor, model_id, local)
+
+    collate_pixels = staticmethod(stack_pixels)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.lm_head.out_features
 
     def preprocess(self, image) -> torch.Tensor:
         """Pad to a square with the processor's mean, as LlavaImageProcessor(do_pad=True), then process."""

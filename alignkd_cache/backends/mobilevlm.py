@@ -36,6 +36,7 @@ from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint, resolve_checkpoint
 from alignkd_cache.backends.saving import save_like_source, source_keys
 from alignkd_cache.backends.tokenizer import load_tokenizer
+from alignkd_cache.data import stack_pixels
 from alignkd_cache.images import pad_color, pad_to_square
 
 IMAGE_TOKEN_ID = -200  # MobileVLM's placeholder id, as in the original code
@@ -281,6 +282,12 @@ class MobileVLMBackend:
         model = MobileVLM(llm, projector.to(dtype), tower, select_layer).to(device).eval()
         processor = _image_processor([tower_dir, local])
         return cls(model, config, tokenizer, model_id, local, tower_ref, processor)
+
+    collate_pixels = staticmethod(stack_pixels)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.llm.lm_head.out_features
 
     def preprocess(self, image) -> torch.Tensor:
         """expand2square with the processor's mean, then the CLIP processor (a square passes as is)."""

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, layer0_capture
+from alignkd_cache.backends.checkpoint import fingerprint
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("internvl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 # The other backends of this package, named in the one-line error for an unsupported checkpoint.
@@ -180,17 +182,25 @@ def pad_dim(tensors: list[torch.Tensor], dim: int, value=0) -> list[torch.Tensor
 class TransformersVLM:
     """One transformers-native VLM (teacher or student) and the Align-KD signals of its forward."""
 
-    def __init__(self, family: str, model, processor):
+    # Backend protocol: the processor sets each image's visual-token count and takes images as
+    # they are (no square padding); `encode` tokenizes (data.tokenization_for).
+    num_visual_tokens = None
+    pad_color = None
+
+    def __init__(
+        self, family: str, model, processor, model_id: str | None = None, source: Path | None = None
+    ):
         self.family = family
         self.model = model
         self.processor = processor
+        self.image_processor = processor.image_processor
+        self.model_id, self.source = model_id, source
         self.tokenizer = processor.tokenizer
         self.image_token_id = int(processor.image_token_id)
         self.image_token = processor.image_token
         text_config = model.config.get_text_config()
         self.num_heads = int(text_config.num_attention_heads)
         self.visual_dim = int(text_config.hidden_size)
-        self.vocab_size = len(self.tokenizer)
         module = importlib.import_module(f"alignkd_cache.backends.{FAMILY_MODULES[family]}")
         self._collate_pixels: Callable[[list[dict]], dict] = getattr(
             module, "collate_pixels", default_collate_pixels
@@ -198,7 +208,9 @@ class TransformersVLM:
         self._end_tokens = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
 
     @classmethod
-    def load(cls, local: str | Path, dtype=torch.float32, device="cpu") -> TransformersVLM:
+    def load(
+        cls, local: str | Path, dtype=torch.float32, device="cpu", model_id: str | None = None
+    ) -> TransformersVLM:
         from transformers import AutoModelForImageTextToText
 
         local = Path(local)
@@ -211,7 +223,7 @@ class TransformersVLM:
             attn_implementation={"text_config": CAPTURE_ATTENTION, "vision_config": "sdpa"},
         ).to(device)
         model.eval()
-        return cls(family, model, processor)
+        return cls(family, model, processor, model_id or str(local), local)
 
     # ---------------------------------------------------------------- encoding
 
@@ -332,11 +344,42 @@ class TransformersVLM:
             labels[b, : len(s.labels)] = torch.tensor(s.labels)
             mask[b, : len(s.input_ids)] = 1
         pixel_inputs = self._collate_pixels([s.pixel_inputs for s in samples])
-        if getattr(self.processor, "return_mm_token_type_ids", False):
-            # M-RoPE (Qwen) needs the per-token modality; the processor says how it builds it.
-            types = self.processor.create_mm_token_type_ids(ids.tolist())
-            pixel_inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long) * mask
         return FamilyBatch(ids, mask, labels, pixel_inputs, [list(s.num_visual) for s in samples])
+
+    def preprocess(self, image):
+        """Backend protocol: the image as it is; collate_pixels runs the processor per sample."""
+        return image
+
+    def collate_pixels(self, per_sample: list[list]) -> dict:
+        """Backend protocol: each sample's images through the processor (as `encode` runs it: the
+        image inputs do not depend on the text), then batched as the family's forward takes them."""
+        inputs = []
+        for pictures in per_sample:
+            if not pictures:
+                inputs.append({})
+                continue
+            probe = [("user", "<image>" * len(pictures)), ("assistant", "ok")]
+            inputs.append(self.encode(probe, pictures, "pixels").pixel_inputs)
+        return self._collate_pixels(inputs)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's ids: the logits' first rows, the only ids a logit target names. Rows past
+        them pad the embedding (Qwen2.5-VL 7B has 152064, 3B 151936 over one tokenizer); their
+        probability stays in the softmax, so it falls in the top-k tail (signals.logit_targets)."""
+        return len(self.tokenizer)
+
+    def forward(self, batch, capture: bool = True) -> VLMOutput:
+        """Backend protocol: a data.Batch through the model's own forward (see `run`)."""
+        num_visual = [list(s.num_visual) for s in batch.samples]
+        logits, attention, visual = self.run(
+            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, capture, num_visual
+        )
+        flat = [v for sample in visual for v in sample]
+        return VLMOutput(logits, attention, flat or None)
+
+    def fingerprint(self) -> dict:
+        return fingerprint(self, self.model.config.to_dict())
 
     # ---------------------------------------------------------------- forward
 
@@ -358,7 +401,7 @@ class TransformersVLM:
         finally:
             del owner.get_image_features  # back to the class's method
 
-    def forward(
+    def run(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
@@ -371,6 +414,12 @@ class TransformersVLM:
         device = self.model.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pixel_inputs.items()}
+        if getattr(self.processor, "return_mm_token_type_ids", False):
+            # M-RoPE (Qwen) needs the per-token modality; the processor says how it builds it.
+            types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+            inputs["mm_token_type_ids"] = (
+                torch.tensor(types, dtype=torch.long, device=device) * attention_mask
+            )
         is_image = input_ids == self.image_token_id
         visual_positions, query_positions = [], []
         for b in range(input_ids.shape[0]):
@@ -436,7 +485,7 @@ class TransformersVLM:
         return visual
 
     def __call__(self, batch: FamilyBatch, capture: bool = True):
-        return self.forward(
+        return self.run(
             batch.input_ids, batch.attention_mask, batch.pixel_inputs, capture, num_visual=batch.num_visual
         )
 

@@ -78,9 +78,10 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def attrs_pad_color(attrs: dict) -> tuple[int, int, int]:
-    """The padding colour a cache's image keys are defined with."""
-    return tuple(attrs["preprocessing"]["image"]["pad_color"])
+def attrs_pad_color(attrs: dict) -> tuple[int, int, int] | None:
+    """The padding colour a cache's image keys are defined with (None: images are not padded)."""
+    color = attrs["preprocessing"]["image"]["pad_color"]
+    return None if color is None else tuple(color)
 
 
 def first_difference(stored, new, where: str) -> str | None:

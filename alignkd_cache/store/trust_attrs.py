@@ -50,7 +50,7 @@ def check_attrs(loc: Location, found: Inspection) -> None:
         return
     for name, limit in LIMITS.items():
         value = attrs["options"][name[8:]] if name.startswith("options.") else attrs[name]
-        if value > limit:
+        if value is not None and value > limit:
             found.add(f"attribute {name} is {value}, above the limit {limit}")
     for name in ("template", "topk", "logit_targets", "logit_positions", "attn_heads", "codecs"):
         if attrs[name] != attrs["options"][name]:

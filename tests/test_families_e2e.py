@@ -1,0 +1,176 @@
+"""Today's families through the user's path: build a cache by command line, check it against an
+independent eager transformers forward, train a narrower student of the same family from it and
+with the teacher resident (the same terms), verify, info, show, eval.
+
+Each family's pair comes from tiny_families (a wider, deeper teacher with a padded vocabulary and
+a narrower student, one processor). The data: a multi-turn sample with non-ASCII text, a sample
+with two images of different non-square sizes, a text-only sample.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from test_families import FAMILIES, _flat, _hf_messages, _reference_processor
+
+from alignkd_cache.backends import load_backend
+from alignkd_cache.cli import cache as cache_cli
+from alignkd_cache.cli import train as train_cli
+from alignkd_cache.demo.digits import compose, load_scans
+from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.sources import CacheSource, OnlineSource, SignalOptions
+from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.tiny_families import tiny_checkpoint
+from alignkd_cache.train import build_adapters, trainable_model_parameters
+
+TOL = 1e-5
+RECORDS = [
+    {
+        "id": "multi-turn",
+        "image": "wide.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nЧто это? 数字"},
+            {"from": "gpt", "value": "Это 7."},
+            {"from": "human", "value": "А тут?"},
+            {"from": "gpt", "value": "数字 3"},
+        ],
+    },
+    {
+        "id": "two-images",
+        "image": ["wide.png", "tall.png"],
+        "conversations": [
+            {"from": "human", "value": "<image> and <image> differ?"},
+            {"from": "gpt", "value": "yes"},
+        ],
+    },
+    {
+        "id": "text-only",
+        "conversations": [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "hi there"}],
+    },
+]
+
+
+def invoke(main, *args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request, tmp_path_factory):
+    """(model_type, teacher dir, student dir, data, image root, lossless cache) built by command line."""
+    root = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    scans, _ = load_scans()
+    compose(scans[:4], cell=16).resize((40, 28)).save(root / "wide.png")
+    compose(scans[4:8], cell=16).resize((28, 56)).save(root / "tall.png")
+    data = root / "data.json"
+    data.write_text(json.dumps(RECORDS, ensure_ascii=False))
+    teacher = tiny_checkpoint(request.param, root / "teacher", role="teacher", seed=1)
+    student = tiny_checkpoint(request.param, root / "student", role="student", seed=2)
+    cache = root / "cache.zarr"
+    invoke(cache_cli.main, "build", "--teacher", teacher, "--data", data, "--image-root", root, "--out", cache,
+           "--template", "chat", "--codecs", "lossless", "--batch-size", "2", "--topk", "8")  # fmt: skip
+    return request.param, teacher, student, data, root, cache
+
+
+def test_lossless_cache_equals_an_independent_eager_forward(built):
+    model_type, teacher, _, _, root, cache = built
+    reader = CacheReader(str(cache))
+    processor = _reference_processor(teacher, model_type)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        teacher, attn_implementation="eager", use_safetensors=True
+    ).eval()
+    assert reader.attrs["vocab_size"] == len(processor.tokenizer) < model.config.get_text_config().vocab_size
+    image_id = processor.image_token_id
+    for record in RECORDS:
+        paths = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
+        images = [transformers.image_utils.load_image(str(root / p)) for p in paths]
+        turns = [
+            ("user" if t["from"] == "human" else "assistant", t["value"]) for t in record["conversations"]
+        ]
+        text = processor.apply_chat_template(_hf_messages(turns), tokenize=False)
+        inputs = processor(text=[text], images=images or None, return_tensors="pt")
+        row, got = reader.row(record["id"]), reader.read(record["id"])
+        ids = inputs["input_ids"][0]
+        assert row["input_ids"] == ids.tolist()
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True, use_cache=False)
+        log_probs = out.logits[0].float().log_softmax(-1)[got.logits.positions]
+        torch.testing.assert_close(got.logits.values, log_probs.gather(1, got.logits.ids), atol=TOL, rtol=0)
+        if not images:
+            assert got.attention is None and got.visual == []
+            continue
+        v = (ids == image_id).nonzero().flatten()
+        t = torch.tensor([p for p in range(int(v[0]) + 1, len(ids)) if ids[p] != image_id])
+        torch.testing.assert_close(got.attention, out.attentions[0][0][:, t][:, :, v], atol=TOL, rtol=0)
+        assert row["num_visual"] == [int(x.shape[0]) for x in got.visual]
+        pixel = {k: val for k, val in inputs.items() if k not in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            features = model.model.get_image_features(**_image_kwargs(model_type, pixel))
+        want = _flat(features.pooler_output, got.visual[0].shape[-1])
+        torch.testing.assert_close(torch.cat(got.visual), want, atol=TOL, rtol=0)
+
+
+def _image_kwargs(model_type: str, pixel: dict) -> dict:
+    """The inputs get_image_features takes for this family (the rest of the processor's output is for
+    the text side)."""
+    names = {
+        "qwen2_5_vl": ("pixel_values", "image_grid_thw"),
+        "qwen3_vl": ("pixel_values", "image_grid_thw"),
+        "internvl": ("pixel_values",),
+        "smolvlm": ("pixel_values", "pixel_attention_mask"),
+        "llava_onevision": ("pixel_values", "image_sizes"),
+    }[model_type]
+    return {k: pixel[k] for k in names if k in pixel}
+
+
+def loss_and_grads(student, source, cfg):
+    student.model.train()
+    params = trainable_model_parameters(student.model)
+    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, 0)
+    student.model.zero_grad(set_to_none=True)
+    micro = source.collate([source[i] for i in range(len(source))])
+    output = student.forward(micro.student, capture=True)
+    loss, terms = total_loss(output, micro.student, source.signals(micro, "cpu"), cfg, adapters)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters()) if p.grad is not None])
+    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, grads
+
+
+def test_offline_equals_online_for_a_narrower_student(built):
+    _, teacher_dir, student_dir, data, root, cache = built
+    student = load_backend(student_dir)
+    teacher = load_backend(teacher_dir)
+    teacher.model.requires_grad_(False)
+    assert teacher.num_heads > student.num_heads and teacher.visual_dim > student.visual_dim
+    cfg = LossConfig(parse_weights(""))
+    offline = CacheSource(CacheReader(str(cache)), student, root)
+    online = OnlineSource(teacher, student, data, root, SignalOptions(template="chat", topk=8))
+    assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
+    (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
+    for term in ("loss", "ce", "logit", "vis", "attn"):
+        assert off[term] > 0, term
+        assert abs(off[term] - on[term]) <= 1e-4, (term, off[term], on[term])
+    torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
+
+
+def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):
+    model_type, _, student, data, root, cache = built
+    assert "ok" in invoke(cache_cli.main, "verify", cache).lower()
+    info = json.loads(invoke(cache_cli.main, "info", cache, "--json"))
+    assert info["counts"]["written"] == 3 and info["provenance"]["family"] == model_type
+    figure = tmp_path / "two.png"
+    invoke(cache_cli.main, "show", cache, "--sample", "two-images", "--image-root", root, "--out", figure)
+    assert figure.stat().st_size > 0
+    run = tmp_path / "run"
+    out = invoke(train_cli.main, "from-cache", "--student", student, "--cache", cache, "--image-root", root,
+                 "--out", run, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3")  # fmt: skip
+    assert json.loads(out.strip().splitlines()[-1])["finished"]
+    predictions = tmp_path / "p.jsonl"
+    invoke(train_cli.main, "eval", "--model", run, "--data", data, "--image-root", root,
+           "--max-new-tokens", "3", "--predictions", predictions)  # fmt: skip
+    assert len(predictions.read_text().splitlines()) == len(RECORDS)
