@@ -102,6 +102,18 @@ def preprocessing(backend, template: str) -> dict:
         "resample",
         "do_center_crop",
         "rescale_factor",
+        # What sets each image's visual-token count in the dynamic families (absent from CLIP's).
+        "min_pixels",
+        "max_pixels",
+        "patch_size",
+        "temporal_patch_size",
+        "merge_size",
+        "do_image_splitting",
+        "max_image_size",
+        "image_grid_pinpoints",
+        "crop_to_patches",
+        "min_patches",
+        "max_patches",
     )
     return {
         "template": template,

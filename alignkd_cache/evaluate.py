@@ -25,9 +25,11 @@ from alignkd_cache.data import (
     load_images,
     pad_id,
     read_records,
+    resolve_image,
     tokenization_for,
     tokenize_all,
 )
+from alignkd_cache.images import load_image
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import SignalOptions
 
@@ -113,6 +115,16 @@ def greedy_answers(
     return answers
 
 
+def own_generate(backend, record: Record, image_root, max_new_tokens: int) -> str:
+    """The greedy answer to the record's conversation up to its last answer, through the model's own
+    `generate` and processor (backends.transformers_vlm)."""
+    turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations][:-1]
+    pictures = [
+        load_image(resolve_image(image_root, p, record.id), record.id, None)[0] for p in record.images
+    ]
+    return backend.generate(turns, pictures, max_new_tokens)
+
+
 def evaluate(
     backend,
     data,
@@ -126,8 +138,12 @@ def evaluate(
     tok = tokenization_for(backend, template, SignalOptions.max_length, image_root)
     samples, skips = tokenize_all(list(records.values()), tok)
     check_images(samples, image_root)
-    prompts = [prompt_of(s) for s in samples]
-    outputs = greedy_answers(backend, prompts, image_root, max_new_tokens, batch_size)
+    if backend.num_visual_tokens is None:  # a transformers-native family: through its own generate
+        outputs = [own_generate(backend, records[s.id], image_root, max_new_tokens) for s in samples]
+    else:
+        outputs = greedy_answers(
+            backend, [prompt_of(s) for s in samples], image_root, max_new_tokens, batch_size
+        )
     results = []
     for s, out in zip(samples, outputs, strict=True):
         answer = reference_answer(records[s.id])

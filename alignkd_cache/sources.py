@@ -392,10 +392,14 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
             f"{tokenizer_settings(student.tokenizer)}): the student trains on the cache's token ids, i.e. the "
             "teacher's tokenization, not the one its own tokenizer would produce"
         )
-    if (None if student.pad_color is None else tuple(student.pad_color)) != attrs_pad_color(attrs):
+    theirs_pad, ours_pad = (
+        attrs_pad_color(attrs),
+        None if student.pad_color is None else tuple(student.pad_color),
+    )
+    if None not in (theirs_pad, ours_pad) and ours_pad != theirs_pad:
         warnings.append(
-            f"image padding: the cache's images are padded with {attrs_pad_color(attrs)}, the student's processor "
-            f"mean is {tuple(student.pad_color)}; the student sees the teacher's padding"
+            f"image padding: the cache's images are padded with {theirs_pad}, the student's processor "
+            f"mean is {ours_pad}; the student sees the teacher's padding"
         )
     if template is not None and template != attrs["template"]:
         problems.append(
@@ -406,6 +410,16 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
         _check_pooling(attrs["num_visual_tokens"], student.num_visual_tokens, "the cache")
     except CompatibilityError as e:
         problems.append(str(e))
+    if attrs["num_visual_tokens"] is None and student.num_visual_tokens is None:
+        from alignkd_cache.build import preprocessing
+
+        theirs, ours = attrs["preprocessing"]["image"], preprocessing(student, attrs["template"])["image"]
+        if theirs != ours:
+            differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+            problems.append(
+                f"image processing: the cache's teacher and the student process images differently ({', '.join(differ)}), "
+                "so their visual tokens do not map one to one; use a student with the teacher's image processor settings"
+            )
     if problems:
         raise CompatibilityError(f"the student cannot train on cache {url}:\n  - " + "\n  - ".join(problems))
     for warning in warnings:

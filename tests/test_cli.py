@@ -9,9 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 import alignkd_cache
-from alignkd_cache.cli import cache, demo, train
+from alignkd_cache.cli import cache, demo, tiny, train
 
-SCRIPTS = {"alignkd-cache": cache.main, "alignkd-train": train.main, "alignkd-demo": demo.main}
+SCRIPTS = {
+    "alignkd-cache": cache.main,
+    "alignkd-train": train.main,
+    "alignkd-demo": demo.main,
+    "alignkd-tiny": tiny.main,
+}
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

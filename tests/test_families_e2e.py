@@ -174,3 +174,48 @@ def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):
     invoke(train_cli.main, "eval", "--model", run, "--data", data, "--image-root", root,
            "--max-new-tokens", "3", "--predictions", predictions)  # fmt: skip
     assert len(predictions.read_text().splitlines()) == len(RECORDS)
+
+
+def test_the_readme_family_commands_run_as_written(tmp_path):
+    """README's block for today's families, as a user runs it from the repository root (one family,
+    by subprocess: the console scripts as installed)."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from conftest import SUBPROCESS_ENV
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "alignkd-tiny" in b)
+    loop = block.split("\n", 1)[1]  # the install line is the environment's job here
+    assert re.search(r"for family in qwen2_5_vl qwen3_vl internvl smolvlm llava_onevision; do", loop)
+    script = re.sub(r"for family in [^;]*;", "for family in smolvlm;", loop)
+    shutil.copytree(repo / "examples", tmp_path / "examples")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs/smolvlm/alignkd_train.json").is_file()
+
+
+def test_a_student_that_processes_images_differently_is_refused_naming_the_setting(built, tmp_path):
+    import shutil
+
+    from alignkd_cache.sources import CompatibilityError
+
+    _, _, student_dir, _, root, cache = built
+    other = tmp_path / "student"
+    shutil.copytree(student_dir, other)
+    # transformers 5 keeps the image processor's settings inside processor_config.json
+    path = other / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["image_processor"]["image_mean"] = [0.0, 0.0, 0.0]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CompatibilityError, match="image processing: .*image_mean"):
+        CacheSource(CacheReader(str(cache)), load_backend(other), root)
