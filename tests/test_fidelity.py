@@ -10,6 +10,7 @@ tests/official_goldens.json pins what it gives with transformers 4.33.1's slow L
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mistral_common
@@ -323,6 +324,14 @@ def test_a_cache_from_before_the_fix_is_refused_naming_what_changed():
         IncompatibleCache, match="1.x caches tokenized the system prompt and each turn separately"
     ):
         check_readable({"schema_version": "1.0", "complete": True}, "old-cache")
+
+
+@pytest.mark.parametrize(("version", "kind"), [("2.1", "2.x"), ("3.0", "3.x (layer0)")])
+def test_one_image_caches_are_refused_naming_what_changed(version, kind):
+    with pytest.raises(
+        IncompatibleCache, match=rf"{re.escape(kind)} caches hold one image per sample .* rebuild the cache"
+    ):
+        check_readable({"schema_version": version, "complete": True}, "old-cache")
 
 
 def test_resume_and_merge_refuse_a_change_of_preprocessing(sp_mobilevlms):
