@@ -40,11 +40,15 @@ def renamed(good: Path, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, llava_teacher_dir, digits_dataset) -> Path:
-    data, root = digits_dataset
-    good = tmp_path_factory.mktemp("fuzz") / "good.zarr"
+def good(tmp_path_factory, llava_teacher_dir, digits_dataset, two_image_dataset) -> Path:
+    """The digits plus a sample with two images (per-image lists and offsets are input too)."""
+    (data, root), (pairs, _) = digits_dataset, two_image_dataset
+    work = tmp_path_factory.mktemp("fuzz")
+    both = work / "data.json"
+    both.write_text(json.dumps(json.loads(data.read_text()) + json.loads(pairs.read_text())))
+    good = work / "good.zarr"
     opts = BuildOptions(template="v1", topk=8, batch_size=4, block_size=4)
-    build_cache(str(llava_teacher_dir), data, root, str(good), dataclasses.replace(opts, progress=False))
+    build_cache(str(llava_teacher_dir), both, root, str(good), dataclasses.replace(opts, progress=False))
     return good
 
 
