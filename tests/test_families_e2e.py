@@ -156,39 +156,27 @@ def loss_and_grads(student, source, cfg):
     return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, grads
 
 
-def test_offline_equals_online_for_a_narrower_student(built):
+def test_offline_equals_online_for_a_narrower_student(built, layer0_cache):
+    """Both kinds of cache (stored, and layer0 with the slices and visual tokens recomputed by its
+    stub) give the resident teacher's loss terms and gradients."""
     _, teacher_dir, student_dir, data, root, cache = built
     student = load_backend(student_dir)
     teacher = load_backend(teacher_dir)
     teacher.model.requires_grad_(False)
     assert teacher.num_heads > student.num_heads and teacher.visual_dim > student.visual_dim
     cfg = LossConfig(parse_weights(""))
-    offline = CacheSource(CacheReader(str(cache)), student, root)
     online = OnlineSource(teacher, student, data, root, SignalOptions(template="chat", topk=8))
-    assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
-    (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
-    for term in ("loss", "ce", "logit", "vis", "attn"):
-        assert off[term] > 0, term
-        assert abs(off[term] - on[term]) <= 1e-4, (term, off[term], on[term])
-    torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
-
-
-def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):
-    model_type, _, student, data, root, cache = built
-    assert "ok" in invoke(cache_cli.main, "verify", cache).lower()
-    info = json.loads(invoke(cache_cli.main, "info", cache, "--json"))
-    assert info["counts"]["written"] == 3 and info["provenance"]["family"] == model_type
-    figure = tmp_path / "two.png"
-    invoke(cache_cli.main, "show", cache, "--sample", "two-images", "--image-root", root, "--out", figure)
-    assert figure.stat().st_size > 0
-    run = tmp_path / "run"
-    out = invoke(train_cli.main, "from-cache", "--student", student, "--cache", cache, "--image-root", root,
-                 "--out", run, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3")  # fmt: skip
-    assert json.loads(out.strip().splitlines()[-1])["finished"]
-    predictions = tmp_path / "p.jsonl"
-    invoke(train_cli.main, "eval", "--model", run, "--data", data, "--image-root", root,
-           "--max-new-tokens", "3", "--predictions", predictions)  # fmt: skip
-    assert len(predictions.read_text().splitlines()) == len(RECORDS)
+    on, g_on = loss_and_grads(student, online, cfg)
+    for offline in (
+        CacheSource(CacheReader(str(cache)), student, root),
+        Layer0Source(CacheReader(str(layer0_cache)), student, root),
+    ):
+        assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
+        off, g_off = loss_and_grads(student, offline, cfg)
+        for term in ("loss", "ce", "logit", "vis", "attn"):
+            assert off[term] > 0, (offline.route, term)
+            assert abs(off[term] - on[term]) <= 1e-4, (offline.route, term, off[term], on[term])
+        torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
 
 
 def all_signals(source):
@@ -209,7 +197,9 @@ def test_a_layer0_cache_recomputes_the_lossless_signals(built, layer0_cache):
     with safe_open(str(layer0_cache / "layer0" / "model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert not any(n.startswith("lm_head.") for n in names)
-    assert any(".layers.0." in n for n in names) and not any(".layers.1." in n and "language" in n for n in names)
+    assert any(".layers.0." in n for n in names) and not any(
+        ".layers.1." in n and "language" in n for n in names
+    )
     assert (source.teacher_heads, source.teacher_dim) == (stored.teacher_heads, stored.teacher_dim)
     _, want = all_signals(stored)
     micro, got = all_signals(source)
@@ -231,26 +221,31 @@ def test_a_layer0_cache_recomputes_the_lossless_signals(built, layer0_cache):
             torch.testing.assert_close(m, f.mean(0, keepdim=True), atol=0, rtol=0)
 
 
-def test_a_layer0_cache_gives_the_online_loss(built, layer0_cache):
-    _, teacher_dir, student_dir, data, root, _ = built
-    student = load_backend(student_dir)
-    teacher = load_backend(teacher_dir)
-    teacher.model.requires_grad_(False)
-    cfg = LossConfig(parse_weights(""))
-    offline = Layer0Source(CacheReader(str(layer0_cache)), student, root)
-    online = OnlineSource(teacher, student, data, root, SignalOptions(template="chat", topk=8))
-    (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
-    for term in ("loss", "ce", "logit", "vis", "attn"):
-        assert off[term] > 0, term
-        assert abs(off[term] - on[term]) <= 1e-4, (term, off[term], on[term])
-    torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
-
-
 def test_verify_info_and_show_a_layer0_cache(built, layer0_cache, tmp_path):
     _, _, _, _, root, _ = built
     assert "ok" in invoke(cache_cli.main, "verify", layer0_cache).lower()
     info = json.loads(invoke(cache_cli.main, "info", layer0_cache, "--json"))
     assert info["kind"] == "layer0" and info["stub"]["bytes"] > 0 and info["counts"]["written"] == 3
     figure = tmp_path / "two.png"
-    invoke(cache_cli.main, "show", layer0_cache, "--sample", "two-images", "--image-root", root, "--out", figure)
+    invoke(
+        cache_cli.main, "show", layer0_cache, "--sample", "two-images", "--image-root", root, "--out", figure
+    )
     assert figure.stat().st_size > 0
+
+
+def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):
+    model_type, _, student, data, root, cache = built
+    assert "ok" in invoke(cache_cli.main, "verify", cache).lower()
+    info = json.loads(invoke(cache_cli.main, "info", cache, "--json"))
+    assert info["counts"]["written"] == 3 and info["provenance"]["family"] == model_type
+    figure = tmp_path / "two.png"
+    invoke(cache_cli.main, "show", cache, "--sample", "two-images", "--image-root", root, "--out", figure)
+    assert figure.stat().st_size > 0
+    run = tmp_path / "run"
+    out = invoke(train_cli.main, "from-cache", "--student", student, "--cache", cache, "--image-root", root,
+                 "--out", run, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3")  # fmt: skip
+    assert json.loads(out.strip().splitlines()[-1])["finished"]
+    predictions = tmp_path / "p.jsonl"
+    invoke(train_cli.main, "eval", "--model", run, "--data", data, "--image-root", root,
+           "--max-new-tokens", "3", "--predictions", predictions)  # fmt: skip
+    assert len(predictions.read_text().splitlines()) == len(RECORDS)
