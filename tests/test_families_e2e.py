@@ -187,7 +187,7 @@ def all_signals(source):
 def test_a_layer0_cache_recomputes_the_lossless_signals(built, layer0_cache):
     """Through the trainer's path (Layer0Source): every slice and every image's visual tokens equal
     the lossless stored cache's; the stub is the teacher cut to one decoder layer, without lm_head."""
-    _, teacher_dir, student_dir, _, root, cache = built
+    _, _, student_dir, _, root, cache = built
     student = load_backend(student_dir)
     stored = CacheSource(CacheReader(str(cache)), student, root)
     source = Layer0Source(CacheReader(str(layer0_cache)), student, root)
