@@ -1,11 +1,15 @@
 """The layer-0 teacher: the teacher cut to its first decoder layer, saved beside a cache.
 
-The attention slice and the visual tokens depend only on the vision tower, the projector, the
-embeddings and decoder layer 0, so a `layer0` cache stores the logit targets and this stub instead
-of per-sample slices, and the slices are recomputed at training time with the build's own capture
-code (backends/capture.py). The stub is the family's own checkpoint with `num_hidden_layers=1`, so
-`load_backend` loads it unchanged; benchmarks/layer0.py measures what dropping v/o/MLP/lm_head
-would save (docs/benchmarks.md, "Layer-0 recipe").
+The attention slice and the visual tokens depend only on the vision path (tower, projector or
+merger), the embeddings and decoder layer 0, so a `layer0` cache stores the logit targets and this
+stub instead of per-sample slices, and the slices are recomputed at training time with the build's
+own capture code (backends/capture.py). The stub is the family's own checkpoint with
+`num_hidden_layers=1`, so `load_backend` loads it unchanged; benchmarks/layer0.py measures what
+dropping v/o/MLP/lm_head would save (docs/benchmarks.md, "Layer-0 recipe").
+
+What differs per family sits behind the Backend protocol (backends/__init__.py): how the stub is
+written (`save_layer0_stub`), how it recomputes a batch (`recompute_layer0`) and which vision tower,
+if any, it can share with a student (`layer0_tower`). This module knows no family.
 
 The stub's files, hashes and checks are storage (store/stub.py); this module is the model side.
 """
@@ -13,10 +17,8 @@ The stub's files, hashes and checks are storage (store/stub.py); this module is 
 from __future__ import annotations
 
 import atexit
-import copy
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,52 +26,18 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from alignkd_cache.backends import load_backend
-from alignkd_cache.backends.capture import spliced_forward
+from alignkd_cache.backends.one_layer import TowerSelection
 from alignkd_cache.store.provenance import file_sha256
 from alignkd_cache.store.stub import FORMAT, MANIFEST, STUB_DIR, stub_sha256, verify_layer0
-
-_DEEPER_LAYER = re.compile(r"\.layers\.([1-9]\d*)\.")
-
-
-def _layer0_only(state: dict[str, torch.Tensor], tower_prefix: str) -> dict[str, torch.Tensor]:
-    """Drop decoder layers >= 1 (the vision tower's own layers stay); own storage for safetensors."""
-    return {
-        name: t.detach().contiguous().clone()
-        for name, t in state.items()
-        if name.startswith(tower_prefix) or not _DEEPER_LAYER.search(name)
-    }
-
-
-def _one_layer(config) -> None:
-    config.num_hidden_layers = 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:1]
 
 
 def save_layer0(teacher, out_dir: str | Path) -> str:
     """Write the teacher's layer-0 stub to out_dir (a new directory); returns its sha256."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=False)
-    if teacher.family == "llava":
-        config = copy.deepcopy(teacher.model.config)
-        _one_layer(config.text_config)
-        config.save_pretrained(out)
-        state = _layer0_only(teacher.model.state_dict(), "model.vision_tower.")
-    elif teacher.family == "mobilevlm":
-        # The tower always goes inside: the stub must not depend on a directory outside the cache.
-        config = dict(teacher.config, num_hidden_layers=1)
-        config.pop("mm_vision_tower", None)
-        config["mm_vision_config"] = teacher.model.vision_tower.config.to_diff_dict()
-        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        state = _layer0_only(teacher.model.original_state_dict(include_tower=True), "model.vision_tower.")
-    else:
-        raise ValueError(f"model family {teacher.family!r} has no layer-0 stub; use llava or mobilevlm")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    teacher.tokenizer.save_pretrained(out)
-    teacher.image_processor.save_pretrained(out)
+    teacher.save_layer0_stub(out)
     files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
     sha = stub_sha256(files)
     manifest = {"format": FORMAT, "family": teacher.family, "teacher": teacher.fingerprint(), "files": files}
@@ -92,19 +60,20 @@ def load_layer0(stub_dir: str | Path, *, dtype=torch.float32, device="cpu"):
 
 
 def vision_tower(backend) -> torch.nn.Module:
-    return _tower_and_selection(backend)[0]
+    return _selection(backend).tower
 
 
-def _tower_and_selection(backend) -> tuple[torch.nn.Module, int, bool]:
-    """(vision tower, hidden-state index fed to the projector, whether CLS is dropped)."""
-    if backend.family == "llava":
-        return backend.model.model.vision_tower, backend.feature_layer, backend.select_strategy == "default"
-    return backend.model.vision_tower, backend.model.select_layer, True  # MobileVLM's "patch"
+def _selection(backend) -> TowerSelection:
+    selection = backend.layer0_tower()
+    if selection is None:
+        raise ValueError(f"a {backend.family} model shares no vision tower with a layer-0 stub")
+    return selection
 
 
 def tower_sha256(backend) -> str:
     """Hash of the vision tower's weights and feature selection: equal hashes mean equal features."""
-    tower, layer, drop_cls = _tower_and_selection(backend)
+    selection = _selection(backend)
+    tower, layer, drop_cls = selection.tower, selection.layer, selection.drop_cls
     digest = hashlib.sha256(f"{type(tower).__name__} layer={layer} drop_cls={drop_cls}\n".encode())
     for name, t in sorted(tower.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -116,32 +85,31 @@ def tower_sha256(backend) -> str:
 def tower_features(backend, pixel_values: torch.Tensor, run_tower=None) -> torch.Tensor:
     """(n, 3, H, W) -> the tower features the projector takes (n, patches, mm_hidden).
     `run_tower` replaces the call of the backend's tower (TowerOnce keeps its output)."""
-    tower, layer, drop_cls = _tower_and_selection(backend)
-    pixels = pixel_values.to(tower.device, tower.dtype)
-    features = (run_tower or tower)(pixels, output_hidden_states=True).hidden_states[layer]
-    return features[:, 1:] if drop_cls else features
+    return _selection(backend).features(pixel_values, run_tower)
 
 
-def project(backend, features: torch.Tensor) -> torch.Tensor:
-    """Tower features -> projected visual tokens (n, N_v, D), in the LLM's dtype."""
-    if backend.family == "llava":
-        return backend.model.model.multi_modal_projector(features.to(backend.model.dtype))
-    return backend.model.mm_projector(features.to(backend.model.dtype))
+def shares_tower(student, stub) -> bool:
+    """Whether the student's tower can serve the stub (TowerOnce): both families share towers
+    (`layer0_tower`), the weights and selection are equal and images become the same pixels."""
+    if student.layer0_tower() is None or stub.layer0_tower() is None:
+        return False
+    return tower_sha256(student) == tower_sha256(stub) and same_preprocessing(student, stub)
 
 
 @dataclass
 class Layer0Signals:
-    """What the stub recomputes for a batch, as the build stores it (float32); no logits: the stub
-    has no lm_head, and the logit targets come from the cache.
+    """What the stub recomputes for a batch, as the build stores it (float32); no logits: the
+    logit targets come from the cache.
 
     attention: per sample, the layer-0 text->vision probabilities (H, or 1 for a head mean, |T|,
         N_v); None for text-only samples.
-    visual: (n_images, N_v, D) projected visual tokens, one row per batch.pixel_values row; None
-        when the batch has no image.
+    visual: the projected visual tokens, one row per image of the batch (batch.image_index names a
+        sample's): a (n_images, N_v, D) tensor for a fixed-count family, a list of (N_i, D) for a
+        processor-driven one; None when the batch has no image.
     """
 
     attention: list[torch.Tensor | None]
-    visual: torch.Tensor | None
+    visual: torch.Tensor | list[torch.Tensor] | None
 
 
 def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | None = None) -> Layer0Signals:
@@ -154,27 +122,17 @@ def recompute(stub, batch, attn_heads: str = "all", features: torch.Tensor | Non
         raise ValueError(f"attn_heads {attn_heads!r}: choose 'all' or 'mean'")
     # no_grad, not inference_mode: the results are loss targets, and a loss saves its inputs for backward.
     with torch.no_grad():
-        batch = batch.to(stub.model.device)
-        visual = None
-        if batch.pixel_values is not None:
-            if features is None:
-                features = tower_features(stub, batch.pixel_values)
-            visual = project(stub, features.to(stub.model.device))
-        llm = stub.model.model.language_model if stub.family == "llava" else stub.model.llm.model
-        captured = spliced_forward(
-            batch,
-            embed_tokens=llm.get_input_embeddings(),
-            decoder=llm,
-            lm_head=torch.nn.Identity(),
-            visual=visual,
-            image_token_id=stub.image_token_id,
-            capture=True,
-        )
+        captured = stub.recompute_layer0(batch.to(stub.model.device), features)
     attention = [
         None if a is None else (a.float().mean(0, keepdim=True) if attn_heads == "mean" else a.float())
         for a in captured.attention
     ]
-    return Layer0Signals(attention, None if visual is None else visual.float())
+    visual = captured.visual
+    if isinstance(visual, torch.Tensor):
+        visual = visual.float()
+    elif visual is not None:
+        visual = [v.float() for v in visual]
+    return Layer0Signals(attention, visual)
 
 
 def stub_directory(loc, attrs: dict) -> Path:

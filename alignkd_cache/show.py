@@ -103,7 +103,12 @@ def teacher_attention(reader: CacheReader, sample, pictures) -> torch.Tensor:
         layer0.stub_directory(reader.loc, reader.attrs),
         dtype=getattr(torch, reader.attrs["options"]["dtype"]),
     )
-    batch = collate([sample], [[(stub.preprocess(p), key) for p, key in pictures]], pad_id(stub.tokenizer))
+    batch = collate(
+        [sample],
+        [[(stub.preprocess(p), key) for p, key in pictures]],
+        pad_id(stub.tokenizer),
+        stub.collate_pixels,
+    )
     return layer0.recompute(stub, batch, reader.attrs["attn_heads"]).attention[0].float()
 
 

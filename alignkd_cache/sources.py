@@ -306,7 +306,8 @@ class Layer0Source(CacheSource):
     Items: (student sample, student image, teacher sample, teacher image, cached logit targets).
     The route: when the student's vision tower has the stub's weights (layer0.tower_sha256), is
     frozen, and preprocesses images as the stub does, the stub's tower never runs: the student's
-    tower runs once per micro-batch and serves both (layer0.TowerOnce); otherwise the stub runs its own.
+    tower runs once per micro-batch and serves both (layer0.TowerOnce); otherwise the stub runs its own
+    (always for the transformers-native families, whose backends share no tower: `layer0_tower`).
     """
 
     def __init__(self, reader, student, image_root, template: str | None = None, device="cpu"):
@@ -318,9 +319,7 @@ class Layer0Source(CacheSource):
         )
         self.teacher_pad_id, self.attn_heads = pad_id(self.stub.tokenizer), attrs["attn_heads"]
         self.student, self.tower = student, None
-        if layer0.tower_sha256(student) == layer0.tower_sha256(self.stub) and layer0.same_preprocessing(
-            student, self.stub
-        ):
+        if layer0.shares_tower(student, self.stub):
             self.tower = layer0.TowerOnce.of(student)
         self.route = "layer0, student's tower shared" if self.tower else "layer0, the stub's own tower"
 

@@ -1,6 +1,8 @@
 """Today's families through the user's path: build a cache by command line, check it against an
 independent eager transformers forward, train a narrower student of the same family from it and
-with the teacher resident (the same terms), verify, info, show, eval.
+with the teacher resident (the same terms), verify, info, show, eval. A `--signals layer0` cache of
+the same data recomputes the lossless cache's attention slices and visual tokens from its stub (the
+family's checkpoint cut to one decoder layer) and gives the online loss.
 
 Each family's pair comes from tiny_families (a wider, deeper teacher with a padded vocabulary and
 a narrower student, one processor). The data: a multi-turn sample with non-ASCII text, a sample
@@ -15,14 +17,16 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
+from safetensors import safe_open
 from test_families import FAMILIES, _flat, _hf_messages, _reference_processor
 
+from alignkd_cache import layer0
 from alignkd_cache.backends import load_backend
 from alignkd_cache.cli import cache as cache_cli
 from alignkd_cache.cli import train as train_cli
 from alignkd_cache.demo.digits import compose, load_scans
 from alignkd_cache.losses import LossConfig, parse_weights, total_loss
-from alignkd_cache.sources import CacheSource, OnlineSource, SignalOptions
+from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.tiny_families import tiny_checkpoint
 from alignkd_cache.train import build_adapters, trainable_model_parameters
@@ -75,6 +79,17 @@ def built(request, tmp_path_factory):
     invoke(cache_cli.main, "build", "--teacher", teacher, "--data", data, "--image-root", root, "--out", cache,
            "--template", "chat", "--codecs", "lossless", "--batch-size", "2", "--topk", "8")  # fmt: skip
     return request.param, teacher, student, data, root, cache
+
+
+@pytest.fixture(scope="module")
+def layer0_cache(built):
+    """The same build with `--signals layer0`: logit targets and the teacher's layer-0 stub."""
+    _, teacher, _, data, root, _ = built
+    cache = root / "layer0.zarr"
+    invoke(cache_cli.main, "build", "--teacher", teacher, "--data", data, "--image-root", root, "--out", cache,
+           "--template", "chat", "--codecs", "lossless", "--batch-size", "2", "--topk", "8",
+           "--signals", "layer0")  # fmt: skip
+    return cache
 
 
 def test_lossless_cache_equals_an_independent_eager_forward(built):
@@ -141,21 +156,81 @@ def loss_and_grads(student, source, cfg):
     return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, grads
 
 
-def test_offline_equals_online_for_a_narrower_student(built):
+def test_offline_equals_online_for_a_narrower_student(built, layer0_cache):
+    """Both kinds of cache (stored, and layer0 with the slices and visual tokens recomputed by its
+    stub) give the resident teacher's loss terms and gradients."""
     _, teacher_dir, student_dir, data, root, cache = built
     student = load_backend(student_dir)
     teacher = load_backend(teacher_dir)
     teacher.model.requires_grad_(False)
     assert teacher.num_heads > student.num_heads and teacher.visual_dim > student.visual_dim
     cfg = LossConfig(parse_weights(""))
-    offline = CacheSource(CacheReader(str(cache)), student, root)
     online = OnlineSource(teacher, student, data, root, SignalOptions(template="chat", topk=8))
-    assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
-    (off, g_off), (on, g_on) = loss_and_grads(student, offline, cfg), loss_and_grads(student, online, cfg)
-    for term in ("loss", "ce", "logit", "vis", "attn"):
-        assert off[term] > 0, term
-        assert abs(off[term] - on[term]) <= 1e-4, (term, off[term], on[term])
-    torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
+    on, g_on = loss_and_grads(student, online, cfg)
+    for offline in (
+        CacheSource(CacheReader(str(cache)), student, root),
+        Layer0Source(CacheReader(str(layer0_cache)), student, root),
+    ):
+        assert [s.input_ids for s in offline.samples] == [s.input_ids for s in online.samples]
+        off, g_off = loss_and_grads(student, offline, cfg)
+        for term in ("loss", "ce", "logit", "vis", "attn"):
+            assert off[term] > 0, (offline.route, term)
+            assert abs(off[term] - on[term]) <= 1e-4, (offline.route, term, off[term], on[term])
+        torch.testing.assert_close(g_off, g_on, rtol=1e-3, atol=1e-5)
+
+
+def all_signals(source):
+    micro = source.collate([source[i] for i in range(len(source))])
+    return micro, source.signals(micro, "cpu")
+
+
+def test_a_layer0_cache_recomputes_the_lossless_signals(built, layer0_cache):
+    """Through the trainer's path (Layer0Source): every slice and every image's visual tokens equal
+    the lossless stored cache's; the stub is the teacher cut to one decoder layer, without lm_head."""
+    _, _, student_dir, _, root, cache = built
+    student = load_backend(student_dir)
+    stored = CacheSource(CacheReader(str(cache)), student, root)
+    source = Layer0Source(CacheReader(str(layer0_cache)), student, root)
+    assert source.route == "layer0, the stub's own tower"
+    text = source.stub.model.config.get_text_config()
+    assert text.num_hidden_layers == 1 == len(source.stub.model.model.get_decoder().layers)
+    with safe_open(str(layer0_cache / "layer0" / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert not any(n.startswith("lm_head.") for n in names)
+    assert any(".layers.0." in n for n in names) and not any(
+        ".layers.1." in n and "language" in n for n in names
+    )
+    assert (source.teacher_heads, source.teacher_dim) == (stored.teacher_heads, stored.teacher_dim)
+    _, want = all_signals(stored)
+    micro, got = all_signals(source)
+    assert [s.attention is None for s in got] == [False, False, True]
+    for a, b in zip(want, got, strict=True):
+        assert (a.attention is None) == (b.attention is None) and len(a.visual) == len(b.visual)
+        if a.attention is not None:
+            assert a.attention.shape == b.attention.shape
+            torch.testing.assert_close(b.attention, a.attention, atol=TOL, rtol=0)
+        for x, y in zip(a.visual, b.visual, strict=True):
+            assert x.shape == y.shape
+            torch.testing.assert_close(y, x, atol=TOL, rtol=0)
+        assert torch.equal(a.logits.ids, b.logits.ids) and torch.equal(a.logits.positions, b.logits.positions)
+    mean = layer0.recompute(source.stub, micro.teacher, "mean")
+    full = layer0.recompute(source.stub, micro.teacher, "all")
+    for m, f in zip(mean.attention, full.attention, strict=True):
+        assert (m is None) == (f is None)
+        if m is not None:
+            torch.testing.assert_close(m, f.mean(0, keepdim=True), atol=0, rtol=0)
+
+
+def test_verify_info_and_show_a_layer0_cache(built, layer0_cache, tmp_path):
+    _, _, _, _, root, _ = built
+    assert "ok" in invoke(cache_cli.main, "verify", layer0_cache).lower()
+    info = json.loads(invoke(cache_cli.main, "info", layer0_cache, "--json"))
+    assert info["kind"] == "layer0" and info["stub"]["bytes"] > 0 and info["counts"]["written"] == 3
+    figure = tmp_path / "two.png"
+    invoke(
+        cache_cli.main, "show", layer0_cache, "--sample", "two-images", "--image-root", root, "--out", figure
+    )
+    assert figure.stat().st_size > 0
 
 
 def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):

@@ -62,6 +62,23 @@ class Backend(Protocol):
     def fingerprint(self) -> dict:
         """{'model_id', 'config_sha256', 'weights_sha256', 'tokenizer_sha256'} for provenance."""
 
+    # The layer-0 stub (alignkd_cache/layer0.py, `--signals layer0`): all that is per family.
+
+    def save_layer0_stub(self, out_dir: Path) -> None:
+        """Write into the existing, empty `out_dir` this checkpoint cut to decoder layer 0 (its
+        config with num_hidden_layers = 1; the embeddings, layer 0 and the whole vision path, inside)
+        plus its tokenizer and image-processor files: a directory `load_backend` loads unchanged."""
+
+    def layer0_tower(self):
+        """The vision tower and feature selection (backends.one_layer.TowerSelection) a student of
+        this family can share with its stub (layer0.TowerOnce), or None: the stub runs its own."""
+
+    def recompute_layer0(self, batch, features: torch.Tensor | None = None) -> VLMOutput:
+        """On a stub: the batch's (already on the model's device) layer-0 slices and visual tokens,
+        as `forward(batch, capture=True)` gives them, with logits None. `features`: the
+        `layer0_tower` features of batch.pixel_values from an equal tower (then the stub's tower
+        does not run); only for a family whose layer0_tower is not None."""
+
 
 def detect_family(path: str | Path) -> str:
     """'llava', 'mobilevlm' or a transformers-native family's model_type (backends.transformers_vlm),

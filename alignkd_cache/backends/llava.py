@@ -7,6 +7,7 @@ feature layer and select strategy; the LLM runs on spliced embeddings through CA
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,13 @@ from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint
+from alignkd_cache.backends.one_layer import (
+    TowerSelection,
+    layer0_only,
+    one_layer,
+    spliced_layer0,
+    write_stub_files,
+)
 from alignkd_cache.backends.saving import save_like_source, weight_files
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.data import stack_pixels
@@ -123,3 +131,27 @@ class LlavaBackend:
 
     def fingerprint(self) -> dict:
         return fingerprint(self, self.model.config.to_dict())
+
+    # ---------------------------------------------------------------- the layer-0 stub (layer0.py)
+
+    def save_layer0_stub(self, out_dir) -> None:
+        """This checkpoint with text_config.num_hidden_layers = 1: layer 0, the embeddings, the
+        vision tower, the projector and the lm_head (in-memory tensor names, which load as they are)."""
+        out = Path(out_dir)
+        config = copy.deepcopy(self.model.config)
+        one_layer(config.text_config)
+        config.save_pretrained(out)
+        state = layer0_only(self.model.state_dict(), "model.vision_tower.")
+        write_stub_files(out, state, self.tokenizer, self.image_processor)
+
+    def layer0_tower(self) -> TowerSelection:
+        return TowerSelection(
+            self.model.model.vision_tower, self.feature_layer, self.select_strategy == "default"
+        )
+
+    def recompute_layer0(self, batch, features: torch.Tensor | None = None) -> VLMOutput:
+        """On a stub: the batch's layer-0 slices and visual tokens (logits None); `features`: the
+        layer0_tower features of batch.pixel_values from an equal tower, else the stub's own runs."""
+        return spliced_layer0(
+            self, batch, features, self.model.model.multi_modal_projector, self.model.model.language_model
+        )

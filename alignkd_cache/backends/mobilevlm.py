@@ -34,6 +34,12 @@ from transformers import (
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, spliced_forward
 from alignkd_cache.backends.checkpoint import fingerprint, resolve_checkpoint
+from alignkd_cache.backends.one_layer import (
+    TowerSelection,
+    layer0_only,
+    spliced_layer0,
+    write_stub_files,
+)
 from alignkd_cache.backends.saving import save_like_source, source_keys
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.data import stack_pixels
@@ -341,3 +347,25 @@ class MobileVLMBackend:
 
     def fingerprint(self) -> dict:
         return fingerprint(self, self.config)
+
+    # ---------------------------------------------------------------- the layer-0 stub (layer0.py)
+
+    def save_layer0_stub(self, out_dir) -> None:
+        """The original layout with num_hidden_layers = 1: layer 0, the embeddings, the projector,
+        the lm_head and the CLIP tower, always inside (the stub must not depend on a directory
+        outside the cache: mm_vision_tower is dropped, mm_vision_config written)."""
+        out = Path(out_dir)
+        config = dict(self.config, num_hidden_layers=1)
+        config.pop("mm_vision_tower", None)
+        config["mm_vision_config"] = self.model.vision_tower.config.to_diff_dict()
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        state = layer0_only(self.model.original_state_dict(include_tower=True), "model.vision_tower.")
+        write_stub_files(out, state, self.tokenizer, self.image_processor)
+
+    def layer0_tower(self) -> TowerSelection:
+        return TowerSelection(self.model.vision_tower, self.model.select_layer, True)  # "patch"
+
+    def recompute_layer0(self, batch, features: torch.Tensor | None = None) -> VLMOutput:
+        """On a stub: the batch's layer-0 slices and visual tokens (logits None); `features`: the
+        layer0_tower features of batch.pixel_values from an equal tower, else the stub's own runs."""
+        return spliced_layer0(self, batch, features, self.model.mm_projector, self.model.llm.model)

@@ -17,6 +17,7 @@ video processor, which in transformers 5 needs torchvision.
 from __future__ import annotations
 
 import bisect
+import copy
 import importlib
 import inspect
 import json
@@ -31,6 +32,7 @@ import torch
 from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, layer0_capture
 from alignkd_cache.backends.checkpoint import fingerprint
+from alignkd_cache.backends.one_layer import one_layer
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("internvl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 # The other backends of this package, named in the one-line error for an unsupported checkpoint.
@@ -408,10 +410,13 @@ class TransformersVLM:
         pixel_inputs: dict,
         capture: bool = True,
         num_visual: list[list[int]] | None = None,
+        logits: bool = True,
     ):
         """(logits (B, S, V_model), attention per sample (H, |T|, sum N_v) or None,
-        visual per sample: one (N_i, D) tensor per image)."""
+        visual per sample: one (N_i, D) tensor per image). logits=False runs the model without its
+        lm_head (the base model's own forward) and returns None for them."""
         device = self.model.device
+        model = self.model if logits else self.model.model
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in pixel_inputs.items()}
         if getattr(self.processor, "return_mm_token_type_ids", False):
@@ -433,19 +438,15 @@ class TransformersVLM:
         with self._keep_image_features() as kept:
             if capture:
                 with layer0_capture(query_positions, visual_positions, attention_mask) as request:
-                    out = self.model(
-                        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs
-                    )
+                    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
                 if request.slices is None:
                     raise RuntimeError(f"layer 0 of {self.family} never ran through {CAPTURE_ATTENTION!r}")
                 attention = request.slices
             else:
-                out = self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs
-                )
+                out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
                 attention = [None] * input_ids.shape[0]
         visual = self._split_visual(kept, is_image, num_visual)
-        return out.logits, attention, visual
+        return (out.logits if logits else None), attention, visual
 
     def _split_visual(self, kept: list, is_image: torch.Tensor, num_visual) -> list[list[torch.Tensor]]:
         per_sample = is_image.sum(1).tolist()
@@ -506,6 +507,52 @@ class TransformersVLM:
         out = Path(out_dir)
         self.model.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
+
+    # ---------------------------------------------------------------- the layer-0 stub (layer0.py)
+
+    def save_layer0_stub(self, out_dir: str | Path) -> None:
+        """This checkpoint through the model's own save_pretrained with the text config's
+        num_hidden_layers = 1: the embeddings, decoder layer 0, the final norm, the whole vision path
+        (tower, projector / merger), plus the processor's files. Not the lm_head: the stub's config
+        sets tie_word_embeddings, so transformers loads the embedding table as the lm_head, with no
+        missing weight and no random initialisation (the stub's logits are never used)."""
+        out = Path(out_dir)
+        config = copy.deepcopy(self.model.config)
+        one_layer(config.get_text_config())
+        config.tie_word_embeddings = True
+        names = {id(module): name for name, module in self.model.named_modules()}
+        layers = names[id(self.model.model.get_decoder().layers)] + "."
+        head = names[id(self.model.get_output_embeddings())] + "."
+        state = {
+            name: t
+            for name, t in self.model.state_dict().items()
+            if not name.startswith(head)
+            and not (name.startswith(layers) and not name.startswith(layers + "0."))
+        }
+        kept_config = self.model.config
+        self.model.config = config  # save_pretrained writes the model's config: the stub's, for this call
+        try:
+            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        finally:
+            self.model.config = kept_config
+        self.processor.save_pretrained(out)
+
+    def layer0_tower(self) -> None:
+        """No tower is shared with a student (layer0.TowerOnce): a stub of this family always runs
+        its own vision path, inside the model's own forward."""
+        return None
+
+    def recompute_layer0(self, batch, features: torch.Tensor | None = None) -> VLMOutput:
+        """On a stub: the batch's layer-0 slices and visual tokens, one (N_i, D) per image (logits
+        None), from the one-layer model's own forward with the capture (no lm_head)."""
+        if features is not None:
+            raise ValueError(f"a {self.family} stub runs its own vision path; it takes no tower features")
+        num_visual = [list(s.num_visual) for s in batch.samples]
+        _, attention, visual = self.run(
+            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, True, num_visual, logits=False
+        )
+        flat = [v for sample in visual for v in sample]
+        return VLMOutput(None, attention, flat or None)
 
 
 def _expanded_text(rendered: str, replacements: list[dict]) -> str:
