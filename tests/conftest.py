@@ -195,3 +195,28 @@ def cli_built_cache(llava_teacher_dir, digits_dataset, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert "10 written, 0 skipped, 8 images" in result.output
     return out, root, args
+
+
+def loss_and_grads(student, source, cfg, seed=0, bf16=False):
+    """Loss terms ("loss" and each term computed) and the flat gradient (student + adapters) of one
+    batch of every sample of `source`: what the offline = online tests compare between sources.
+
+    bf16: the targets and the student's forward inside one bf16 autocast, as a caller that does not
+    know which source it has may well do: the teacher must still run as the build runs it."""
+    import torch
+
+    from alignkd_cache.losses import total_loss
+    from alignkd_cache.train import build_adapters, trainable_model_parameters
+
+    student.model.train()
+    params = trainable_model_parameters(student.model)
+    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed)
+    student.model.zero_grad(set_to_none=True)
+    micro = source.collate([source[i] for i in range(len(source))])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        targets = source.signals(micro, "cpu")
+        output = student.forward(micro.student, capture=True)
+    loss, terms = total_loss(output, micro.student, targets, cfg, adapters)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters()) if p.grad is not None])
+    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
+from conftest import loss_and_grads
 from safetensors import safe_open
 from test_families import FAMILIES, _flat, _hf_messages, _reference_processor
 
@@ -25,11 +26,10 @@ from alignkd_cache.backends import load_backend
 from alignkd_cache.cli import cache as cache_cli
 from alignkd_cache.cli import train as train_cli
 from alignkd_cache.demo.digits import compose, load_scans
-from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.tiny_families import tiny_checkpoint
-from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 TOL = 1e-5
 RECORDS = [
@@ -141,19 +141,6 @@ def _image_kwargs(model_type: str, pixel: dict) -> dict:
         "llava_onevision": ("pixel_values", "image_sizes"),
     }[model_type]
     return {k: pixel[k] for k in names if k in pixel}
-
-
-def loss_and_grads(student, source, cfg):
-    student.model.train()
-    params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, 0)
-    student.model.zero_grad(set_to_none=True)
-    micro = source.collate([source[i] for i in range(len(source))])
-    output = student.forward(micro.student, capture=True)
-    loss, terms = total_loss(output, micro.student, source.signals(micro, "cpu"), cfg, adapters)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters()) if p.grad is not None])
-    return {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}, grads
 
 
 def test_offline_equals_online_for_a_narrower_student(built, layer0_cache):

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_digits_cache, run_ok
+from conftest import build_digits_cache, loss_and_grads, run_ok
 from run_logs import free_port
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.cli.cache import main as cache_cli
 from alignkd_cache.layer0 import vision_tower
-from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.sources import CacheSource, Layer0Source, OnlineSource, SignalOptions
 from alignkd_cache.store.copy import copy_cache
 from alignkd_cache.store.info import cache_info
@@ -30,7 +30,7 @@ from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache
 from alignkd_cache.store.verify import verify
 from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm
-from alignkd_cache.train import build_adapters, trainable_model_parameters
+from alignkd_cache.train import trainable_model_parameters
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +173,6 @@ def test_a_student_tower_that_trains_is_not_shared(caches, students, digits_data
         assert source.route == "layer0, the stub's own tower (the student's tower trains)"
     finally:
         student.model.vision_tower.requires_grad_(False)
-
-
-def loss_and_grads(student, source, cfg):
-    student.model.train()
-    params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, 0)
-    student.model.zero_grad(set_to_none=True)
-    micro = source.collate([source[i] for i in range(len(source))])
-    teacher = source.signals(micro, "cpu")
-    output = student.forward(micro.student, capture=True)
-    loss, terms = total_loss(output, micro.student, teacher, cfg, adapters)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
-    return {k: float(v.detach()) for k, v in terms.items()}, grads
 
 
 def test_a_layer0_cache_gives_the_online_loss_and_gradients(

@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import build_digits_cache
+from conftest import build_digits_cache, loss_and_grads
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
-from alignkd_cache.losses import LossConfig, parse_weights, total_loss
+from alignkd_cache.losses import LossConfig, parse_weights
 from alignkd_cache.sources import (
     CacheSource,
     CompatibilityError,
@@ -21,7 +21,6 @@ from alignkd_cache.sources import (
     student_positions,
 )
 from alignkd_cache.store.reader import CacheReader
-from alignkd_cache.train import build_adapters, trainable_model_parameters
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +43,6 @@ def teacher(llava_teacher_dir):
     backend = load_backend(llava_teacher_dir)
     backend.model.requires_grad_(False)
     return backend
-
-
-def loss_and_grads(student, source, cfg, seed=0, bf16=False):
-    """Loss terms and the flat gradient (student + adapters) of one batch of every sample.
-
-    bf16: the targets and the student's forward inside one bf16 autocast, as a caller that does not
-    know which source it has may well do: the teacher must still run as the build runs it."""
-    student.model.train()
-    params = trainable_model_parameters(student.model)
-    adapters = build_adapters(cfg, source.teacher_heads, source.teacher_dim, student, seed)
-    student.model.zero_grad(set_to_none=True)
-    micro = source.collate([source[i] for i in range(len(source))])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        targets = source.signals(micro, "cpu")
-        output = student.forward(micro.student, capture=True)
-    loss, terms = total_loss(output, micro.student, targets, cfg, adapters)
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in params + list(adapters.parameters())])
-    return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads
 
 
 def compare(student, teacher, cache_dir, digits_dataset, cfg, topk=64, bf16=False, attn_heads="all"):
