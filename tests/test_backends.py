@@ -69,6 +69,16 @@ def eager_layer0(backend, batch) -> torch.Tensor:
     ]
 
 
+def assert_own_llava_logits(teacher, batch, logits: torch.Tensor) -> None:
+    """Our spliced forward's logits equal LlavaForConditionalGeneration's own splicing and forward."""
+    with torch.no_grad():
+        own = teacher.model(
+            input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask
+        ).logits
+    valid = batch.attention_mask.bool()
+    torch.testing.assert_close(logits[valid], own[valid], atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("template", ["plain", "v1"])
 def test_layer0_slice_equals_eager_reference(teacher, digits_dataset, template):
     batch = dataset_batch(teacher, digits_dataset, template)
@@ -110,14 +120,7 @@ def test_capture_logits_equal_plain_and_own_forward(teacher, digits_dataset):
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(captured.logits[valid], plain.logits[valid], atol=0, rtol=0)
     if teacher.family == "llava":
-        # The model's own splicing and forward, not ours.
-        with torch.no_grad():
-            own = teacher.model(
-                input_ids=batch.input_ids,
-                pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask,
-            ).logits
-        torch.testing.assert_close(captured.logits[valid], own[valid], atol=TOL, rtol=0)
+        assert_own_llava_logits(teacher, batch, captured.logits)
     assert _REQUEST.get() is None, "the capture request leaked out of the forward"
 
 
@@ -352,11 +355,4 @@ def test_two_images_in_one_sample_equal_the_eager_reference(teacher, two_image_d
     assert float(signals.attention[0][:, between][:, :, teacher.num_visual_tokens :].abs().max()) == 0.0
     assert float(signals.attention[0][:, between][:, :, : teacher.num_visual_tokens].min()) > 0.0
     if teacher.family == "llava":  # the model's own splicing of two images, not ours
-        with torch.no_grad():
-            own = teacher.model(
-                input_ids=batch.input_ids,
-                pixel_values=batch.pixel_values,
-                attention_mask=batch.attention_mask,
-            ).logits
-        valid = batch.attention_mask.bool()
-        torch.testing.assert_close(signals.logits[valid], own[valid], atol=TOL, rtol=0)
+        assert_own_llava_logits(teacher, batch, signals.logits)
