@@ -28,7 +28,7 @@ TransformersVLM.load does; capture=False then returns sdpa's output without scor
 interleaved, medians of --repeats; `slice_ms` times the capture's extra work alone
 (text_to_vision_slice on the same shapes), a noise-free check of the ratio.
 
-    python benchmarks/capture.py --family qwen2_5_vl          # ~4 min on 2 CPU cores
+    python benchmarks/capture.py --family qwen2_5_vl          # ~5 min on 2 CPU cores
     python benchmarks/capture.py --family qwen2_5_vl --tiny   # seconds
 
 Prints one JSON object; the goals are time_ratio <= 1.05 and memory_ratio <= 0.3 (time only for
