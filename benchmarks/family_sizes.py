@@ -124,18 +124,19 @@ def param_groups(text: dict, out_hidden: int, tie: bool) -> dict[str, int]:
 def stub_and_flops(shape: dict, stages: dict) -> dict:
     """The layer-0 stub at 7B (bf16) and the recompute's FLOPs against the 3B student's step."""
     stub = param_groups(qwen_7b_text(1), 3584, tie=False)
+    # The stub as layer0 saves it for these families: no lm_head (its config ties it to the
+    # embeddings, and the recompute stops at layer 0's attention scores).
+    stub["total"] -= stub.pop("lm_head")
     full = param_groups(qwen_7b_text(28), 3584, tie=False)
     student = param_groups(qwen_3b_text(), 2048, tie=True)
     layer0 = stub["decoder_layers"]
     out = {
         "stub_formula": "embed_tokens (152064 x 3584) + decoder layer 0 (q/k/v with biases, o, "
-        "gate/up/down 3584 x 18944, 2 norms) + final norm + lm_head (152064 x 3584, untied at 7B) "
+        "gate/up/down 3584 x 18944, 2 norms) + final norm (no lm_head: tied to the embeddings in the stub) "
         "+ vision tower (patch embed, 32 blocks of 1280) + merger (5120 -> 5120 -> 3584); bf16 = 2 B "
         "per parameter (+ a safetensors header of some KB)",
         "stub_params_7b": stub,
         "stub_bf16_bytes": 2 * stub["total"],
-        # The recompute reads layer 0's output only up to the attention scores: lm_head is dead weight.
-        "stub_bf16_bytes_without_lm_head": 2 * (stub["total"] - stub["lm_head"]),
         "teacher_7b_params": full["total"],
         "stub_share_of_teacher": round(stub["total"] / full["total"], 4),
         "student_3b_params": student,
