@@ -53,7 +53,10 @@ def write_block(loc: Location, block: int, results: list[SampleResult], layout: 
     """Encode and write one block; returns the bytes it stored. `layout` is the store's attrs."""
     signals = [r.signal for r in results if r.signal is not None]
     width = max([t.logits.ids.shape[1] for t in signals] or [1])
-    attention_width = max([t.attention.shape[-1] for t in signals if t.attention is not None] or [0])
+    # The widest sample that stores attention rows (trust_plan derives the same from the manifest).
+    attention_width = max(
+        [t.attention.shape[-1] for t in signals if t.attention is not None and t.attention[0].numel()] or [0]
+    )
     parts: dict[str, list[np.ndarray]] = {name: [] for name in STORED_ARRAYS}
     store_visual = "visual" in stored_arrays(layout)
     rows = [_row(r, block, parts, width, attention_width, store_visual) for r in results]
