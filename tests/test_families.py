@@ -22,6 +22,7 @@ from alignkd_cache.backends.transformers_vlm import (
     UnsupportedFamily,
     without_video,
 )
+from alignkd_cache.data import TokenizedSample, collate
 from alignkd_cache.demo.digits import compose, load_scans
 from alignkd_cache.tiny_families import tiny_checkpoint
 
@@ -98,6 +99,21 @@ def _flat(pooled, dim: int) -> torch.Tensor:
     return torch.cat([p.reshape(-1, dim) for p in pieces])
 
 
+def run_batch(vlm, encoded, images) -> tuple:
+    """The samples through the pipeline's path (data.collate with the backend's collate_pixels, then
+    the Backend protocol's forward): (logits, attention per sample, visual per sample per image)."""
+    per_sample = [imgs for _, _, imgs in samples(images)][: len(encoded)]
+    tokenized = [
+        TokenizedSample(e.sample_id, tuple(f"{k}.png" for k in range(len(imgs))), e.input_ids, e.labels,
+                        tuple(e.num_visual), vlm.image_token_id)
+        for e, imgs in zip(encoded, per_sample, strict=True)
+    ]  # fmt: skip
+    pictures = [[(vlm.preprocess(im), f"key{k}") for k, im in enumerate(imgs)] for imgs in per_sample]
+    batch = collate(tokenized, pictures, vlm.tokenizer.pad_token_id, vlm.collate_pixels)
+    out = vlm.forward(batch)
+    return out.logits, out.attention, [[out.visual[r] for r in rows] for rows in batch.image_index]
+
+
 def _runs(is_image: np.ndarray) -> list[int]:
     """Lengths of the contiguous runs of True."""
     starts = np.flatnonzero(is_image & ~np.r_[False, is_image[:-1]])
@@ -107,9 +123,8 @@ def _runs(is_image: np.ndarray) -> list[int]:
 
 def test_exact_against_eager_transformers(family, images):
     model_type, path, vlm, encoded = family
-    batch = vlm.collate(encoded, vlm.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits, attention, visual = vlm(batch)
+        logits, attention, visual = run_batch(vlm, encoded, images)
     processor = _reference_processor(path, model_type)
     ref = transformers.AutoModelForImageTextToText.from_pretrained(
         path, attn_implementation="eager", use_safetensors=True
@@ -228,7 +243,7 @@ def test_student_gradients(family, tmp_path, images):
         (s.input_ids, s.num_visual) for s in teacher_encoded
     ]
     assert teacher.num_heads > vlm.num_heads and teacher.visual_dim > vlm.visual_dim
-    logits, attention, visual = vlm(vlm.collate(encoded, vlm.tokenizer.pad_token_id))
+    logits, attention, visual = run_batch(vlm, encoded, images)
     llm = vlm.model.model.get_decoder()
     q_proj = llm.layers[0].self_attn.q_proj.weight
     in_llm = {id(p) for p in llm.parameters()} | {id(p) for p in vlm.model.lm_head.parameters()}
@@ -254,9 +269,10 @@ def test_save_pretrained_round_trip(family, images, tmp_path):
             sample.labels,
             sample.num_visual,
         )
-    batch = vlm.collate(encoded[:2], vlm.tokenizer.pad_token_id)
     with torch.no_grad():
-        torch.testing.assert_close(again(batch)[0], vlm(batch)[0], atol=0, rtol=0)
+        torch.testing.assert_close(
+            run_batch(again, encoded[:2], images)[0], run_batch(vlm, encoded[:2], images)[0], atol=0, rtol=0
+        )
 
 
 def test_encode_errors_name_the_sample(family, images):

@@ -149,18 +149,6 @@ class EncodedSample:
     sample_id: str = ""
 
 
-@dataclass
-class FamilyBatch:
-    input_ids: torch.Tensor  # (B, S) right-padded
-    attention_mask: torch.Tensor  # (B, S)
-    labels: torch.Tensor  # (B, S), IGNORE at padding
-    pixel_inputs: dict  # the model's image (and per-token modality) inputs for the whole batch
-    num_visual: list[list[int]]  # per sample, per image
-
-    def __iter__(self):  # input_ids, attention_mask, pixel_inputs = batch
-        return iter((self.input_ids, self.attention_mask, self.pixel_inputs))
-
-
 def default_collate_pixels(per_sample: list[dict]) -> dict:
     """Concatenate each image input along dim 0 over the samples that have images (the layout of
     Qwen's flattened patches and grids and InternVL's tiles)."""
@@ -335,19 +323,6 @@ class TransformersVLM:
 
     # ---------------------------------------------------------------- batching
 
-    def collate(self, samples: list[EncodedSample], pad_id: int | None = None) -> FamilyBatch:
-        pad = self.tokenizer.pad_token_id if pad_id is None else pad_id
-        width = max(len(s.input_ids) for s in samples)
-        ids = torch.full((len(samples), width), pad, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for b, s in enumerate(samples):
-            ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            labels[b, : len(s.labels)] = torch.tensor(s.labels)
-            mask[b, : len(s.input_ids)] = 1
-        pixel_inputs = self._collate_pixels([s.pixel_inputs for s in samples])
-        return FamilyBatch(ids, mask, labels, pixel_inputs, [list(s.num_visual) for s in samples])
-
     def preprocess(self, image):
         """Backend protocol: the image as it is; collate_pixels runs the processor per sample."""
         return image
@@ -375,7 +350,7 @@ class TransformersVLM:
         """Backend protocol: a data.Batch through the model's own forward (see `run`)."""
         num_visual = [list(s.num_visual) for s in batch.samples]
         logits, attention, visual = self.run(
-            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, capture, num_visual
+            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, num_visual, capture
         )
         flat = [v for sample in visual for v in sample]
         return VLMOutput(logits, attention, flat or None)
@@ -408,13 +383,15 @@ class TransformersVLM:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         pixel_inputs: dict,
+        num_visual: list[list[int]],
         capture: bool = True,
-        num_visual: list[list[int]] | None = None,
         logits: bool = True,
     ):
         """(logits (B, S, V_model), attention per sample (H, |T|, sum N_v) or None,
-        visual per sample: one (N_i, D) tensor per image). logits=False runs the model without its
-        lm_head (the base model's own forward) and returns None for them."""
+        visual per sample: one (N_i, D) tensor per image). `num_visual`: per sample, each image's
+        visual-token count (the model's output does not say where one image's tokens end for tiled
+        families). logits=False runs the model without its lm_head (the base model's own forward)
+        and returns None for them."""
         device = self.model.device
         model = self.model if logits else self.model.model
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -461,20 +438,6 @@ class TransformersVLM:
             raise RuntimeError(
                 f"{self.family}: get_image_features gave {flat.shape[0]} visual tokens for {sum(per_sample)} image positions"
             )
-        if num_visual is None:
-            # Without per-image counts, one entry per image the model returned as its own tensor.
-            if not isinstance(pooled, (list, tuple)):
-                raise ValueError(
-                    f"{self.family}: pass num_visual (from collate) to split visual tokens per image"
-                )
-            sizes = [p.reshape(-1, self.visual_dim).shape[0] for p in pieces]
-            num_visual, it = [], iter(sizes)
-            for n in per_sample:
-                images = []
-                while n > 0:
-                    images.append(next(it))
-                    n -= images[-1]
-                num_visual.append(images)
         chunks = iter(flat.split([n for sample in num_visual for n in sample]))
         visual = []
         for sample, n in zip(num_visual, per_sample, strict=True):
@@ -484,11 +447,6 @@ class TransformersVLM:
                 )
             visual.append([next(chunks) for _ in sample])
         return visual
-
-    def __call__(self, batch: FamilyBatch, capture: bool = True):
-        return self.run(
-            batch.input_ids, batch.attention_mask, batch.pixel_inputs, capture, num_visual=batch.num_visual
-        )
 
     # ---------------------------------------------------------------- the rest
 
@@ -549,7 +507,7 @@ class TransformersVLM:
             raise ValueError(f"a {self.family} stub runs its own vision path; it takes no tower features")
         num_visual = [list(s.num_visual) for s in batch.samples]
         _, attention, visual = self.run(
-            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, True, num_visual, logits=False
+            batch.input_ids, batch.attention_mask, batch.pixel_values or {}, num_visual, logits=False
         )
         flat = [v for sample in visual for v in sample]
         return VLMOutput(None, attention, flat or None)
