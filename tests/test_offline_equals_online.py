@@ -13,6 +13,7 @@ from conftest import build_digits_cache, loss_and_grads
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
 from alignkd_cache.losses import LossConfig, parse_weights
+from alignkd_cache.signals import pool_attention, pool_visual
 from alignkd_cache.sources import (
     CacheSource,
     CompatibilityError,
@@ -21,6 +22,7 @@ from alignkd_cache.sources import (
     student_positions,
 )
 from alignkd_cache.store.reader import CacheReader
+from alignkd_cache.tiny import build_tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +66,41 @@ def test_lossless_cache_gives_the_online_loss_and_gradients(student, teacher, ca
     torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def pair_cache(tmp_path_factory, llava_teacher_dir, two_image_dataset):
+    return build_digits_cache(llava_teacher_dir, two_image_dataset, tmp_path_factory.mktemp("pairs") / "c")
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["same grid", "pooled per image"])
 def test_two_image_samples_give_the_online_loss_and_gradients(
-    student, teacher, tmp_path, llava_teacher_dir, two_image_dataset
+    student, teacher, pair_cache, two_image_dataset, tokenizer_dir, tmp_path, pooled
 ):
     """Several images per sample (text between them), one image, text-only: the cache stores each
-    image's tokens and the sample's whole attention slice, and gives the online terms."""
-    cache = build_digits_cache(llava_teacher_dir, two_image_dataset, tmp_path / "pairs")
-    assert CacheReader(str(cache)).row("pair")["num_visual"] == [teacher.num_visual_tokens] * 2
+    image's tokens and the sample's whole attention slice, and gives the online terms; a student with
+    a 4x4 grid gets each image's 8x8 teacher grid pooled on its own."""
+    if pooled:
+        student = load_backend(
+            build_tiny_llava(
+                tmp_path / "small", tokenizer_dir, layers=2, hidden=32, heads=2, image_size=16, seed=5
+            )
+        )
+    assert CacheReader(str(pair_cache)).row("pair")["num_visual"] == [teacher.num_visual_tokens] * 2
     cfg = LossConfig(parse_weights(""))
-    (off, g_off), (on, g_on) = compare(student, teacher, cache, two_image_dataset, cfg)
+    (off, g_off), (on, g_on) = compare(student, teacher, pair_cache, two_image_dataset, cfg)
     for term in ("loss", "ce", "logit", "vis", "attn"):
         assert off[term] > 0, term
         assert abs(off[term] - on[term]) <= 1e-5, (term, off[term], on[term])
     torch.testing.assert_close(g_off, g_on, rtol=1e-4, atol=1e-6)
+    if pooled:  # each image's columns pooled from its own teacher columns, in the sample's order
+        source = CacheSource(CacheReader(str(pair_cache)), student, two_image_dataset[1])
+        _, _, cached = source.sample(0)
+        mapped = source[0][2]
+        assert student.num_visual_tokens == 16 and [v.shape[0] for v in mapped.visual] == [16, 16]
+        for k, columns in enumerate(cached.attention.split(teacher.num_visual_tokens, dim=-1)):
+            torch.testing.assert_close(
+                mapped.attention[..., 16 * k : 16 * (k + 1)], pool_attention(columns, 16)
+            )
+            torch.testing.assert_close(mapped.visual[k], pool_visual(cached.visual[k], 16))
 
 
 def test_balanced_lossy_cache_is_within_one_percent(student, teacher, caches, digits_dataset):
