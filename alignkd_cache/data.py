@@ -456,9 +456,7 @@ def tokenization_for(backend, template: str, max_length: int, image_root=None) -
         def encode(record: Record):
             if record.images and image_root is None:
                 raise DataError(f"sample {record.id!r} has an image but no --image-root was given")
-            pictures = [
-                load_image(resolve_image(image_root, p, record.id), record.id, None)[0] for p in record.images
-            ]
+            pictures = [picture for picture, _ in load_images(record, image_root, None)]
             turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations]
             return backend.encode(turns, pictures, record.id)
 
@@ -609,8 +607,8 @@ def collate(
     )
 
 
-def load_images(sample: TokenizedSample, image_root, pad) -> list[tuple[object, str]]:
-    """The sample's images as (padded RGB image, content key), in order."""
+def load_images(sample: TokenizedSample | Record, image_root, pad) -> list[tuple[object, str]]:
+    """The sample's (or record's) images as (RGB image padded with `pad`, content key), in order."""
     return [
         load_image(resolve_image(image_root, image, sample.id), sample.id, pad) for image in sample.images
     ]

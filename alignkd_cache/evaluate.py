@@ -25,11 +25,9 @@ from alignkd_cache.data import (
     load_images,
     pad_id,
     read_records,
-    resolve_image,
     tokenization_for,
     tokenize_all,
 )
-from alignkd_cache.images import load_image
 from alignkd_cache.progress import progress_bar
 from alignkd_cache.signals import SignalOptions
 
@@ -119,9 +117,7 @@ def own_generate(backend, record: Record, image_root, max_new_tokens: int) -> st
     """The greedy answer to the record's conversation up to its last answer, through the model's own
     `generate` and processor (backends.transformers_vlm)."""
     turns = [(ROLES[t["from"]], t["value"]) for t in record.conversations][:-1]
-    pictures = [
-        load_image(resolve_image(image_root, p, record.id), record.id, None)[0] for p in record.images
-    ]
+    pictures = [picture for picture, _ in load_images(record, image_root, None)]
     return backend.generate(turns, pictures, max_new_tokens)
 
 
