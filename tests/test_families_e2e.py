@@ -232,6 +232,9 @@ def test_verify_info_show_train_and_eval_by_command_line(built, tmp_path):
     out = invoke(train_cli.main, "from-cache", "--student", student, "--cache", cache, "--image-root", root,
                  "--out", run, "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3")  # fmt: skip
     assert json.loads(out.strip().splitlines()[-1])["finished"]
+    # The student is written as its source was: every file but the weights byte for byte.
+    kept = [f for f in sorted(student.iterdir()) if f.is_file() and f.suffix != ".safetensors"]
+    assert kept and all((run / f.name).read_bytes() == f.read_bytes() for f in kept)
     predictions = tmp_path / "p.jsonl"
     invoke(train_cli.main, "eval", "--model", run, "--data", data, "--image-root", root,
            "--max-new-tokens", "3", "--predictions", predictions)  # fmt: skip

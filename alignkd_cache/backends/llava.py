@@ -8,11 +8,9 @@ feature layer and select strategy; the LLM runs on spliced embeddings through CA
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
 from alignkd_cache.backends import VLMOutput
@@ -25,7 +23,7 @@ from alignkd_cache.backends.one_layer import (
     spliced_layer0,
     write_stub_files,
 )
-from alignkd_cache.backends.saving import save_like_source, weight_files
+from alignkd_cache.backends.saving import save_model_like_source
 from alignkd_cache.backends.tokenizer import load_tokenizer
 from alignkd_cache.data import stack_pixels
 from alignkd_cache.images import pad_color, pad_to_square
@@ -118,16 +116,7 @@ class LlavaBackend:
     def save_pretrained(self, out_dir) -> None:
         """As the source checkpoint was (saving.py). transformers' save_pretrained gives the tensors
         their checkpoint names (it reverts the renames it applies on loading); only those are kept."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as scratch:
-            self.model.save_pretrained(scratch)
-            state = {
-                k: v
-                for name in weight_files(Path(scratch))
-                for k, v in load_file(Path(scratch) / name).items()
-            }
-            save_like_source(self.source, out, state)
+        save_model_like_source(self.model, self.source, Path(out_dir))
 
     def fingerprint(self) -> dict:
         return fingerprint(self, self.model.config.to_dict())

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 # Pickled or foreign weight formats a checkpoint may carry beside its safetensors: copied, they would
@@ -81,3 +82,16 @@ def save_like_source(source: Path, out: Path, state: dict[str, torch.Tensor]) ->
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not (out / path.name).exists():
             shutil.copyfile(path, out / path.name)
+
+
+def save_model_like_source(model, source: Path, out: Path) -> None:
+    """A transformers model written as its source checkpoint was: transformers' save_pretrained gives
+    the tensors their checkpoint names (it reverts the renames it applies on loading); only those
+    tensors are kept, in the source's files, and every other file is the source's (save_like_source)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as scratch:
+        model.save_pretrained(scratch)
+        state = {
+            k: v for name in weight_files(Path(scratch)) for k, v in load_file(Path(scratch) / name).items()
+        }
+        save_like_source(source, out, state)

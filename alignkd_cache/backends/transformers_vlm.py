@@ -33,6 +33,7 @@ from alignkd_cache.backends import VLMOutput
 from alignkd_cache.backends.capture import CAPTURE_ATTENTION, layer0_capture
 from alignkd_cache.backends.checkpoint import fingerprint
 from alignkd_cache.backends.one_layer import one_layer
+from alignkd_cache.backends.saving import save_model_like_source
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("internvl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 # The other backends of this package, named in the one-line error for an unsupported checkpoint.
@@ -292,8 +293,7 @@ class TransformersVLM:
             raise ValueError(
                 f"sample {sample_id!r}: {input_ids.count(self.image_token_id)} image tokens but per-image counts {num_visual}"
             )
-        pixel_inputs = {k: v for k, v in out.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
-        return EncodedSample(input_ids, labels, num_visual, pixel_inputs if images else {}, sample_id)
+        return EncodedSample(input_ids, labels, num_visual, _image_inputs(out) if images else {}, sample_id)
 
     def _answer_spans(
         self, rendered: str, messages: list[dict], sample_id: str
@@ -335,8 +335,10 @@ class TransformersVLM:
             if not pictures:
                 inputs.append({})
                 continue
-            probe = [("user", "<image>" * len(pictures)), ("assistant", "ok")]
-            inputs.append(self.encode(probe, pictures, "pixels").pixel_inputs)
+            # One user turn of the sample's images: the same image inputs, without tokenizing its text.
+            messages = self.messages([("user", "<image>" * len(pictures))], len(pictures), "pixels")
+            text = self.processor.apply_chat_template(messages, tokenize=False)
+            inputs.append(_image_inputs(self.processor(text=[text], images=pictures, return_tensors="pt")))
         return self._collate_pixels(inputs)
 
     @property
@@ -462,9 +464,8 @@ class TransformersVLM:
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
-        self.model.save_pretrained(out, safe_serialization=True)
-        self.processor.save_pretrained(out)
+        """As the source checkpoint was: its weight files and keys, every other file byte for byte."""
+        save_model_like_source(self.model, self.source, Path(out_dir))
 
     # ---------------------------------------------------------------- the layer-0 stub (layer0.py)
 
@@ -511,6 +512,11 @@ class TransformersVLM:
         )
         flat = [v for sample in visual for v in sample]
         return VLMOutput(None, attention, flat or None)
+
+
+def _image_inputs(processed) -> dict[str, torch.Tensor]:
+    """The image inputs of a processor's output (what the model's forward takes besides the text)."""
+    return {k: v for k, v in processed.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
 
 
 def _expanded_text(rendered: str, replacements: list[dict]) -> str:
