@@ -21,6 +21,14 @@ from alignkd_cache.tiny import build_tiny_llava, build_tiny_mobilevlm, build_tok
 DIGIT_SIDE = 32  # the tiny vision towers' input size
 
 
+def pytest_configure(config):
+    """One torch thread per test process, as in the subprocesses: pytest-xdist runs one test process
+    per core, and more threads than cores only spin."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
