@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-from alignkd_cache.backends import Backend, load_backend
+from alignkd_cache.backends import Backend, capture, load_backend
 from alignkd_cache.backends.capture import _REQUEST
 from alignkd_cache.backends.mobilevlm import MobileVLMBackend, llama_config
 from alignkd_cache.data import SampleDataset, Tokenization, collate, read_records, tokenize_all
@@ -334,9 +334,15 @@ def test_pickled_weights_are_refused(mobilevlm_student_dir, tmp_path):
         MobileVLMBackend.load(target)
 
 
-def test_two_images_in_one_sample_equal_the_eager_reference(teacher, two_image_dataset):
+@pytest.mark.parametrize("one_query_row_per_block", [False, True])
+def test_two_images_in_one_sample_equal_the_eager_reference(
+    teacher, two_image_dataset, one_query_row_per_block, monkeypatch
+):
     """Every visual position of both images is a column; the text between them is a query that sees
-    the first image only, as the model's own causal softmax has it."""
+    the first image only, as the model's own causal softmax has it. The same whether the slice is
+    computed at once or one query row at a time (the blocks that bound its memory)."""
+    if one_query_row_per_block:
+        monkeypatch.setattr(capture, "SLICE_BLOCK_ELEMENTS", 1)
     batch = dataset_batch(teacher, two_image_dataset)
     pair = batch.samples[0]
     assert pair.num_visual == (teacher.num_visual_tokens,) * 2 and batch.image_index == [[0, 1], [2], []]

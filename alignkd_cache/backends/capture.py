@@ -52,6 +52,9 @@ def layer0_capture(
         _REQUEST.reset(token)
 
 
+SLICE_BLOCK_ELEMENTS = 2**24  # 64 MiB of float32 scores per block of query rows
+
+
 def text_to_vision_slice(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -72,16 +75,21 @@ def text_to_vision_slice(
         return query.new_zeros((heads, 0, len(visual_positions)), dtype=torch.float32)
     # Keys past the last query (and past the last visual column kept) are never needed.
     width = int(torch.cat([query_positions, visual_positions]).max()) + 1
-    q = query[:, query_positions].float()
     k = key[:, :width].float()
-    # Group query heads onto their shared key head instead of copying keys per head.
-    q = q.reshape(kv_heads, heads // kv_heads, len(query_positions), -1)
-    scores = torch.einsum("gqtd,gsd->gqts", q, k).reshape(heads, len(query_positions), width) * scaling
     keys = torch.arange(width, device=query.device)
-    allowed = (keys[None, :] <= query_positions[:, None]) & key_mask[:width][None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    # A query before a later image sees none of it: those columns are 0, as in the model's softmax.
-    return (scores[:, :, visual_positions] - scores.logsumexp(-1, keepdim=True)).exp()
+    # Query rows in blocks of at most SLICE_BLOCK_ELEMENTS scores, and the scores edited in place: the
+    # slice's memory stays about two blocks whatever the sequence length (rows are independent).
+    rows = max(1, SLICE_BLOCK_ELEMENTS // (heads * width))
+    blocks = []
+    for positions in query_positions.split(rows):
+        # Group query heads onto their shared key head instead of copying keys per head.
+        q = query[:, positions].float().reshape(kv_heads, heads // kv_heads, len(positions), -1)
+        scores = torch.einsum("gqtd,gsd->gqts", q, k).reshape(heads, len(positions), width).mul_(scaling)
+        allowed = (keys[None, :] <= positions[:, None]) & key_mask[:width][None, :]
+        scores.masked_fill_(~allowed, float("-inf"))
+        # A query before a later image sees none of it: those columns are 0, as in the model's softmax.
+        blocks.append((scores[:, :, visual_positions] - scores.logsumexp(-1, keepdim=True)).exp_())
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 def capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
