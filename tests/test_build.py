@@ -258,15 +258,11 @@ def test_a_signal_stops_the_build_resumably(
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_equals_one_process(llava_teacher_dir, big_dataset, digits_dataset, tmp_path):
+def test_torchrun_two_ranks_equals_one_process(
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted
+):
     root = digits_dataset[1]
-    single, multi = tmp_path / "one.zarr", tmp_path / "two.zarr"
-    subprocess.run(
-        cli(*build_args(llava_teacher_dir, big_dataset, root, single)),
-        check=True,
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-    )
+    single, multi = uninterrupted, tmp_path / "two.zarr"  # the same build by one process
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "alignkd_cache.cli.cache", *build_args(llava_teacher_dir, big_dataset, root, multi)]  # fmt: skip
     run = subprocess.run(torchrun, env=SUBPROCESS_ENV, capture_output=True, text=True)
