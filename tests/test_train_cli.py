@@ -11,6 +11,7 @@ from conftest import SUBPROCESS_ENV, run_ok
 from run_logs import free_port, interrupt_when, metrics, resume_command, untimed
 
 from alignkd_cache.cli.cache import main as cache_cli
+from alignkd_cache.cli.train import main as train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -77,48 +78,33 @@ def test_ddp_two_gloo_ranks_match_one_process_accumulating(
 def test_cli_trains_refuses_and_evaluates(
     tmp_path, llava_student_dir, mobilevlm_student_dir, cli_cache, digits_dataset
 ):
+    """In this process (the console scripts' own starts are tested in test_cli_errors and by the
+    README's commands): train, a student with another tokenizer refused, eval."""
     data, root = digits_dataset
     out = tmp_path / "run"
-    result = run_ok(
-        "alignkd-train",
-        *train_args(
-            llava_student_dir,
-            cli_cache,
-            root,
-            out,
-            "--max-steps",
-            "2",
-            "--weights",
-            "vis=0.5",
-            "--attn-loss",
-            "kl-headmean",
-            "--vis-preset",
-            "2024-12",
-        ),
+
+    def train_command(*args):
+        return CliRunner().invoke(train_cli, [str(a) for a in args])
+
+    extra = (
+        "--max-steps",
+        "2",
+        "--weights",
+        "vis=0.5",
+        "--attn-loss",
+        "kl-headmean",
+        "--vis-preset",
+        "2024-12",
     )
+    result = train_command(*train_args(llava_student_dir, cli_cache, root, out, *extra))
+    assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[-1])["finished"]
     assert len(metrics(out)) == 2
-    refused = subprocess.run(
-        ["alignkd-train", *train_args(mobilevlm_student_dir, cli_cache, root, tmp_path / "no")],
-        capture_output=True,
-        text=True,
-        env=SUBPROCESS_ENV,
-    )
-    assert refused.returncode != 0 and "tokenizer" in refused.stderr
-    result = run_ok(
-        "alignkd-train",
-        "eval",
-        "--model",
-        str(out),
-        "--data",
-        str(data),
-        "--image-root",
-        str(root),
-        "--max-new-tokens",
-        "3",
-        "--predictions",
-        str(tmp_path / "p.jsonl"),
-    )
+    refused = train_command(*train_args(mobilevlm_student_dir, cli_cache, root, tmp_path / "no"))
+    assert refused.exit_code != 0 and "tokenizer" in refused.stderr
+    result = train_command("eval", "--model", out, "--data", data, "--image-root", root, "--max-new-tokens", "3",
+                           "--predictions", tmp_path / "p.jsonl")  # fmt: skip
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["n"] == 10 and 0 <= report["accuracy"] <= 1
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 10
