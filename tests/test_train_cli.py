@@ -164,7 +164,7 @@ def test_a_finished_run_is_never_replaced(
 ):
     before = {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()}
     args = long_run(llava_student_dir, cli_cache, digits_dataset, uninterrupted)
-    refused = subprocess.run(["alignkd-train", *args], capture_output=True, text=True, env=SUBPROCESS_ENV)
-    assert refused.returncode == 4, refused.stderr
+    refused = CliRunner().invoke(train_cli, [str(a) for a in args])
+    assert refused.exit_code == 4, refused.output
     assert f"Error: {uninterrupted} is not empty (it holds alignkd_adapters.safetensors" in refused.stderr
     assert {p.name: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before
