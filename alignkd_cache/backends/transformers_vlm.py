@@ -42,7 +42,8 @@ from alignkd_cache.data import check_layouts, layout_tokens
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("internvl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 # The other backends of this package, named in the one-line error for an unsupported checkpoint.
 _OTHER_BACKENDS = ("llava", "mobilevlm")
-# model_type -> module under alignkd_cache.backends with the family's `collate_pixels` (if any).
+# model_type -> module under alignkd_cache.backends with the family's `image_layouts` and its
+# `collate_pixels` (if any).
 FAMILY_MODULES = {
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
