@@ -133,10 +133,10 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
         raise IncompatibleCache(
             f"cannot merge {url}: a {cache_kind(other)} cache into {cache_kind(first)} ones"
         )
-    if first["schema_version"] != other["schema_version"]:
+    if first.get("schema_version") != other.get("schema_version"):
         raise IncompatibleCache(
-            f"cannot merge {url}: its schema_version is {other['schema_version']!r}, the first cache's "
-            f"{first['schema_version']!r} (4.1 records image layouts, 4.0 does not); rebuild the older one"
+            f"cannot merge {url}: its schema_version is {other.get('schema_version')!r}, the first cache's "
+            f"{first.get('schema_version')!r} (4.1 records image layouts, 4.0 does not); rebuild the older one"
         )
     for key in MERGE_FIELDS:
         diff = first_difference(first.get(key), other.get(key), key)
