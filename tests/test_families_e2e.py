@@ -393,3 +393,21 @@ def test_show_draws_a_panel_per_segment_and_a_4_0_cache_as_before(built, tmp_pat
     )
     assert (tmp_path / "b.png").stat().st_size > 0 and len(titles) == 2
     assert not any(t for t in titles[1] if " 2x2" in t or "tile_" in t or "base " in t)
+
+
+def test_a_fixed_grid_student_on_a_dynamic_cache_is_refused_naming_both_layouts(built, llava_student_dir):
+    from alignkd_cache.data import describe_layout
+    from alignkd_cache.sources import CompatibilityError
+
+    _, _, _, _, root, cache = built
+    reader = CacheReader(str(cache))
+    student = load_backend(llava_student_dir)
+    with pytest.raises(CompatibilityError) as refused:
+        CacheSource(reader, student, root)
+    line = next(x for x in str(refused.value).splitlines() if "visual-token layout:" in x)
+    teacher = describe_layout(reader.row("multi-turn")["image_layouts"][0])
+    ours = describe_layout(student.image_layouts(1)[0])
+    assert f"the student {student.num_visual_tokens} per image" in line
+    assert line.endswith(
+        f"; sample 'multi-turn' image 0: the teacher's recorded layout {teacher}, the student's {ours}"
+    )
