@@ -368,6 +368,7 @@ def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cach
     merged, whole = CacheReader(str(tmp_path / "ab.zarr")), CacheReader(lossless_cache)
     assert merged.ids == whole.ids
     for sid in ("digit-0", "digit-7", "text-1"):
+        assert merged.row(sid)["image_layouts"] == whole.row(sid)["image_layouts"]  # carried
         a, b = merged.read(sid), whole.read(sid)
         assert torch.equal(a.logits.ids, b.logits.ids)
         if a.attention is not None:
