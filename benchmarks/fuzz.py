@@ -143,6 +143,9 @@ def _random_manifest(rng: random.Random, rehash: bool):
     )  # fmt: skip
 
     def edit(rows):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         from alignkd_cache.store.manifest import to_table
 
         row = rng.choice(rows)
@@ -163,8 +166,8 @@ def _random_manifest(rng: random.Random, rehash: bool):
         elif column == "image_layouts" and kept:
             value = _odd_layouts(rng, kept)
         row[column] = value
-        try:
-            to_table([row])
+        try:  # as Parquet: a null in a non-nullable column fails only when written
+            pq.write_table(to_table([row]), pa.BufferOutputStream())
         except Exception:  # noqa: BLE001 - the manifest schema cannot hold it: no mutation
             row[column] = kept
 
