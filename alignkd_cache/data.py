@@ -12,6 +12,12 @@ Positions, per sample (all later stages key on them):
 - T: the query positions, the text positions after the first visual token (the layer-0 attention
   signal's queries: the ones that can see an image; not `--logit-positions text`);
 - P: the logit positions whose next token is supervised (logits[p] predicts input_ids[p + 1]).
+
+Image layouts: how the processor laid each image's visual tokens out (`TokenizedSample.image_layouts`):
+per image a list of segments `{"role", "rows", "cols"}` in the order the tokens are stored, each a
+row-major rows x cols block of consecutive visual tokens, summing to that image's `num_visual`
+(roles and each family's meaning: docs/cache-format.md, "Image layouts"). The backend derives it
+from what its processor returned (`Backend.image_layouts`), where the counts are computed.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class TokenizedSample:
     labels: list[int]
     num_visual: tuple[int, ...]  # per image: its visual positions (image-token ids), in order
     image_token_id: int
+    # per image: its layout (segments, see `segment`); None where not known (a schema 4.0 cache's
+    # row, a student's respliced sequence)
+    image_layouts: tuple[list[dict], ...] | None = None
 
     @property
     def visual_positions(self) -> list[int]:
@@ -83,6 +92,35 @@ class TokenizedSample:
     @property
     def supervised_positions(self) -> list[int]:
         return [i for i in range(len(self.labels) - 1) if self.labels[i + 1] != IGNORE_INDEX]
+
+
+def segment(role: str, rows: int, cols: int) -> dict:
+    """One block of an image's layout: rows x cols consecutive visual tokens, row-major."""
+    return {"role": role, "rows": int(rows), "cols": int(cols)}
+
+
+def layout_tokens(layout: list[dict]) -> int:
+    """How many visual tokens a layout covers."""
+    return sum(s["rows"] * s["cols"] for s in layout)
+
+
+def describe_layout(layout: list[dict] | None) -> str:
+    """'tile_0_0 2x2 + tile_0_1 2x2 + thumbnail 2x2' (for messages and figure titles)."""
+    if layout is None:
+        return "not recorded"
+    return " + ".join(f"{s['role']} {s['rows']}x{s['cols']}" for s in layout) or "empty"
+
+
+def check_layouts(layouts: list[list[dict]], num_visual: list[int], who: str) -> None:
+    """Each image's layout covers exactly the visual tokens the processor wrote for it."""
+    if len(layouts) != len(num_visual) or any(
+        layout_tokens(layout) != n or any(s["rows"] < 1 or s["cols"] < 1 for s in layout)
+        for layout, n in zip(layouts, num_visual, strict=False)
+    ):
+        laid = [describe_layout(layout) for layout in layouts]
+        raise RuntimeError(
+            f"{who}: the image layouts {laid} do not cover the per-image visual tokens {num_visual}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +384,7 @@ class Tokenization:
     max_length: int = 2048
     add_bos: bool = True  # plain and v1 prepend BOS; a chat template writes its own
     encode: Callable[[Record], object] | None = None
+    image_layout: list[dict] | None = None  # a fixed-count family's layout of every image
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -414,7 +453,8 @@ def tokenize(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
     if len(ids) > tok.max_length:
         return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
     num_visual = (tok.num_visual_tokens,) * len(record.images)
-    sample = TokenizedSample(record.id, record.images, ids, labels, num_visual, tok.image_token_id)
+    layouts = None if tok.image_layout is None else (tok.image_layout,) * len(record.images)
+    sample = TokenizedSample(record.id, record.images, ids, labels, num_visual, tok.image_token_id, layouts)
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
     return sample
@@ -435,7 +475,13 @@ def _processed(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
     if len(ids) > tok.max_length:
         return Skip(record.id, f"{len(ids)} tokens > max length {tok.max_length}")
     sample = TokenizedSample(
-        record.id, record.images, ids, encoded.labels, tuple(encoded.num_visual), tok.image_token_id
+        record.id,
+        record.images,
+        ids,
+        encoded.labels,
+        tuple(encoded.num_visual),
+        tok.image_token_id,
+        tuple(encoded.image_layouts),
     )
     if not sample.supervised_positions:
         return Skip(record.id, "no supervised token (empty answers)")
@@ -445,8 +491,11 @@ def _processed(record: Record, tok: Tokenization) -> TokenizedSample | Skip:
 def tokenization_for(backend, template: str, max_length: int, image_root=None) -> Tokenization:
     """The Tokenization of a backend (teacher or student) with this template; a family whose
     processor renders the conversation (backend.encode) reads each record's images from image_root."""
-    encode = None
-    if backend.num_visual_tokens is None:
+    encode, image_layout = None, None
+    if backend.num_visual_tokens is not None:
+        image_layout = backend.image_layouts(1)[0]
+        check_layouts([image_layout], [backend.num_visual_tokens], f"model family {backend.family!r}")
+    else:
         if template != "chat":
             raise DataError(
                 f"model family {backend.family!r} renders conversations with its processor's chat template; "
@@ -467,6 +516,7 @@ def tokenization_for(backend, template: str, max_length: int, image_root=None) -
         backend.num_visual_tokens,
         max_length,
         encode=encode,
+        image_layout=image_layout,
     )
 
 

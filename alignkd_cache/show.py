@@ -1,10 +1,13 @@
 """`alignkd-cache show`: the teacher's text->vision attention of one sample, over each of its images.
 
-An image's visual tokens cover the padded square image as a row-major sqrt(N_v) x sqrt(N_v) grid
-(CLIP patches for LLaVA, the pooled 12 x 12 grid for MobileVLM), so the selected attention mass
-per visual token is drawn as that grid stretched over the image, one row of panels per image. A
-count that is not a square is drawn per token instead. A layer0 cache's slice is recomputed by its
-stub, exactly as training recomputes it.
+One row of panels per image. When the cache records the image's layout (schema 4.1,
+docs/cache-format.md "Image layouts"): a layout that is one grid (CLIP patches for LLaVA, the pooled
+12 x 12 grid for MobileVLM, Qwen's merged patch grid) covers the whole (padded) image, so the
+attention mass each visual token receives is drawn as that grid stretched over the image; any other
+layout (tiles, a thumbnail or global tile, a base crop and an anyres grid) gets one heatmap panel
+per segment, titled by its role and shape. A 4.0 cache (no layouts) is drawn as before: a square
+count as a grid over the image, any other count per token. A layer0 cache's slice is recomputed by
+its stub, exactly as training recomputes it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkd_cache import layer0
-from alignkd_cache.data import DataError, collate, pad_id, resolve_image
+from alignkd_cache.data import DataError, collate, describe_layout, pad_id, resolve_image
 from alignkd_cache.images import load_image
 from alignkd_cache.signals import cache_kind
 from alignkd_cache.sources import tokenized_from_row
@@ -83,8 +86,12 @@ def show_attention(
     title = (
         f"text->vision attention, {who}\nqueries {queries.start}:{queries.stop}: {query_text(reader, ids)}"
     )
-    panels = [(picture, grid.numpy()) for (picture, _), grid in zip(pictures, split, strict=True)]
-    return _draw(panels, f"{sample_id} (padded input)", title, Path(out))
+    layouts = sample.image_layouts or [None] * len(pictures)
+    panels = [
+        (picture, grid.numpy(), layout)
+        for (picture, _), grid, layout in zip(pictures, split, layouts, strict=True)
+    ]
+    return _draw(panels, f"{sample_id} ({'padded ' if pad is not None else ''}input)", title, Path(out))
 
 
 def teacher_attention(reader: CacheReader, sample, pictures) -> torch.Tensor:
@@ -113,21 +120,49 @@ def teacher_attention(reader: CacheReader, sample, pictures) -> torch.Tensor:
 
 
 def _draw(panels, left_title: str, right_title: str, out: Path) -> Path:
-    """One row per image: the padded image, and its tokens' attention mass over it."""
+    """One row per image: the padded image, then its tokens' attention mass: over the image (one
+    grid), per segment of its layout, or per token (a 4.0 cache's count that is not a square)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, rows = plt.subplots(len(panels), 2, figsize=(9, 4.5 * len(panels)), squeeze=False)
-    for k, ((image, mass), axes) in enumerate(zip(panels, rows, strict=True)):
+    columns = 1 + max(len(layout) if _segmented(layout) else 1 for _, _, layout in panels)
+    segmented = any(_segmented(layout) for _, _, layout in panels)
+    width = 9 if columns == 2 else 3.2 * columns
+    fig, rows = plt.subplots(
+        len(panels),
+        columns,
+        figsize=(width, 4.5 * len(panels)),
+        squeeze=False,
+        layout="constrained" if segmented else None,  # colour bars shared by several panels
+    )
+    # Segment panels of every image share one colour scale (the same queries' mass), one colour bar.
+    top = max(
+        (float(mass.max()) for _, mass, layout in panels if _segmented(layout) and mass.size), default=1.0
+    )
+    heats, segment_axes = [], []
+    for k, ((image, mass, layout), axes) in enumerate(zip(panels, rows, strict=True)):
         axes[0].imshow(image)
-        axes[0].set_title(left_title if len(panels) == 1 else f"{left_title}, image {k}")
-        side = math.isqrt(mass.size)
-        if side * side == mass.size:
+        axes[0].set_title(
+            left_title if len(panels) == 1 else f"{left_title}, image {k}", fontsize=9 if segmented else None
+        )
+        axes[0].axis("off")
+        for extra in axes[2:]:
+            extra.axis("off")
+        if _segmented(layout):
+            heats.append(_segments(axes[1:], mass, layout, top))
+            segment_axes += list(axes[1 : 1 + len(layout)])
+            continue
+        if layout is not None:  # one grid over the whole image
+            shape = (layout[0]["rows"], layout[0]["cols"])
+        else:
+            side = math.isqrt(mass.size)
+            shape = (side, side) if side * side == mass.size else None
+        if shape is not None:
             axes[1].imshow(image)
             heat = axes[1].imshow(
-                mass.reshape(side, side),
+                mass.reshape(shape),
                 cmap="inferno",
                 alpha=0.6,
                 extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5),
@@ -135,13 +170,42 @@ def _draw(panels, left_title: str, right_title: str, out: Path) -> Path:
             )
             fig.colorbar(heat, ax=axes[1], fraction=0.046, label="attention mass (summed over queries)")
             axes[1].axis("off")
-        else:  # a processor's own layout (tiles, a dynamic grid): per token, in order
+        else:  # a 4.0 cache of a processor's own layout (tiles, a dynamic grid): per token, in order
             axes[1].bar(range(mass.size), mass, width=1.0, color="tab:orange")
             axes[1].set_xlabel("visual token")
             axes[1].set_ylabel("attention mass (summed over queries)")
         axes[1].set_title(right_title, fontsize=9)
-        axes[0].axis("off")
-    fig.tight_layout()
+    if heats:
+        fig.suptitle(right_title, fontsize=9)
+        fig.colorbar(heats[-1], ax=segment_axes, fraction=0.046, label="attention mass (summed over queries)")
+    else:
+        fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _segmented(layout) -> bool:
+    """A recorded layout other than one grid over the whole image."""
+    return layout is not None and not (len(layout) == 1 and layout[0]["role"] == "grid")
+
+
+def _segments(axes, mass, layout, top: float):
+    """One heatmap per segment of an image's layout, its tokens in storage order; the last one."""
+    start, heat = 0, None
+    for ax, part in zip(axes, layout, strict=False):
+        n = part["rows"] * part["cols"]
+        heat = ax.imshow(
+            mass[start : start + n].reshape(part["rows"], part["cols"]),
+            cmap="inferno",
+            vmin=0.0,
+            vmax=top,
+            interpolation="nearest",
+        )
+        start += n
+        note = " (last column: newlines)" if part["role"] == "anyres_newline" else ""
+        ax.set_title(f"{describe_layout([part])}{note}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("on")
+    return heat

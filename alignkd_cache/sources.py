@@ -12,7 +12,7 @@ student's count; nothing else about the two models may differ, and what does is 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -161,8 +161,15 @@ def tokenized_from_row(row: dict, image_token_id: int) -> TokenizedSample:
     labels = [IGNORE_INDEX] * len(ids)
     for p in row["supervised_positions"]:
         labels[p + 1] = ids[p + 1]
+    layouts = row.get("image_layouts")  # absent from a schema 4.0 cache
     return TokenizedSample(
-        row["id"], tuple(row["images"]), list(ids), labels, tuple(row["num_visual"]), image_token_id
+        row["id"],
+        tuple(row["images"]),
+        list(ids),
+        labels,
+        tuple(row["num_visual"]),
+        image_token_id,
+        None if layouts is None else tuple(layouts),
     )
 
 
@@ -215,7 +222,9 @@ class CacheSource(torch.utils.data.Dataset):
         self.collate_pixels = student.collate_pixels
         self.pad_id = pad_id(student.tokenizer)
         attrs = reader.attrs
-        check_cache_matches(attrs, student, template, reader.url)
+        check_cache_matches(
+            attrs, student, template, reader.url, lambda: layout_difference(reader, student, image_root)
+        )
         # Built per index from the manifest's columns (in the DataLoader worker that reads the
         # sample): nothing per sample is held. `picture` resolves each image when it is read.
         self.teacher_samples = CachedSamples(reader)
@@ -369,13 +378,50 @@ def cache_source(reader, student, image_root, template: str | None = None, devic
     return CacheSource(reader, student, image_root, template)
 
 
-def check_cache_matches(attrs: dict, student, template: str | None, url: str) -> list[str]:
+def layout_difference(reader, student, image_root) -> str | None:
+    """For a refusal: the cache's first image (of its first written sample with one) as the
+    teacher's recorded layout and as the student lays it out, when they differ; None when they do
+    not, when the cache records no layouts (schema 4.0) or the image cannot be read. The student's
+    comes from its fixed layout or from one run of its processor on that sample's images."""
+    from alignkd_cache.data import describe_layout
+
+    with_images = np.flatnonzero(pc.list_value_length(reader.column("images")).to_numpy() > 0)
+    if not len(with_images):
+        return None
+    row = reader.row_at(int(with_images[0]))
+    if row.get("image_layouts") is None:
+        return None
+    teacher = row["image_layouts"][0]
+    try:
+        if student.num_visual_tokens is not None:
+            ours = student.image_layouts(1)[0]
+        elif image_root is not None and hasattr(student, "layouts_of"):
+            paths = [resolve_image(image_root, image, row["id"]) for image in row["images"]]
+            ours = student.layouts_of([load_image(p, row["id"], None)[0] for p in paths])[0]
+        else:
+            return None
+    except (DataError, OSError, ValueError, RuntimeError):
+        return None  # the refusal stands without the layouts
+    if ours == teacher:
+        return None
+    return (
+        f"sample {row['id']!r} image 0: the teacher's recorded layout {describe_layout(teacher)}, "
+        f"the student's {describe_layout(ours)}"
+    )
+
+
+def check_cache_matches(
+    attrs: dict, student, template: str | None, url: str, layouts: Callable[[], str | None] | None = None
+) -> list[str]:
     """Refuse, naming every mismatch, a student that cannot train on this cache; return warnings.
 
     The logit targets index the teacher's vocabulary, so the vocabularies (every piece and its id,
     plus the special ids: tokenizer_sha256) must be equal. Settings that change how text becomes
     ids (`legacy`) may differ, as in the paper's own pair (7B `legacy: false`, 1.7B legacy): the
     student trains on the cache's ids, i.e. the teacher's tokenization, and is warned.
+    Where the visual tokens do not map (a count per image against a fixed one, other image-processor
+    settings), `layouts()` (layout_difference) adds to the refusal how the teacher laid the cache's
+    first image out and how the student does, when they differ.
     """
     problems, warnings = [], []
     theirs, ours = attrs["tokenizer_sha256"], tokenizer_sha256(student.tokenizer)
@@ -405,10 +451,15 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
             f"template: the cache was tokenized with template {attrs['template']!r}, not {template!r}; "
             f"drop --template or pass --template {attrs['template']}"
         )
+
+    def with_layouts(problem: str) -> str:
+        difference = layouts() if layouts is not None else None
+        return problem if difference is None else f"{problem}; {difference}"
+
     try:
         _check_pooling(attrs["num_visual_tokens"], student.num_visual_tokens, "the cache")
     except CompatibilityError as e:
-        problems.append(str(e))
+        problems.append(with_layouts(str(e)))
     if attrs["num_visual_tokens"] is None and student.num_visual_tokens is None:
         from alignkd_cache.build import preprocessing
 
@@ -416,8 +467,10 @@ def check_cache_matches(attrs: dict, student, template: str | None, url: str) ->
         if theirs != ours:
             differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
             problems.append(
-                f"image processing: the cache's teacher and the student process images differently ({', '.join(differ)}), "
-                "so their visual tokens do not map one to one; use a student with the teacher's image processor settings"
+                with_layouts(
+                    f"image processing: the cache's teacher and the student process images differently ({', '.join(differ)}), "
+                    "so their visual tokens do not map one to one; use a student with the teacher's image processor settings"
+                )
             )
     if problems:
         raise CompatibilityError(f"the student cannot train on cache {url}:\n  - " + "\n  - ".join(problems))

@@ -191,7 +191,9 @@ def synthetic(shape: dict, t: int, p: int, n: int, kind: str, visual_sd: float) 
         ids = rng.integers(0, 151643, shape["prefix"]).tolist() + [IMAGE_TOKEN_ID] * n_v
         ids += rng.integers(0, 151643, t).tolist()
         labels = [IGNORE_INDEX] * (len(ids) - p) + ids[-p:]
-        sample = TokenizedSample(f"s{i}", (f"{i}.png",), ids, labels, (n_v,), IMAGE_TOKEN_ID)
+        side = shape["image"] // PATCH // MERGE  # Qwen's merged patch grid of a square image
+        grid = [{"role": "grid", "rows": side, "cols": side}]
+        sample = TokenizedSample(f"s{i}", (f"{i}.png",), ids, labels, (n_v,), IMAGE_TOKEN_ID, (grid,))
         positions = sample.supervised_positions
         query = np.array(sample.query_positions)
         width = len(ids)

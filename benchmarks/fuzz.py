@@ -139,10 +139,13 @@ def _random_manifest(rng: random.Random, rehash: bool):
     column = rng.choice(
         ["id", "index", "status", "skip_reason", "images", "image_keys", "input_ids", "num_visual",
          "supervised_positions", "logit_positions", "block", "attention_offset", "attention_rows", "logit_offset",
-         "logit_rows", "visual_blocks", "visual_offsets"]
+         "logit_rows", "visual_blocks", "visual_offsets", "image_layouts"]
     )  # fmt: skip
 
     def edit(rows):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         from alignkd_cache.store.manifest import to_table
 
         row = rng.choice(rows)
@@ -160,9 +163,11 @@ def _random_manifest(rng: random.Random, rehash: bool):
         elif column in ("supervised_positions", "logit_positions") and kept:
             value = list(kept)
             value[rng.randrange(len(value))] = rng.choice([-1, 0, 1, 10**6, value[0]])
+        elif column == "image_layouts" and kept:
+            value = _odd_layouts(rng, kept)
         row[column] = value
-        try:
-            to_table([row])
+        try:  # as Parquet: a null in a non-nullable column fails only when written
+            pq.write_table(to_table([row]), pa.BufferOutputStream())
         except Exception:  # noqa: BLE001 - the manifest schema cannot hold it: no mutation
             row[column] = kept
 
@@ -170,6 +175,23 @@ def _random_manifest(rng: random.Random, rehash: bool):
         f"manifest {column}{'' if rehash else ' (stale hash)'}",
         lambda root: _manifest_edit(root, edit, rehash),
     )
+
+
+def _odd_layouts(rng: random.Random, kept: list) -> list:
+    """The row's image layouts with one segment (or one image's whole layout) made invalid: an
+    unknown role, a dimension below 1 or off by one (no longer covering the image's tokens), null."""
+    value = [[dict(s) for s in layout] for layout in kept]
+    k = rng.randrange(len(value))
+    if rng.random() < 0.2:
+        value[k] = rng.choice([None, [], [None], value[k] + value[k]])
+        return value
+    segment = value[k][rng.randrange(len(value[k]))]
+    name = rng.choice(["role", "rows", "cols"])
+    if name == "role":
+        segment["role"] = rng.choice([None, "", "x", "written", "tile_-1_0", "grid ", "GRID"])
+    else:
+        segment[name] = rng.choice([None, 0, -1, -segment[name], segment[name] + 1, 2**31 - 1])
+    return value
 
 
 def _chunk_files(root: Path) -> list[Path]:
@@ -234,6 +256,13 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
     def row_set(field, value):
         return lambda root: _manifest_edit(root, lambda rows: image_row(rows).update({field: value}), True)
 
+    def layout_set(field, change):
+        def edit(rows):
+            segment = image_row(rows)["image_layouts"][0][0]
+            segment[field] = change(segment[field])
+
+        return lambda root: _manifest_edit(root, edit, True)
+
     def token(where, value):
         def edit(rows):
             r = image_row(rows)
@@ -274,6 +303,10 @@ def _targeted(secret: Path) -> list[tuple[str, object]]:
         ("status outside the two", row_set("status", "done")),
         ("10^6 input ids", row_set("input_ids", [1] * 10**6)),
         ("duplicate id", lambda root: _manifest_edit(root, lambda rows: rows[1].update(id=rows[0]["id"]), True)),
+        ("layout not covering the image's tokens", layout_set("rows", lambda v: v + 1)),
+        ("layout of 0 rows", layout_set("rows", lambda v: 0)),
+        ("layout of negative columns", layout_set("cols", lambda v: -v)),
+        ("layout role unknown", layout_set("role", lambda v: "pixels")),
         ("encoding f32 on uint8 attention", array("attention", lambda d: d["attributes"].update(encoding="f32"))),
         ("logit_targets sampled on top-k", attrs(lambda a: a.update(logit_targets="sampled"))),
         ("complete 'no'", attrs(lambda a: a.update(complete="no"))),

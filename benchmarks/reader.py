@@ -33,6 +33,7 @@ from alignkd_cache.store.reader import CacheDataset, CacheReader
 from alignkd_cache.store.writer import SampleResult, write_block
 
 H, T, NV, D, VOCAB, K, P, BLOCK = 32, 96, 144, 4096, 32000, 64, 48, 64
+GRID = 12  # MobileVLM V2's pooled grid: NV = GRID x GRID
 PREPROCESSING = {
     "template": "v1", "tokenizer": {"kind": "sentencepiece", "class": "LlamaTokenizer", "legacy": False},
     "image": {"pad_color": [122, 116, 104]}, "image_key": "sha256-of-padded-rgb",
@@ -65,7 +66,8 @@ def write_cache(url: str, n: int, stub: dict | None = None) -> None:
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             ids = [1] + [-200] * NV + rng.integers(3, VOCAB, T).tolist()
             labels = [IGNORE_INDEX] * (len(ids) - P) + ids[-P:]
-            sample = TokenizedSample(f"s{i}", (f"{i}.png",), ids, labels, (NV,), -200)
+            grid = [{"role": "grid", "rows": GRID, "cols": GRID}]
+            sample = TokenizedSample(f"s{i}", (f"{i}.png",), ids, labels, (NV,), -200, (grid,))
             att = rng.dirichlet(np.ones(NV + 40) * 0.3, size=(H, T))[..., :NV].astype(np.float32)
             visual = torch.from_numpy(rng.normal(size=(NV, D)).astype(np.float32))
             logits = LogitTargets(

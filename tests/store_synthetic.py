@@ -61,7 +61,8 @@ def synthetic_results(
             ids += [5] * NV + rng.integers(6, VOCAB, 2).tolist()
         ids += rng.integers(6, VOCAB, n_text).tolist()
         labels = [IGNORE_INDEX] * (len(ids) - 2) + ids[-2:]
-        sample = TokenizedSample(sid, images, ids, labels, (NV,) * len(images), 5)
+        grid = [{"role": "grid", "rows": 3, "cols": NV // 3}]
+        sample = TokenizedSample(sid, images, ids, labels, (NV,) * len(images), 5, (grid,) * len(images))
         positions = np.array(sample.supervised_positions)
         attention = None
         if images:

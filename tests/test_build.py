@@ -62,6 +62,13 @@ def test_lossless_cache_holds_the_teachers_signals(lossless_cache, llava_teacher
     reader = CacheReader(lossless_cache)
     assert reader.ids == [s.id for s in samples]
     assert [row["input_ids"] for row in reader.rows] == [s.input_ids for s in samples]
+    # Each image is the tower's fixed patch grid (schema 4.1 records it; the default feature
+    # strategy drops CLS), from the checkpoint's own config.
+    vision = json.loads((llava_teacher_dir / "config.json").read_text())["vision_config"]
+    side = vision["image_size"] // vision["patch_size"]
+    assert reader.attrs["schema_version"] == "4.1"
+    for row in reader.rows:
+        assert row["image_layouts"] == [[{"role": "grid", "rows": side, "cols": side}]] * len(row["images"])
     assert (
         reader.attrs["num_heads"] == backend.num_heads
         and reader.attrs["tokenizer_sha256"] == backend.fingerprint()["tokenizer_sha256"]
@@ -136,6 +143,8 @@ def test_mobilevlm_build_with_head_mean_and_sampled_targets(mobilevlm_teacher_di
         attrs["visual_dim"],
     )
     assert got.logits.kind == "sampled" and got.logits.tail is None and got.logits.values.sum() > 0
+    grid = json.loads((mobilevlm_teacher_dir / "config.json").read_text()).get("mm_ldp_grid", 12)
+    assert reader.row("digit-0")["image_layouts"] == [[{"role": "grid", "rows": grid, "cols": grid}]]
     assert verify(str(tmp_path / "m.zarr")).ok
 
 
@@ -355,6 +364,7 @@ def test_merge_and_its_refusals(llava_teacher_dir, digits_dataset, lossless_cach
     merged, whole = CacheReader(str(tmp_path / "ab.zarr")), CacheReader(lossless_cache)
     assert merged.ids == whole.ids
     for sid in ("digit-0", "digit-7", "text-1"):
+        assert merged.row(sid)["image_layouts"] == whole.row(sid)["image_layouts"]  # carried
         a, b = merged.read(sid), whole.read(sid)
         assert torch.equal(a.logits.ids, b.logits.ids)
         if a.attention is not None:

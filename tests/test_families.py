@@ -279,3 +279,71 @@ def test_encode_errors_name_the_sample(family, images):
     _, _, vlm, _ = family
     with pytest.raises(ValueError, match="sample 'bad'.*1 <image> markers but 2 images"):
         vlm.encode([("user", "<image> one"), ("assistant", "x")], images, "bad")
+
+
+def _expected_layouts(model_type, processor, vlm, images, per_sample_images) -> list[list[dict]]:
+    """Each image's layout computed here from the processor's own outputs (for the images of one
+    sample), independently of the backend's family modules."""
+    ip = processor.image_processor
+    grid = lambda role, rows, cols: {"role": role, "rows": int(rows), "cols": int(cols)}  # noqa: E731
+    if model_type in ("qwen2_5_vl", "qwen3_vl"):
+        thw = ip(images=per_sample_images, return_tensors="pt")["image_grid_thw"]
+        return [[grid("grid", h // ip.merge_size, w // ip.merge_size)] for _, h, w in thw.tolist()]
+    if model_type == "internvl":
+        side = int(processor.image_seq_length**0.5)
+        out = []
+        for img, n in zip(per_sample_images, ip(images=per_sample_images)["num_patches"], strict=True):
+            if n == 1:
+                out.append([grid("tile_0_0", side, side)])
+                continue
+            # the crops follow the image's aspect: more rows than columns for a tall image
+            rows = next(r for r in range(1, n) if (n - 1) % r == 0 and (r > 1) == (img.height > img.width))
+            cols = (n - 1) // rows
+            tiles = [grid(f"tile_{r}_{c}", side, side) for r in range(rows) for c in range(cols)]
+            out.append(tiles + [grid("thumbnail", side, side)])
+        return out
+    if model_type == "smolvlm":
+        side = int(processor.image_seq_len**0.5)
+        got = ip(images=[per_sample_images], return_row_col_info=True)
+        return [
+            [grid(f"tile_{r}_{c}", side, side) for r in range(rows) for c in range(cols)]
+            + [grid("global", side, side)]
+            for rows, cols in zip(got["rows"][0], got["cols"][0], strict=True)
+        ]
+    # llava_onevision: the processor's own counts (its unpadded-feature helper) per image
+    out = []
+    text = processor.image_token * len(per_sample_images)
+    inputs = processor(text=[text], images=per_sample_images, return_tensors="pt")
+    side = int(processor.num_image_tokens**0.5)
+    single = [n == 1 for n in inputs["batch_num_images"].tolist() for _ in range(n)]
+    height, width = inputs["pixel_values"].shape[-2:]
+    for (h, w), anyres in zip(inputs["image_sizes"].tolist(), single, strict=True):
+        if not anyres:
+            out.append([grid("base", side, side), grid("newline", 1, 1)])
+            continue
+        best_h, best_w = transformers.image_processing_utils.select_best_resolution(
+            [h, w], ip.image_grid_pinpoints
+        )
+        unpadded, newlines = processor._get_unpadded_features(
+            h, w, side, side, best_h // height, best_w // width
+        )
+        out.append([grid("base", side, side), grid("anyres_newline", newlines, unpadded // newlines + 1)])
+        assert side * side + unpadded + newlines == processor._get_number_of_features(h, w, height, width)
+    return out
+
+
+def test_image_layouts_are_the_processors(family, images):
+    """Per image, the recorded layout is what the processor's own outputs say (grid_thw, num_patches,
+    rows/cols, the unpadded-feature count), for each of the two non-square images alone and for the
+    sample that holds both; it covers exactly the image's visual tokens."""
+    model_type, path, vlm, encoded = family
+    processor = _reference_processor(path, model_type)
+    alone = [vlm.encode([("user", "<image> what?"), ("assistant", "yes")], [img], "alone") for img in images]
+    cases = [(e, [img]) for e, img in zip(alone, images, strict=True)] + [(encoded[1], images)]
+    for sample, imgs in cases:
+        want = _expected_layouts(model_type, processor, vlm, images, imgs)
+        assert sample.image_layouts == want, (model_type, sample.image_layouts, want)
+        assert [sum(s["rows"] * s["cols"] for s in layout) for layout in want] == sample.num_visual
+        assert vlm.layouts_of(imgs) == want  # the student side's path gives the same
+    assert alone[0].image_layouts != alone[1].image_layouts  # the two sizes are laid out differently
+    assert encoded[2].image_layouts == []

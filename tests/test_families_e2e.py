@@ -282,5 +282,132 @@ def test_a_student_that_processes_images_differently_is_refused_naming_the_setti
     config = json.loads(path.read_text())
     config["image_processor"]["image_mean"] = [0.0, 0.0, 0.0]
     path.write_text(json.dumps(config))
-    with pytest.raises(CompatibilityError, match="image processing: .*image_mean"):
+    with pytest.raises(CompatibilityError, match="image processing: .*image_mean") as refused:
         CacheSource(CacheReader(str(cache)), load_backend(other), root)
+    assert "layout" not in str(refused.value)  # other pixels, the same layout: nothing more to name
+
+
+# Per family, an image-processor setting that lays the cache's first image (wide.png) out otherwise.
+OTHER_LAYOUT = {
+    "qwen2_5_vl": lambda ip, config: ip["size"].update(shortest_edge=4 * ip["size"]["shortest_edge"]),
+    "qwen3_vl": lambda ip, config: ip["size"].update(shortest_edge=4 * ip["size"]["shortest_edge"]),
+    "internvl": lambda ip, config: ip.update(min_patches=2),
+    "smolvlm": lambda ip, config: ip["size"].update(longest_edge=ip["max_image_size"]["longest_edge"]),
+    "llava_onevision": lambda ip, config: [x.update(image_grid_pinpoints=[[16, 16]]) for x in (ip, config)],
+}
+
+
+def test_a_student_that_lays_images_out_otherwise_is_refused_naming_both_layouts(built, tmp_path):
+    """The refusal names the teacher's recorded layout of the cache's first image and the one the
+    student's processor gives it, in the problem's one line."""
+    import shutil
+
+    from alignkd_cache.data import describe_layout
+    from alignkd_cache.sources import CompatibilityError
+
+    model_type, _, student_dir, _, root, cache = built
+    other = tmp_path / "student"
+    shutil.copytree(student_dir, other)
+    processor, config = (
+        json.loads((other / name).read_text()) for name in ("processor_config.json", "config.json")
+    )
+    OTHER_LAYOUT[model_type](processor["image_processor"], config)
+    (other / "processor_config.json").write_text(json.dumps(processor))
+    (other / "config.json").write_text(json.dumps(config))
+    student = load_backend(other)
+    reader = CacheReader(str(cache))
+    teacher = reader.row("multi-turn")["image_layouts"][0]
+    ours = student.layouts_of([transformers.image_utils.load_image(str(root / "wide.png"))])[0]
+    assert ours != teacher
+    with pytest.raises(CompatibilityError) as refused:
+        CacheSource(reader, student, root)
+    line = next(x for x in str(refused.value).splitlines() if "image processing:" in x)
+    assert line.endswith(
+        f"; sample 'multi-turn' image 0: the teacher's recorded layout {describe_layout(teacher)}, "
+        f"the student's {describe_layout(ours)}"
+    )
+
+
+def test_show_draws_a_panel_per_segment_and_a_4_0_cache_as_before(built, tmp_path, monkeypatch):
+    """`show` on a cache that records layouts: one heatmap per segment of each image, titled by role
+    and shape (a layout that is one grid: that grid over the image); on the same cache as schema 4.0
+    wrote it (no layouts), today's drawing."""
+    import shutil
+
+    import matplotlib.figure
+    import pyarrow.parquet as pq
+
+    from alignkd_cache.data import describe_layout
+    from alignkd_cache.store.manifest import MANIFEST_KEY, sha256
+
+    _, _, _, _, root, cache = built
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *a, **k: titles.append([ax.get_title() for ax in fig.axes]) or save(fig, *a, **k),
+    )
+    layouts = CacheReader(str(cache)).row("two-images")["image_layouts"]
+    invoke(
+        cache_cli.main,
+        "show",
+        cache,
+        "--sample",
+        "two-images",
+        "--image-root",
+        root,
+        "--out",
+        tmp_path / "a.png",
+    )
+    segments = [
+        s for layout in layouts if layout != [layout[0]] or layout[0]["role"] != "grid" for s in layout
+    ]
+    got = [t for t in titles[0] if t and "image" not in t and "text->vision" not in t]
+    assert got == [
+        describe_layout([s]) + (" (last column: newlines)" if s["role"] == "anyres_newline" else "")
+        for s in segments
+    ]
+    if not segments:  # Qwen: one grid per image, drawn over the image
+        assert [layout[0]["role"] for layout in layouts] == ["grid", "grid"]
+    old = tmp_path / "old.zarr"
+    shutil.copytree(cache, old)
+    table = pq.read_table(old / MANIFEST_KEY).drop_columns(["image_layouts"])
+    pq.write_table(table, old / MANIFEST_KEY)
+    meta = json.loads((old / "zarr.json").read_text())
+    meta["attributes"] |= {
+        "schema_version": "4.0",
+        "manifest_sha256": sha256((old / MANIFEST_KEY).read_bytes()),
+    }
+    (old / "zarr.json").write_text(json.dumps(meta))
+    invoke(
+        cache_cli.main,
+        "show",
+        old,
+        "--sample",
+        "two-images",
+        "--image-root",
+        root,
+        "--out",
+        tmp_path / "b.png",
+    )
+    assert (tmp_path / "b.png").stat().st_size > 0 and len(titles) == 2
+    assert not any(t for t in titles[1] if " 2x2" in t or "tile_" in t or "base " in t)
+
+
+def test_a_fixed_grid_student_on_a_dynamic_cache_is_refused_naming_both_layouts(built, llava_student_dir):
+    from alignkd_cache.data import describe_layout
+    from alignkd_cache.sources import CompatibilityError
+
+    _, _, _, _, root, cache = built
+    reader = CacheReader(str(cache))
+    student = load_backend(llava_student_dir)
+    with pytest.raises(CompatibilityError) as refused:
+        CacheSource(reader, student, root)
+    line = next(x for x in str(refused.value).splitlines() if "visual-token layout:" in x)
+    teacher = describe_layout(reader.row("multi-turn")["image_layouts"][0])
+    ours = describe_layout(student.image_layouts(1)[0])
+    assert f"the student {student.num_visual_tokens} per image" in line
+    assert line.endswith(
+        f"; sample 'multi-turn' image 0: the teacher's recorded layout {teacher}, the student's {ours}"
+    )

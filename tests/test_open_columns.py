@@ -48,6 +48,10 @@ def per_row_reference(loc, found: Inspection) -> None:
         found.add(f"attribute counts {found.attrs['counts']} disagree with the manifest {got}")
 
 
+def seg(role, rows, cols) -> dict:
+    return {"role": role, "rows": rows, "cols": cols}
+
+
 def tamper(rows: list[dict], rng: random.Random) -> None:
     """One random edit of the kinds an attacker or a bug could make."""
     written = [r for r in rows if r["status"] == "written"]
@@ -79,6 +83,23 @@ def tamper(rows: list[dict], rng: random.Random) -> None:
         "skip_reason": [None, "x"],
         "images": [None, [], ["img0.png"], ["img0.png", "img1.png"]],
         "image_keys": [None, [], ["XYZ"], ["0" * 32], ["0" * 32, "1" * 32]],
+        "image_layouts": [
+            None,
+            [],
+            [None],
+            [[]],
+            [[None]],
+            [[seg("grid", 3, 3)]],
+            [[seg("grid", 3, 3)], [seg("grid", 3, 3)]],
+            [[seg("grid", 2, 3)]],
+            [[seg("grid", 3, 2), seg("global", 1, 3)]],
+            [[seg("tile_0_0", 0, 9)]],
+            [[seg("grid", -3, -3)]],
+            [[seg("grid", None, 9)]],
+            [[seg("pixels", 3, 3)]],
+            [[seg(None, 3, 3)]],
+            [[seg("grid", 2**31 - 1, 2**31 - 1)]],
+        ],
         "index": [0, 3],
         "block": [-1, 0, 99],
         "id": ["", rows[0]["id"]],
@@ -126,6 +147,38 @@ def test_vectorised_row_rules_refuse_what_the_per_row_rules_refuse_in_the_same_w
         assert trial % 3 or not reference.problems
         refused += bool(reference.problems)
     assert refused > 80  # the edits do reach the rules
+
+
+LAYOUT_EDITS = [
+    (None, "image_layouts is null"),
+    ([], "per-image lists differ"),
+    ([None], "image_layouts[0] has no segments"),
+    ([[None]], "image_layouts[0] has no segments"),
+    ([[seg("grid", 2, 3)]], "covers 6 visual tokens"),
+    ([[seg("tile_0_0", 0, 9)]], "of 0 x 9 tokens"),
+    ([[seg("grid", None, 9)]], "of None x 9 tokens"),
+    ([[seg(None, 3, 3)]], "role None"),
+    ([[seg("grid", 2**31 - 1, 2**31 - 1)]], "covers 4611686014132420609 visual tokens"),
+    ([[seg("base", 2, 2), seg("anyres_newline", 1, 5)]], None),  # another valid layout of 9 tokens
+]
+
+
+@pytest.mark.parametrize("layouts, words", LAYOUT_EDITS)
+def test_a_bad_layout_is_refused_by_the_columns_as_by_the_rows(cache, layouts, words):
+    good = open_cache(str(cache))
+    rows = good.table.to_pylist()
+    next(r for r in rows if r["status"] == "written" and len(r["images"]) == 1)["image_layouts"] = layouts
+    loc = Location(str(cache), read_only=True)
+    columns, reference = (Inspection(str(cache), loc, max_problems=5) for _ in range(2))
+    for found in (columns, reference):
+        found.attrs, found.table = good.attrs, to_table(rows)
+    check_rows(loc, columns)
+    per_row_reference(loc, reference)
+    assert columns.problems == reference.problems
+    if words is None:
+        assert not columns.problems
+    else:
+        assert len(columns.problems) == 1 and words in columns.problems[0][1], columns.problems
 
 
 def test_an_untampered_manifest_passes_the_vectorised_rules(cache):

@@ -15,6 +15,7 @@ import google_crc32c
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 from store_synthetic import NV, VOCAB, write_synthetic_store
 
@@ -23,8 +24,9 @@ from alignkd_cache.store.copy import copy_cache
 from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME, WriterLocked, lock_dir
-from alignkd_cache.store.manifest import MANIFEST_KEY, sha256, to_table
+from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA_4_0, sha256, to_table
 from alignkd_cache.store.merge import merge_caches
+from alignkd_cache.store.provenance import IncompatibleCache
 from alignkd_cache.store.reader import CacheError, CacheReader
 from alignkd_cache.store.trust import UntrustedCache
 from alignkd_cache.store.verify import verify
@@ -172,6 +174,8 @@ def test_zarr_v2_metadata_is_never_parsed(store, tmp_path):
         (set_field("attention_rows", 2), "attention_rows"),
         (set_field("logit_positions", [0]), "logit_positions"),
         (lambda rows: rows[1].update(id=rows[0]["id"]), "duplicate"),
+        (set_field("image_layouts", None), "image_layouts is null"),
+        (set_field("image_layouts", []), "per-image lists"),
     ],
 )
 def test_a_tampered_manifest_with_a_recomputed_hash_is_refused_naming_sample_and_field(
@@ -181,6 +185,81 @@ def test_a_tampered_manifest_with_a_recomputed_hash_is_refused_naming_sample_and
     for message in refusals(store, tmp_path):
         assert field in message
         assert "sample '" in message or field in ("visual token rows",)
+
+
+def grid(role="grid", rows=3, cols=3):
+    return {"role": role, "rows": rows, "cols": cols}
+
+
+@pytest.mark.parametrize(
+    "layout, line",
+    [
+        (
+            [grid(rows=2)],
+            "image_layouts[0] (grid 2x3) covers 6 visual tokens, num_visual[0] is 9; a layout must",
+        ),
+        (
+            [grid(rows=3, cols=2), grid("global", 1, 2), grid("tile_0_0", 1, 2)],
+            "image_layouts[0] (grid 3x2 + global 1x2 + tile_0_0 1x2) covers 10 visual tokens",
+        ),
+        (
+            [grid(rows=3, cols=3), grid("tile_0_0", 0, 4)],
+            "has a tile_0_0 of 0 x 4 tokens; rows and cols must be",
+        ),
+        ([grid(rows=-3, cols=-3)], "has a grid of -3 x -3 tokens"),
+        ([grid(rows=None)], "has a grid of None x 3 tokens"),
+        ([grid("pixels")], "has a segment with role 'pixels', not a layout role"),
+        ([], "image_layouts[0] has no segments"),
+    ],
+)
+def test_a_tampered_image_layout_is_refused_in_one_line_naming_the_sample(store, tmp_path, layout, line):
+    """A layout that does not cover its image's visual tokens, or has a dimension below 1, or an
+    unknown role, is refused by every reading command like any other bad row."""
+    sample = first_image_row(pq.read_table(store / MANIFEST_KEY).to_pylist())["id"]
+    edit_manifest(store, lambda rows: first_image_row(rows)["image_layouts"].__setitem__(0, layout))
+    for message in refusals(store, tmp_path):
+        assert f"sample {sample!r}: image_layouts[0]" in message and line in message
+    with pytest.raises(UntrustedCache) as e:
+        CacheReader(str(store))
+    assert "\n" not in str(e.value) and str(e.value).endswith("or rebuild it")
+
+
+def as_schema_4_0(url: Path) -> None:
+    """The cache as this tool wrote it before image layouts: no column, schema_version 4.0."""
+    table = pq.read_table(url / MANIFEST_KEY)
+    pq.write_table(table.drop_columns(["image_layouts"]), url / MANIFEST_KEY)
+    digest = sha256((url / MANIFEST_KEY).read_bytes())
+    edit_attrs(url, lambda a: a.update(schema_version="4.0", manifest_sha256=digest))
+
+
+def test_a_schema_4_0_cache_without_layouts_still_reads_verifies_merges_and_copies(good, store, tmp_path):
+    as_schema_4_0(store)
+    reader, before = CacheReader(str(store)), CacheReader(str(good))
+    assert reader.ids == before.ids and "image_layouts" not in reader.row_at(0)
+    for sid in reader.ids[:3]:
+        a, b = reader.read(sid), before.read(sid)
+        assert a.image_keys == b.image_keys and torch.equal(a.logits.ids, b.logits.ids)
+    assert verify(str(store)).ok and cache_info(str(store))["counts"] == cache_info(str(good))["counts"]
+    copy_cache(str(store), str(tmp_path / "copy.zarr"))
+    other = tmp_path / "other.zarr"
+    subprocess.run(["cp", "-r", str(store), str(other)], check=True)
+    edit_manifest_4_0(other, lambda rows: [r.update(id="b-" + r["id"]) for r in rows])
+    merged = merge_caches([str(store), str(other)], str(tmp_path / "merged.zarr"))
+    assert merged["schema_version"] == "4.0" and verify(str(tmp_path / "merged.zarr")).ok
+    assert "image_layouts" not in pq.read_table(tmp_path / "merged.zarr" / MANIFEST_KEY).column_names
+    with pytest.raises(IncompatibleCache, match="schema_version is '4.1', the first cache's '4.0'"):
+        merge_caches([str(store), str(good)], str(tmp_path / "mixed.zarr"))
+    # A 4.0 manifest under 4.1 attributes, or the reverse, is damage.
+    edit_attrs(store, lambda a: a.update(schema_version="4.1"))
+    for message in refusals(store, tmp_path / "again"):
+        assert "schema differs" in message and "4.1" in message
+
+
+def edit_manifest_4_0(url: Path, edit) -> None:
+    rows = pq.read_table(url / MANIFEST_KEY).to_pylist()
+    edit(rows)
+    pq.write_table(to_table(rows, MANIFEST_SCHEMA_4_0), url / MANIFEST_KEY)
+    edit_attrs(url, lambda a: a.update(manifest_sha256=sha256((url / MANIFEST_KEY).read_bytes())))
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,13 @@ class Backend(Protocol):
     def collate_pixels(self, per_sample: list[list]) -> torch.Tensor | dict | None:
         """Per sample, its images' `preprocess` outputs -> the batch's image inputs (Batch.pixel_values)."""
 
+    def image_layouts(self, n_images: int, processed=None, images=()) -> list[list[dict]]:
+        """How the processor laid out each of a sample's `n_images` images: per image, segments
+        `data.segment(role, rows, cols)` in the order its visual tokens are stored, covering exactly
+        its visual-token count (docs/cache-format.md, "Image layouts"). A fixed-count family gives
+        its one layout without arguments; a processor-driven family derives it from `processed`, what
+        its processor returned for the sample's images (grids, tiles, sizes), and `images` (them)."""
+
     def forward(self, batch, capture: bool = True) -> VLMOutput:
         """Run the model. capture=False skips the attention slice (plain sdpa everywhere)."""
 

@@ -25,7 +25,7 @@ from alignkd_cache.backends.one_layer import (
 )
 from alignkd_cache.backends.saving import save_model_like_source
 from alignkd_cache.backends.tokenizer import load_tokenizer
-from alignkd_cache.data import stack_pixels
+from alignkd_cache.data import segment, stack_pixels
 from alignkd_cache.images import pad_color, pad_to_square
 
 
@@ -55,8 +55,8 @@ class LlavaBackend:
                 f"{model_id}: vision_feature_layer {layer!r} (several layers) is not supported; use one layer"
             )
         self.feature_layer, self.select_strategy = layer, strategy
-        patches = (vision.image_size // vision.patch_size) ** 2
-        self.num_visual_tokens = patches + (1 if strategy == "full" else 0)
+        self.grid = vision.image_size // vision.patch_size
+        self.num_visual_tokens = self.grid**2 + (1 if strategy == "full" else 0)
 
     @classmethod
     def load(
@@ -81,6 +81,12 @@ class LlavaBackend:
         return cls(model, tokenizer, image_processor, model_id, local)
 
     collate_pixels = staticmethod(stack_pixels)
+
+    def image_layouts(self, n_images: int, processed=None, images=()) -> list[list[dict]]:
+        """Backend protocol: every image is the tower's fixed patch grid (24 x 24 for LLaVA 1.5's
+        336-pixel CLIP at patch 14), after the CLS token with the "full" feature strategy."""
+        layout = [segment("cls", 1, 1)] if self.select_strategy == "full" else []
+        return [[*layout, segment("grid", self.grid, self.grid)] for _ in range(n_images)]
 
     @property
     def vocab_size(self) -> int:

@@ -42,7 +42,7 @@ from alignkd_cache.backends.one_layer import (
 )
 from alignkd_cache.backends.saving import save_like_source, source_keys
 from alignkd_cache.backends.tokenizer import load_tokenizer
-from alignkd_cache.data import stack_pixels
+from alignkd_cache.data import segment, stack_pixels
 from alignkd_cache.images import pad_color, pad_to_square
 
 IMAGE_TOKEN_ID = -200  # MobileVLM's placeholder id, as in the original code
@@ -290,6 +290,11 @@ class MobileVLMBackend:
         return cls(model, config, tokenizer, model_id, local, tower_ref, processor)
 
     collate_pixels = staticmethod(stack_pixels)
+
+    def image_layouts(self, n_images: int, processed=None, images=()) -> list[list[dict]]:
+        """Backend protocol: every image is the LDPv2 projector's pooled grid (12 x 12 released)."""
+        side = self.model.mm_projector.grid
+        return [[segment("grid", side, side)] for _ in range(n_images)]
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen3-VL: nothing family-specific is needed beyond the generic module.
+"""Qwen2.5-VL and Qwen3-VL: only the image layout is family-specific; batching is the generic one.
 
 Facts the generic code relies on (checked by tests/test_families.py):
 - image token <|image_pad|>, written once per image between <|vision_start|> and <|vision_end|>
@@ -12,3 +12,18 @@ Facts the generic code relies on (checked by tests/test_families.py):
 - Qwen3-VL's deepstack features are added inside the model's forward: the visual tokens kept are
   get_image_features' pooler_output (the merger's output), the ones spliced at the image positions.
 """
+
+from __future__ import annotations
+
+from alignkd_cache.data import segment
+
+
+def image_layouts(vlm, processed, images: list) -> list[list[dict]]:
+    """Per image, its merged patch grid: image_grid_thw (t, h, w) in patches // merge_size, one
+    "grid" segment of (h / m) x (w / m) tokens per temporal patch (t is 1 for an image). The merger
+    emits each m x m window as one token, windows in row-major order over the resized image."""
+    m = int(vlm.image_processor.merge_size)
+    layouts = []
+    for t, h, w in processed["image_grid_thw"].tolist():
+        layouts.append([segment("grid", h // m, w // m) for _ in range(t)])
+    return layouts

@@ -10,8 +10,10 @@ We only add, around one forward:
   (after projector / merger / pixel shuffle), so the vision tower runs once and autograd is kept.
 
 What transformers does not expose generically lives in one small module per family
-(FAMILY_MODULES): how per-sample image inputs are batched. The processor is composed without its
-video processor, which in transformers 5 needs torchvision.
+(FAMILY_MODULES): how per-sample image inputs are batched, and how the processor laid each image's
+visual tokens out (`image_layouts`, from the image processor's full output, which the processor
+partly drops: InternVL's num_patches, SmolVLM's rows and cols; `image_processor_outputs` keeps it).
+The processor is composed without its video processor, which in transformers 5 needs torchvision.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import inspect
 import json
 from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -34,11 +37,13 @@ from alignkd_cache.backends.capture import CAPTURE_ATTENTION, layer0_capture
 from alignkd_cache.backends.checkpoint import fingerprint
 from alignkd_cache.backends.one_layer import one_layer
 from alignkd_cache.backends.saving import save_model_like_source
+from alignkd_cache.data import check_layouts, layout_tokens
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("internvl", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm")
 # The other backends of this package, named in the one-line error for an unsupported checkpoint.
 _OTHER_BACKENDS = ("llava", "mobilevlm")
-# model_type -> module under alignkd_cache.backends with the family's `collate_pixels` (if any).
+# model_type -> module under alignkd_cache.backends with the family's `image_layouts` and its
+# `collate_pixels` (if any).
 FAMILY_MODULES = {
     "qwen2_5_vl": "qwen_vl",
     "qwen3_vl": "qwen_vl",
@@ -81,6 +86,21 @@ class _VideoAbsent:
 
 
 _NO_VIDEO = _VideoAbsent()
+# Where `image_processor_outputs` collects what the image processor returned during a processor call.
+_IMAGE_OUTPUTS: ContextVar[list | None] = ContextVar("alignkd_image_outputs", default=None)
+
+
+@contextmanager
+def image_processor_outputs():
+    """Inside: every processor call of a `without_video` class appends its image processor's whole
+    output (num_patches, rows, cols, image_sizes, ... before the processor drops the ones the model
+    does not take) to the yielded list."""
+    kept: list = []
+    token = _IMAGE_OUTPUTS.set(kept)
+    try:
+        yield kept
+    finally:
+        _IMAGE_OUTPUTS.reset(token)
 
 
 @cache
@@ -101,6 +121,13 @@ def without_video(processor_cls: type) -> type:
         def video_processor(self):
             # SmolVLM's apply_chat_template reads video_processor.num_frames / .fps even for images.
             return _NO_VIDEO
+
+        def _process_images(self, images, **kwargs):
+            processed, replacements = super()._process_images(images, **kwargs)
+            kept = _IMAGE_OUTPUTS.get()
+            if kept is not None:
+                kept.append(processed)
+            return processed, replacements
 
     # to_dict / save_pretrained and from_pretrained name the processor's own settings
     # (image_seq_length, num_image_tokens, ...) from the __init__ signature.
@@ -148,6 +175,7 @@ class EncodedSample:
     num_visual: list[int]
     pixel_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     sample_id: str = ""
+    image_layouts: list[list[dict]] = field(default_factory=list)  # per image (data.segment)
 
 
 def default_collate_pixels(per_sample: list[dict]) -> dict:
@@ -196,6 +224,7 @@ class TransformersVLM:
         self._collate_pixels: Callable[[list[dict]], dict] = getattr(
             module, "collate_pixels", default_collate_pixels
         )
+        self._image_layouts = module.image_layouts
         self._end_tokens = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
 
     @classmethod
@@ -241,13 +270,14 @@ class TransformersVLM:
         messages = self.messages(turns, len(images), sample_id)
         rendered = self.processor.apply_chat_template(messages, tokenize=False)
         answers = self._answer_spans(rendered, messages, sample_id)
-        out = self.processor(
-            text=[rendered],
-            images=images or None,
-            return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
-            return_tensors="pt",
-        )
+        with image_processor_outputs() as processed:
+            out = self.processor(
+                text=[rendered],
+                images=images or None,
+                return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
+                return_tensors="pt",
+            )
         input_ids = out["input_ids"][0].tolist()
         offsets = [tuple(o) for o in out["offset_mapping"][0].tolist()]
         found = out.get("text_replacement_offsets")
@@ -293,7 +323,47 @@ class TransformersVLM:
             raise ValueError(
                 f"sample {sample_id!r}: {input_ids.count(self.image_token_id)} image tokens but per-image counts {num_visual}"
             )
-        return EncodedSample(input_ids, labels, num_visual, _image_inputs(out) if images else {}, sample_id)
+        layouts = self._layouts(processed, images, num_visual, f"sample {sample_id!r}")
+        pixels = _image_inputs(out) if images else {}
+        return EncodedSample(input_ids, labels, num_visual, pixels, sample_id, layouts)
+
+    def image_layouts(self, n_images: int, processed=None, images=()) -> list[list[dict]]:
+        """Backend protocol: the family module's `image_layouts` over what the image processor
+        returned for the sample's images (`processed`: its whole output, see image_processor_outputs)."""
+        if not n_images:
+            return []
+        if processed is None:
+            raise ValueError(f"{self.family}: each image's layout comes from the processor's output")
+        layouts = self._image_layouts(self, processed, list(images))
+        if len(layouts) != n_images:
+            raise RuntimeError(f"{self.family}: {len(layouts)} image layouts for {n_images} images")
+        return layouts
+
+    def _layouts(self, processed: list, images: list, num_visual: list[int], who: str) -> list[list[dict]]:
+        """Each image's layout from the one image-processor output of a processor call, checked to
+        cover exactly the visual tokens the processor wrote for it."""
+        if not images:
+            return []
+        if len(processed) != 1:
+            raise RuntimeError(f"{self.family}: {len(processed)} image processor calls for one sample")
+        layouts = self.image_layouts(len(images), processed[0], images)
+        check_layouts(layouts, num_visual, f"{who} ({self.family})")
+        return layouts
+
+    def layouts_of(self, images: list) -> list[list[dict]]:
+        """The layouts this processor gives a sample of these images (as `encode` records them),
+        without its text: what a cache's teacher recorded is compared with it (sources)."""
+        messages = self.messages([("user", "<image>" * len(images))], len(images), "layouts")
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        with image_processor_outputs() as processed:
+            out = self.processor(text=[text], images=images)
+        if len(processed) != 1:
+            raise RuntimeError(f"{self.family}: {len(processed)} image processor calls for one sample")
+        layouts = self.image_layouts(len(images), processed[0], images)
+        written = list(out["input_ids"][0]).count(self.image_token_id)
+        if sum(layout_tokens(layout) for layout in layouts) != written:
+            raise RuntimeError(f"{self.family}: the image layouts do not cover the {written} image tokens")
+        return layouts
 
     def _answer_spans(
         self, rendered: str, messages: list[dict], sample_id: str

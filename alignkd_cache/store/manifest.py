@@ -16,14 +16,19 @@ them equal):
   logit rows (one per logit position);
 - visual_blocks, visual_offsets: per image, the block and first token row of its visual tokens in
   that block's (tokens, D) array, stored once per image content; -1 where no tokens are stored (a
-  layer0 cache).
-Written-sample columns are null for skipped samples.
+  layer0 cache);
+- image_layouts (schema 4.1): per image, how the processor laid its visual tokens out, a list of
+  segments {role, rows, cols} in the order the tokens are stored, each rows x cols tokens
+  row-major, summing to the image's num_visual (roles: LAYOUT_ROLE; docs/cache-format.md).
+Written-sample columns are null for skipped samples. A 4.0 manifest is the same without
+image_layouts (`schema_for` its attributes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 
 import pyarrow as pa
@@ -49,6 +54,15 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("visual_offsets", pa.list_(pa.int64())),
     ]
 )
+SEGMENT = pa.struct([("role", pa.string()), ("rows", pa.int32()), ("cols", pa.int32())])
+LAYOUTS_FIELD = pa.field("image_layouts", pa.list_(pa.list_(SEGMENT)))
+MANIFEST_SCHEMA_4_0 = MANIFEST_SCHEMA
+MANIFEST_SCHEMA = MANIFEST_SCHEMA_4_0.append(LAYOUTS_FIELD)  # 4.1: the image layouts
+# A segment's role (docs/cache-format.md, "Image layouts"): the whole of a fixed or dynamic patch
+# grid, LLaVA's CLS token, LLaVA-OneVision's base crop, its unpadded anyres grid whose last column
+# is the newline token ending each row, or a multi-image sample's single newline, a crop of a tiled
+# image at row r, column c of its crop grid (0-based), InternVL's thumbnail, SmolVLM's global tile.
+LAYOUT_ROLE = r"grid|cls|base|anyres_newline|newline|tile_[0-9]{1,4}_[0-9]{1,4}|thumbnail|global"
 
 MANIFEST_KEY = "manifest.parquet"
 
@@ -61,8 +75,23 @@ def block_path(block: int) -> str:
     return f"blocks/b{block:06d}"
 
 
-def to_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+def records_layouts(attrs: dict) -> bool:
+    """Whether a cache's manifest has the image_layouts column (schema_version 4.1 and later)."""
+    major, _, minor = str(attrs.get("schema_version", "")).partition(".")
+    return major == "4" and minor.isdigit() and int(minor) >= 1
+
+
+def schema_for(attrs: dict) -> pa.Schema:
+    """The manifest schema of a cache with these attributes."""
+    return MANIFEST_SCHEMA if records_layouts(attrs) else MANIFEST_SCHEMA_4_0
+
+
+def is_layout_role(role) -> bool:
+    return isinstance(role, str) and re.fullmatch(LAYOUT_ROLE, role) is not None
+
+
+def to_table(rows: list[dict], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def sha256(data: bytes) -> str:

@@ -11,7 +11,8 @@ image processor's mean. `preprocessing` records those choices so readers can che
 arrays, a layer-0 stub instead. 4.0 (issue 21) holds several images per sample, each with its own
 visual-token count (dynamic resolution, tiles): per-image manifest lists, visual tokens stored as
 token rows, attention rows as wide as the sample's visual tokens. Both kinds are 4.x; `signals`
-says which.
+says which. 4.1 adds the manifest column image_layouts (how the processor laid each image's
+visual tokens out); a 4.0 cache, without it, is read as before.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from alignkd_cache.signals import cache_kind
 
-SCHEMA_VERSION = "4.0"  # either kind (`signals`: stored or layer0)
+SCHEMA_VERSION = "4.1"  # either kind (`signals`: stored or layer0); 4.1: image_layouts
 READABLE_MAJORS = ("4",)
 # What each older MAJOR did differently, for the refusal message.
 _ONE_IMAGE = (
@@ -131,6 +132,11 @@ def check_mergeable(first: dict, other: dict, url: str) -> None:
     if cache_kind(first) != cache_kind(other):
         raise IncompatibleCache(
             f"cannot merge {url}: a {cache_kind(other)} cache into {cache_kind(first)} ones"
+        )
+    if first.get("schema_version") != other.get("schema_version"):
+        raise IncompatibleCache(
+            f"cannot merge {url}: its schema_version is {other.get('schema_version')!r}, the first cache's "
+            f"{first.get('schema_version')!r} (4.1 records image layouts, 4.0 does not); rebuild the older one"
         )
     for key in MERGE_FIELDS:
         diff = first_difference(first.get(key), other.get(key), key)

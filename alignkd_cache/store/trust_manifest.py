@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, MANIFEST_SCHEMA, sha256
+from alignkd_cache.store.manifest import MANIFEST_KEY, schema_for, sha256
 
 
 def check_manifest(loc: Location, found: Inspection) -> None:
@@ -19,7 +19,8 @@ def check_manifest(loc: Location, found: Inspection) -> None:
         found.add(f"{MANIFEST_KEY} is missing")
         return
     records, max_length = attrs["counts"]["records"], attrs["options"]["max_length"]
-    # Per row: three int32 lists of at most max_length, plus the fixed columns and strings.
+    # Per row: three int32 lists of at most max_length, plus the fixed columns and strings (and
+    # the image layouts: a few segments per image, each covering at least one visual position).
     bound = records * (12 * max_length + 4096) + (1 << 20)
     if loc.size(MANIFEST_KEY) > bound:
         found.add(f"{MANIFEST_KEY} is larger than {records} records of at most {max_length} tokens can be")
@@ -43,7 +44,10 @@ def check_manifest(loc: Location, found: Inspection) -> None:
     except (pa.ArrowException, OSError) as e:
         found.add(f"{MANIFEST_KEY}: unreadable Parquet ({e})")
         return
-    if not table.schema.equals(MANIFEST_SCHEMA):
-        found.add(f"{MANIFEST_KEY}: schema differs from schemas/manifest.arrow.json")
+    if not table.schema.equals(schema_for(attrs)):
+        version = attrs["schema_version"]
+        found.add(
+            f"{MANIFEST_KEY}: schema differs from schemas/manifest.arrow.json (schema_version {version})"
+        )
         return
     found.table = table

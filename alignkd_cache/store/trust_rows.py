@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from alignkd_cache.signals import cache_kind, followed_by_text, stored_heads
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import LAYOUT_ROLE, is_layout_role, records_layouts
 
 ROWS_PER_BATCH = 1 << 16  # rows flattened at once: bounds the token arrays' memory, not the result
 
@@ -33,6 +34,15 @@ WRITTEN_FIELDS = (
 )
 PER_IMAGE = ("images", "image_keys", "num_visual", "visual_blocks", "visual_offsets")
 IMAGE_KEY = "[0-9a-f]{32}"
+LAYOUTS = "image_layouts"  # schema 4.1: written rows have it, one layout per image
+
+
+def written_fields(attrs: dict) -> tuple[str, ...]:
+    return WRITTEN_FIELDS + ((LAYOUTS,) if records_layouts(attrs) else ())
+
+
+def per_image(attrs: dict) -> tuple[str, ...]:
+    return PER_IMAGE + ((LAYOUTS,) if records_layouts(attrs) else ())
 
 
 def check_rows(loc: Location, found: Inspection) -> None:
@@ -84,7 +94,7 @@ def row_problems(i: int, r: dict, duplicate: bool, attrs: dict, found: Inspectio
     elif r["status"] == "written":
         _check_written(r, attrs, found)
     elif r["status"] == "skipped":
-        if r["skip_reason"] is None or any(r[k] is not None for k in WRITTEN_FIELDS):
+        if r["skip_reason"] is None or any(r[k] is not None for k in written_fields(attrs)):
             found.add("a skipped row must have skip_reason and no signal fields", sid)
     else:
         found.add(f"status {r['status']!r} is not 'written' or 'skipped'", sid)
@@ -108,7 +118,7 @@ def _tokens_fit(r: dict, attrs: dict, found: Inspection) -> bool:
             f"input_ids has {n} tokens; the cache's max_length is {attrs['options']['max_length']}", sid
         )
         return False
-    lengths = {name: len(r[name]) for name in PER_IMAGE}
+    lengths = {name: len(r[name]) for name in per_image(attrs)}
     if len(set(lengths.values())) != 1:
         found.add(f"the per-image lists differ in length ({lengths}); each needs one entry per image", sid)
         return False
@@ -140,12 +150,14 @@ def _tokens_fit(r: dict, attrs: dict, found: Inspection) -> bool:
 
 def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
     sid = r["id"]
-    missing = [k for k in WRITTEN_FIELDS if r[k] is None]
+    missing = [k for k in written_fields(attrs) if r[k] is None]
     if missing:
         found.add(f"{missing[0]} is null in a written row", sid)
         return
     if not _tokens_fit(r, attrs, found):
         return
+    if records_layouts(attrs):
+        _layouts_fit(r, found)
     ids, nv = r["input_ids"], r["num_visual"]
     image = bool(nv)
     text_next = followed_by_text(ids, attrs["image_token_id"])
@@ -177,6 +189,36 @@ def _check_written(r: dict, attrs: dict, found: Inspection) -> None:
             return
 
 
+def _layouts_fit(r: dict, found: Inspection) -> None:
+    """Each image's layout: segments with a known role and at least one row and column, covering
+    exactly the image's visual tokens (the lists' lengths are checked with the other per-image ones)."""
+    sid = r["id"]
+    for k, (layout, n) in enumerate(zip(r[LAYOUTS], r["num_visual"], strict=True)):
+        if not layout or any(s is None for s in layout):
+            found.add(f"{LAYOUTS}[{k}] has no segments (or a null one); each image needs its layout", sid)
+            return
+        for s in layout:
+            if not is_layout_role(s["role"]):
+                found.add(f"{LAYOUTS}[{k}] has a segment with role {s['role']!r}, not a layout role", sid)
+                return
+            if s["rows"] is None or s["cols"] is None or s["rows"] < 1 or s["cols"] < 1:
+                found.add(
+                    f"{LAYOUTS}[{k}] has a {s['role']} of {s['rows']} x {s['cols']} tokens; "
+                    "rows and cols must be at least 1",
+                    sid,
+                )
+                return
+        covered = sum(s["rows"] * s["cols"] for s in layout)
+        if covered != n:
+            shape = " + ".join(f"{s['role']} {s['rows']}x{s['cols']}" for s in layout)
+            found.add(
+                f"{LAYOUTS}[{k}] ({shape}) covers {covered} visual tokens, num_visual[{k}] is {n}; "
+                "a layout must cover its image's visual tokens",
+                sid,
+            )
+            return
+
+
 # ---------------------------------------------------------------------------------------------
 # The same rules on whole columns
 
@@ -192,7 +234,8 @@ def suspect_rows(batch: pa.RecordBatch, start: int, attrs: dict) -> np.ndarray:
     status = batch.column("status")
     written = pc.fill_null(pc.equal(status, "written"), False).to_numpy(zero_copy_only=False)
     skipped = pc.fill_null(pc.equal(status, "skipped"), False).to_numpy(zero_copy_only=False)
-    present = {k: batch.column(k).is_valid().to_numpy(zero_copy_only=False) for k in WRITTEN_FIELDS}
+    fields = written_fields(attrs)
+    present = {k: batch.column(k).is_valid().to_numpy(zero_copy_only=False) for k in fields}
     block = ints(batch, "block")
     suspect = ints(batch, "index") != np.arange(start, start + n_rows)
     suspect |= (block < 0) | (block >= attrs["num_blocks"])
@@ -200,8 +243,8 @@ def suspect_rows(batch: pa.RecordBatch, start: int, attrs: dict) -> np.ndarray:
     suspect |= batch.column("images").is_null().to_numpy(zero_copy_only=False)
     suspect |= ~(written | skipped)
     suspect |= skipped & (batch.column("skip_reason").is_null().to_numpy(zero_copy_only=False))
-    suspect |= skipped & np.any([present[k] for k in WRITTEN_FIELDS], axis=0)
-    suspect |= written & ~np.all([present[k] for k in WRITTEN_FIELDS], axis=0)
+    suspect |= skipped & np.any([present[k] for k in fields], axis=0)
+    suspect |= written & ~np.all([present[k] for k in fields], axis=0)
     return suspect | (written & _written_suspects(batch, attrs))
 
 
@@ -212,9 +255,11 @@ def _written_suspects(batch: pa.RecordBatch, attrs: dict) -> np.ndarray:
     n_ids = _lengths(batch.column("input_ids"))
     n_images = _lengths(batch.column("images"))
     suspect = (n_ids < 2) | (n_ids > attrs["options"]["max_length"])
-    for name in PER_IMAGE[1:]:
+    for name in per_image(attrs)[1:]:
         suspect |= _lengths(batch.column(name)) != n_images
     nv, nv_row, _ = _flat(batch.column("num_visual"))
+    if records_layouts(attrs):
+        suspect |= _layouts_suspect(batch, nv, nv_row, attrs)
     fixed = attrs["num_visual_tokens"]
     suspect |= _any_per_row((nv < 1) | ((nv != fixed) if fixed is not None else False), nv_row, n_rows)
     sum_nv = np.bincount(nv_row, weights=nv, minlength=n_rows).astype(np.int64)
@@ -257,6 +302,36 @@ def _written_suspects(batch: pa.RecordBatch, attrs: dict) -> np.ndarray:
     bad_block = (vb < 0) | (vb >= attrs["num_blocks"]) if stored else vb != -1
     suspect |= _any_per_row(bad_block, vb_row, n_rows)
     return suspect | _any_per_row(vo < 0 if stored else vo != -1, vo_row, n_rows)
+
+
+def _layouts_suspect(batch: pa.RecordBatch, nv: np.ndarray, nv_row: np.ndarray, attrs: dict) -> np.ndarray:
+    """_layouts_fit on columns: per row, an image without segments, a null segment or field, an
+    unknown role, a dimension below 1, or segments not covering the image's num_visual."""
+    n_rows = batch.num_rows
+    layouts = batch.column(LAYOUTS)
+    images = pc.list_flatten(layouts)  # one list of segments per image
+    image_row = pc.list_parent_indices(layouts).to_numpy()
+    suspect = _any_per_row(_lengths(images) < 1, image_row, n_rows)
+    segments = pc.list_flatten(images)
+    segment_row = image_row[pc.list_parent_indices(images).to_numpy()].astype(np.int64)
+    segment_image = pc.list_parent_indices(images).to_numpy()
+    role, rows, cols = (pc.struct_field(segments, name) for name in ("role", "rows", "cols"))
+    valid = np.asarray(segments.is_valid().to_numpy(zero_copy_only=False), bool)
+    for part in (role, rows, cols):
+        valid &= part.is_valid().to_numpy(zero_copy_only=False)
+    known = pc.fill_null(pc.match_substring_regex(role, f"^({LAYOUT_ROLE})$"), False)
+    r, c = (pc.fill_null(x, 0).to_numpy(zero_copy_only=False).astype(np.int64) for x in (rows, cols))
+    bad = ~valid | ~known.to_numpy(zero_copy_only=False) | (r < 1) | (c < 1)
+    suspect |= _any_per_row(bad, segment_row, n_rows)
+    # Tokens covered per image, each segment's count capped (so no sum overflows) above any image's.
+    cap = attrs["options"]["max_length"] + 1
+    covered = np.zeros(len(images), np.int64)
+    np.add.at(covered, segment_image, np.clip(r * c, 0, cap))
+    # Compared image by image on the rows whose lists have one entry per image (others are flagged).
+    same = _lengths(layouts) == _lengths(batch.column("num_visual"))
+    keep_images, keep_nv = same[image_row], same[nv_row]
+    differ = covered[keep_images] != nv[keep_nv]
+    return suspect | _any_per_row(differ, image_row[keep_images], n_rows)
 
 
 def _lengths(lists: pa.ListArray) -> np.ndarray:

@@ -27,8 +27,8 @@ from alignkd_cache.store.manifest import block_path, part_key, to_table
 class SampleResult:
     """One dataset sample's manifest row and teacher signal (CPU tensors, before encoding).
 
-    `sample` is the teacher's tokenized sample (its input_ids, num_visual and supervised_positions
-    go into the manifest); None, with a skip_reason, when skipped. An image's visual tokens are set
+    `sample` is the teacher's tokenized sample (its input_ids, num_visual, image_layouts and
+    supervised_positions go into the manifest); None, with a skip_reason, when skipped. An image's visual tokens are set
     only on the sample that stores them; the others' signal has None there and visual_refs points
     at the stored rows.
     """
@@ -99,6 +99,9 @@ def _row(
             refs[k] = (block, sum(len(v) for v in parts["visual"]))
             parts["visual"].append(visual.numpy())
     refs = [ref if ref is not None else (-1, -1) for ref in refs]
+    layouts = s.image_layouts if s.image_layouts is not None or s.images else ()
+    if layouts is None:
+        raise ValueError(f"sample {r.id!r}: no image layout; the backend's image_layouts records it")
     return row | {
         "status": "written",
         "image_keys": list(t.image_keys),
@@ -112,6 +115,7 @@ def _row(
         "logit_rows": len(logits.positions),
         "visual_blocks": [b for b, _ in refs],
         "visual_offsets": [o for _, o in refs],
+        "image_layouts": [[dict(segment) for segment in layout] for layout in layouts],
     }
 
 
