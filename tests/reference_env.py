@@ -17,12 +17,15 @@ import sys
 import venv
 from pathlib import Path
 
-# The official MobileVLM code's environment (its requirements.txt), and the first transformers
-# release with LlavaForConditionalGeneration. torch is the release this project tests with.
+# The official MobileVLM code's environment (its requirements.txt), the first transformers release
+# with LlavaForConditionalGeneration, and a 4.x release with the transformers-native families. torch is the release this project tests with.
 COMMON = ["torch==2.13.0", "sentencepiece", "protobuf", "safetensors", "numpy<2", "pillow"]
 REFERENCE_STACKS = {
     "mobilevlm": ["transformers==4.33.1", "tokenizers==0.13.3", *COMMON],
     "llava": ["transformers==4.36.0", *COMMON],
+    # Qwen2.5-VL, InternVL, SmolVLM and LLaVA-OneVision in the last 4.x release before SmolVLM's
+    # vision-position regression (4.55.1 to 4.57, huggingface/transformers#41190).
+    "families": ["transformers==4.54.1", *COMMON],
 }
 
 

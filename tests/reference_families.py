@@ -1,0 +1,65 @@
+"""Run inside the families' reference virtualenv (tests/reference_env.py: transformers 4.54.1, the last
+4.x release before its SmolVLM vision-position regression, huggingface/transformers#41190).
+
+    python reference_families.py make FAMILY SOURCE OUT
+        the checkpoint at SOURCE (made by transformers 5: alignkd-tiny) as transformers 4.x writes
+        one, as the hub has them: its weights and config saved by this release's save_pretrained,
+        the tokenizer and processor files copied;
+    python reference_families.py check MODEL INPUTS OUT
+        loads MODEL with AutoModelForImageTextToText, runs it on the tensors in INPUTS (safetensors:
+        the processor's output, computed by our side) and writes its logits to OUT; prints the
+        loading report as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+
+def as_4x_config(config: dict) -> dict:
+    """transformers 5 writes RoPE settings as `rope_parameters`; 4.x reads rope_theta and, for
+    Qwen's M-RoPE, rope_scaling {type: mrope, mrope_section}."""
+    for part in (config, config.get("text_config") or {}):
+        rope = part.pop("rope_parameters", None)
+        if rope:
+            part["rope_theta"] = rope["rope_theta"]
+            if "mrope_section" in rope:
+                part["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    if config["model_type"] == "qwen2_5_vl":  # 4.x reads the text settings at the top level too
+        config.update({k: v for k, v in config["text_config"].items() if k != "model_type"})
+    return config
+
+
+def make(source: Path, out: Path) -> None:
+    config_dict = as_4x_config(json.loads((source / "config.json").read_text()))
+    scratch = out.with_name(out.name + ".config")
+    scratch.mkdir(parents=True)
+    (scratch / "config.json").write_text(json.dumps(config_dict))
+    config = AutoConfig.from_pretrained(scratch)
+    shutil.rmtree(scratch)
+    model = AutoModelForImageTextToText.from_pretrained(source, config=config)
+    model.save_pretrained(out)
+    for path in source.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and not (out / path.name).exists():
+            shutil.copyfile(path, out / path.name)
+
+
+def check(model_dir: Path, inputs: Path, out: Path) -> None:
+    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
+    with torch.no_grad():
+        logits = model.eval()(**load_file(str(inputs))).logits[0].float()
+    save_file({"logits": logits.contiguous()}, str(out))
+    report = {k: sorted(info.get(k, [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    print(json.dumps(report | {"class": type(model).__name__}))
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    {"make": make, "check": check}[command](*map(Path, args))
