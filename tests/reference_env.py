@@ -26,6 +26,8 @@ REFERENCE_STACKS = {
     # Qwen2.5-VL, InternVL, SmolVLM and LLaVA-OneVision in the last 4.x release before SmolVLM's
     # vision-position regression (4.55.1 to 4.57, huggingface/transformers#41190).
     "families": ["transformers==4.54.1", *COMMON],
+    # Qwen3-VL came in 4.57; 4.57.6 is the last 4.x release.
+    "qwen3_vl": ["transformers==4.57.6", *COMMON],
 }
 
 

@@ -1,5 +1,6 @@
-"""Run inside the families' reference virtualenv (tests/reference_env.py: transformers 4.54.1, the last
-4.x release before its SmolVLM vision-position regression, huggingface/transformers#41190).
+"""Run inside a transformers-native family's reference virtualenv (tests/reference_env.py): transformers
+4.54.1, the last 4.x release before its SmolVLM vision-position regression (huggingface/transformers
+#41190), or 4.57.6 for Qwen3-VL, which came in 4.57.
 
     python reference_families.py make FAMILY SOURCE OUT
         the checkpoint at SOURCE (made by transformers 5: alignkd-tiny) as transformers 4.x writes
@@ -25,13 +26,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 def as_4x_config(config: dict) -> dict:
     """transformers 5 writes RoPE settings as `rope_parameters`; 4.x reads rope_theta and, for
-    Qwen's M-RoPE, rope_scaling {type: mrope, mrope_section}."""
+    Qwen's M-RoPE, rope_scaling (rope_type, mrope_section, Qwen3-VL's mrope_interleaved)."""
     for part in (config, config.get("text_config") or {}):
         rope = part.pop("rope_parameters", None)
         if rope:
             part["rope_theta"] = rope["rope_theta"]
             if "mrope_section" in rope:
-                part["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+                part["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
     if config["model_type"] == "qwen2_5_vl":  # 4.x reads the text settings at the top level too
         config.update({k: v for k, v in config["text_config"].items() if k != "model_type"})
     return config

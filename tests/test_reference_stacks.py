@@ -4,7 +4,7 @@ Each family's stack is a virtualenv made from the package index (tests/reference
 between runs): MobileVLM V2 in the official code's environment (transformers 4.33.1, tokenizers
 0.13.3, the official model code in tests/reference_mobilevlm.py), llava-hf in transformers 4.36.0,
 the first release with LlavaForConditionalGeneration, and the transformers-native families in 4.54.1
-(tests/reference_families.py). A script run there loads the student we saved
+(Qwen3-VL in 4.57.6; tests/reference_families.py). A script run there loads the student we saved
 and prints its loading report, token ids and log-probs; they must match our backend's: no missing,
 unexpected or resized tensor, the same ids, log-probs within 1e-4.
 """
@@ -162,11 +162,15 @@ def test_a_trained_llava_loads_in_the_first_transformers_with_llava(digits_datas
 EXAMPLES = TESTS.parent / "examples" / "families"
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl", "smolvlm", "llava_onevision"])
-def test_a_trained_family_student_loads_in_transformers_4(family, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "stack"),
+    [("qwen2_5_vl", "families"), ("internvl", "families"), ("smolvlm", "families"),
+     ("llava_onevision", "families"), ("qwen3_vl", "qwen3_vl")],
+)  # fmt: skip
+def test_a_trained_family_student_loads_in_transformers_4(family, stack, tmp_path):
     """A source as the hub has it (weights and config written by transformers 4.x), trained here with
-    transformers 5, loads in 4.54.1 with nothing missing or left over and gives the same log-probs on
-    a two-image conversation. Qwen3-VL is left out: it came in 4.57, whose SmolVLM regressed."""
+    transformers 5, loads in 4.x (4.54.1; Qwen3-VL, which came in 4.57, in 4.57.6) with nothing
+    missing or left over and gives the same log-probs on a two-image conversation."""
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
@@ -174,7 +178,7 @@ def test_a_trained_family_student_loads_in_transformers_4(family, tmp_path):
 
     source = tmp_path / "source"
     made = tiny_checkpoint(family, tmp_path / "made", role="student")
-    in_reference_stack("families", "reference_families.py", "make", made, source)
+    in_reference_stack(stack, "reference_families.py", "make", made, source)
     loss = LossConfig(weights=parse_weights("ce=1,logit=0,vis=0,attn=0"))
     opts = TrainOptions(
         out=str(tmp_path / "run"), loss=loss, lr=1e-2, batch_size=2, max_steps=2, progress=False
@@ -197,7 +201,7 @@ def test_a_trained_family_student_loads_in_transformers_4(family, tmp_path):
         str(tmp_path / "inputs.safetensors"),
     )
     files = [tmp_path / "run", tmp_path / "inputs.safetensors", tmp_path / "theirs.safetensors"]
-    printed = in_reference_stack("families", "reference_families.py", "check", *files)
+    printed = in_reference_stack(stack, "reference_families.py", "check", *files)
     report = json.loads(printed.splitlines()[-1])  # the loading report
     assert (report["missing_keys"], report["unexpected_keys"], report["mismatched_keys"]) == ([], [], [])
     theirs = load_file(str(tmp_path / "theirs.safetensors"))["logits"].log_softmax(-1)
