@@ -45,7 +45,7 @@ def make(source: Path, out: Path) -> None:
     (scratch / "config.json").write_text(json.dumps(config_dict))
     config = AutoConfig.from_pretrained(scratch)
     shutil.rmtree(scratch)
-    model = AutoModelForImageTextToText.from_pretrained(source, config=config)
+    model = AutoModelForImageTextToText.from_pretrained(source, config=config, use_safetensors=True)
     model.save_pretrained(out)
     for path in source.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and not (out / path.name).exists():
@@ -53,7 +53,9 @@ def make(source: Path, out: Path) -> None:
 
 
 def check(model_dir: Path, inputs: Path, out: Path) -> None:
-    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, output_loading_info=True)
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        model_dir, output_loading_info=True, use_safetensors=True
+    )
     with torch.no_grad():
         logits = model.eval()(**load_file(str(inputs))).logits[0].float()
     save_file({"logits": logits.contiguous()}, str(out))

@@ -344,11 +344,15 @@ class TransformersVLM:
         cover exactly the visual tokens the processor wrote for it."""
         if not images:
             return []
-        if len(processed) != 1:
-            raise RuntimeError(f"{self.family}: {len(processed)} image processor calls for one sample")
-        layouts = self.image_layouts(len(images), processed[0], images)
+        layouts = self._processed_layouts(processed, images)
         check_layouts(layouts, num_visual, f"{who} ({self.family})")
         return layouts
+
+    def _processed_layouts(self, processed: list, images: list) -> list[list[dict]]:
+        """The layouts from what the image processor returned in one processor call."""
+        if len(processed) != 1:
+            raise RuntimeError(f"{self.family}: {len(processed)} image processor calls for one sample")
+        return self.image_layouts(len(images), processed[0], images)
 
     def layouts_of(self, images: list) -> list[list[dict]]:
         """The layouts this processor gives a sample of these images (as `encode` records them),
@@ -357,9 +361,7 @@ class TransformersVLM:
         text = self.processor.apply_chat_template(messages, tokenize=False)
         with image_processor_outputs() as processed:
             out = self.processor(text=[text], images=images)
-        if len(processed) != 1:
-            raise RuntimeError(f"{self.family}: {len(processed)} image processor calls for one sample")
-        layouts = self.image_layouts(len(images), processed[0], images)
+        layouts = self._processed_layouts(processed, images)
         written = list(out["input_ids"][0]).count(self.image_token_id)
         if sum(layout_tokens(layout) for layout in layouts) != written:
             raise RuntimeError(f"{self.family}: the image layouts do not cover the {written} image tokens")

@@ -325,8 +325,9 @@ def _layouts_suspect(batch: pa.RecordBatch, nv: np.ndarray, nv_row: np.ndarray, 
     suspect |= _any_per_row(bad, segment_row, n_rows)
     # Tokens covered per image, each segment's count capped (so no sum overflows) above any image's.
     cap = attrs["options"]["max_length"] + 1
-    covered = np.zeros(len(images), np.int64)
-    np.add.at(covered, segment_image, np.clip(r * c, 0, cap))
+    covered = np.bincount(segment_image, weights=np.clip(r * c, 0, cap), minlength=len(images)).astype(
+        np.int64
+    )
     # Compared image by image on the rows whose lists have one entry per image (others are flagged).
     same = _lengths(layouts) == _lengths(batch.column("num_visual"))
     keep_images, keep_nv = same[image_row], same[nv_row]

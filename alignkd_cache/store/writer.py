@@ -99,9 +99,9 @@ def _row(
             refs[k] = (block, sum(len(v) for v in parts["visual"]))
             parts["visual"].append(visual.numpy())
     refs = [ref if ref is not None else (-1, -1) for ref in refs]
-    layouts = s.image_layouts if s.image_layouts is not None or s.images else ()
-    if layouts is None:
+    if s.image_layouts is None and s.images:
         raise ValueError(f"sample {r.id!r}: no image layout; the backend's image_layouts records it")
+    layouts = s.image_layouts or ()
     return row | {
         "status": "written",
         "image_keys": list(t.image_keys),
