@@ -48,7 +48,7 @@ IMAGE_SIDE = 12  # the tiny student's vision input: (12 / 4)^2 = 9 visual tokens
 def student_and_images(work: Path) -> tuple[Path, Path, list[str], str]:
     """A tiny LLaVA student with the caches' 9 visual tokens, a pool of images and their content
     keys, and the student's tokenizer hash (the caches record it)."""
-    from alignkd_cache.backends.provenance import tokenizer_sha256
+    from alignkd_cache.backends.checkpoint import tokenizer_sha256
     from alignkd_cache.backends.tokenizer import load_tokenizer
     from alignkd_cache.images import load_image
     from alignkd_cache.tiny import build_tiny_llava, build_tokenizer

@@ -40,7 +40,12 @@ class CommandError(click.ClickException):
 
 
 def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # torch re-raises a worker's exception with the worker's traceback in its message: the
+        # original message is the traceback's last line, after the exception's name
+        return re.sub(r"^[\w.]+: ", "", lines[-1])
+    return "; ".join(lines)
 
 
 def _not_a_cache(e: Exception) -> str:

@@ -44,12 +44,16 @@ def w(tmp_path, tiny_cache, llava_teacher_dir, llava_student_dir, digits_dataset
     shutil.copytree(tiny_cache, damaged)
     for chunk in damaged.glob("blocks/*/logit_values/c/0/0"):  # one bit in every block: any step meets one
         chunk.write_bytes(chunk.read_bytes()[:-1] + bytes([chunk.read_bytes()[-1] ^ 1]))
+    edited = tmp_path / "edited.zarr"  # every block's metadata, checked as each block is first read
+    shutil.copytree(tiny_cache, edited)
+    for meta in edited.glob("blocks/*/logit_ids/zarr.json"):
+        meta.write_text(json.dumps(json.loads(meta.read_text()) | {"data_type": "int64"}))
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     (tmp_path / "empty").mkdir()
     return {
         "data": str(data), "root": str(root), "bad": str(bad), "utf16": str(utf16), "cache": str(tiny_cache),
-        "damaged": str(damaged), "teacher": str(llava_teacher_dir), "student": str(llava_student_dir),
+        "damaged": str(damaged), "edited": str(edited), "teacher": str(llava_teacher_dir), "student": str(llava_student_dir),
         "no_config": str(no_config), "empty": str(tmp_path / "empty"), "new": str(tmp_path / "new.zarr"),
         "out": str(tmp_path / "run"),
     }  # fmt: skip
@@ -94,6 +98,11 @@ MISTAKES = [
     (train, from_cache("{student}", "{cache}", "--batch-size", "0"), EXIT_USAGE, "0 is not in the range x>=1"),
     (train, from_cache(cache_="{damaged}"), EXIT_DAMAGED,
      "fails its checksum, so the cache is damaged; run `alignkd-cache verify"),
+    # Met in a DataLoader worker: torch re-raises it with the worker's traceback in its message.
+    (train, from_cache("{student}", "{damaged}", "--num-workers", "1"), EXIT_DAMAGED,
+     "fails its checksum, so the cache is damaged; run `alignkd-cache verify"),
+    (train, from_cache("{student}", "{edited}", "--num-workers", "1"), EXIT_CACHE_REFUSED,
+     "logit_ids: dtype 'int64', expected"),
     (train, ["eval", "--model", "org/missing", "--data", "{data}"], EXIT_NOT_FOUND,
      "as a hub id not in the Hugging Face cache"),
     (train, ["eval", "--model", "{student}", "--data", "{data}", "--image-root", "{root}", "--predictions",

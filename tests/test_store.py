@@ -13,9 +13,11 @@ from store_synthetic import NV, H, write_synthetic_store
 
 from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.store import codecs
+from alignkd_cache.store.info import cache_info
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate
 from alignkd_cache.store.manifest import MANIFEST_SCHEMA, published_schema, schema_as_json
 from alignkd_cache.store.reader import CacheDataset, CacheReader
+from alignkd_cache.store.trust import UntrustedCache
 from alignkd_cache.store.verify import verify
 
 rng = np.random.default_rng(0)
@@ -221,8 +223,11 @@ def test_missing_chunk_is_an_error_not_zeros(tmp_path):
     (url / "blocks/b000000/visual/c/0/0").unlink()
     report = verify(str(url))
     assert any("missing" in p for p in report.problems)
-    with pytest.raises(ValueError, match="missing"):  # refused when opened, before any step
-        CacheReader(str(url))
+    reader = CacheReader(str(url))  # blocks are checked as they are first read
+    with pytest.raises(UntrustedCache, match="blocks/b000000/visual: its chunk file is missing"):
+        reader.read(next(r["id"] for r in reader.rows if r["block"] == 0))
+    with pytest.raises(UntrustedCache, match="blocks/b000000/visual: its chunk file is missing"):
+        cache_info(str(url))
 
 
 def test_verify_checks_attributes_against_the_schema(tmp_path):

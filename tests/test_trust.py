@@ -88,14 +88,25 @@ def set_token(where, value):
     return edit
 
 
-def refusals(url: Path, tmp_path: Path) -> list[str]:
-    """The error of every reading command on url (each must refuse)."""
+def read_every_sample(url: Path) -> None:
+    reader = CacheReader(str(url))
+    for i in range(len(reader)):
+        reader.read_row(reader.row_at(i))
+
+
+def refusals(url: Path, tmp_path: Path, info: bool = True) -> list[str]:
+    """The error of every reading command on url (each must refuse). A reader refuses when it
+    opens, or, for a problem inside a block, before it reads that block's first chunk. `info`
+    reads no block's metadata: info=False for a problem inside a block that the stat of its chunk
+    files does not show."""
     calls = {
-        "reader": lambda: CacheReader(str(url)),
+        "reader": lambda: read_every_sample(url),
         "info": lambda: cache_info(str(url)),
         "copy": lambda: copy_cache(str(url), str(tmp_path / "copy.zarr")),
         "merge": lambda: merge_caches([str(url), str(url)], str(tmp_path / "merged.zarr")),
     }
+    if not info:
+        del calls["info"]
     messages = []
     for name, call in calls.items():
         with pytest.raises(UntrustedCache) as e:
@@ -128,14 +139,14 @@ def test_symlinks_are_refused_by_every_command_and_never_read(store, tmp_path, t
     else:
         link.unlink(missing_ok=True)
         link.symlink_to(secret)
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=not target.endswith("passwd")):
         assert f"{target!r} is a symlink" in message
         assert "SECRET" not in message
 
 
 def test_a_fifo_is_refused_without_blocking(store, tmp_path):
     os.mkfifo(store / "blocks/b000000/visual/c/0/0.fifo")
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=False):
         assert "not a regular file" in message
 
 
@@ -143,11 +154,11 @@ def test_zarr_v2_metadata_is_never_parsed(store, tmp_path):
     # A v2 array document asking for the pickle codec: refused by name, whatever zarr would do.
     v2 = {"zarr_format": 2, "dtype": "|O", "filters": [{"id": "pickle"}], "shape": [1], "chunks": [1]}
     (store / "blocks/b000000/attention/.zarray").write_text(json.dumps(v2))
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=False):
         assert ".zarray" in message
     (store / "blocks/b000000/attention/.zarray").unlink()
     edit_array(store, "blocks/b000000/attention", lambda m: m.update(zarr_format=2))
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=False):
         assert "zarr_format is 2" in message
 
 
@@ -286,7 +297,7 @@ def test_logit_targets_sampled_on_a_topk_cache_is_refused_even_when_options_agre
         a["logit_targets"] = a["options"]["logit_targets"] = "sampled"
 
     edit_attrs(store, edit)
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=False):
         assert "logit_values" in message or "logit_tail" in message
 
 
@@ -310,8 +321,39 @@ def test_array_metadata_must_match_the_attributes_before_anything_is_allocated(
     store, tmp_path, path, edit, problem
 ):
     edit_array(store, path, edit)
-    for message in refusals(store, tmp_path):
+    for message in refusals(store, tmp_path, info=False):
         assert path in message and problem in message
+
+
+def test_a_reader_checks_each_block_before_its_first_chunk_and_reads_the_others(store, tmp_path):
+    """Opening checks the root, the attributes, the manifest and the block directories; the files
+    and metadata inside a block are checked when it is first read, so opening a large cache does
+    not walk every block, and a bad block is refused before any of its chunks is read."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:x:0:0:SECRET")
+    link = store / "blocks/b000001/logit_ids/c/0/0"
+    link.unlink()
+    link.symlink_to(secret)
+    edit_array(store, "blocks/b000001/visual", lambda m: m.update(shape=[10**8, 96]))
+    reader = CacheReader(str(store))
+    assert reader._found.block_keys == {}
+    good = [r for r in reader.rows if r["block"] == 0]
+    for row in good:
+        reader.read_row(row)
+    assert set(reader._found.block_keys) == {0}
+    bad = next(r for r in reader.rows if r["block"] == 1)
+    with pytest.raises(UntrustedCache) as e:
+        reader.read_row(bad)
+    message = str(e.value)
+    assert "'blocks/b000001/logit_ids/c/0/0' is a symlink" in message and "2 more problem(s)" in message
+    assert set(reader._found.block_keys) == {0}
+    assert "SECRET" not in message and "\n" not in message
+    with pytest.raises(UntrustedCache) as again:  # a refused block stays refused
+        reader.read_row(bad)
+    assert str(again.value) == message
+    assert torch.equal(
+        reader.read_row(good[0]).logits.ids, CacheReader(str(store)).read_row(good[0]).logits.ids
+    )
 
 
 def test_a_huge_token_list_in_a_tiny_manifest_is_refused_before_decoding(store, tmp_path):

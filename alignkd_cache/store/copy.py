@@ -19,7 +19,7 @@ from alignkd_cache.store.verify import VerifyReport, verify
 def copy_cache(
     src: str, dst: str, src_options: dict | None = None, dst_options: dict | None = None, threads: int = 8
 ) -> VerifyReport:
-    source = open_cache(src, src_options)
+    source = open_cache(src, src_options, every_block=True)
     target = Location(dst, dst_options)
     if not target.is_empty():
         raise IncompatibleCache(f"{dst} is not empty; copy into a new location")

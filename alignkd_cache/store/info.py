@@ -5,19 +5,27 @@ counts a sample's visual tokens even when its image is shared: it is what a naiv
 each sample's signals as uncompressed fp16 would store. Stored bytes are the compressed chunk
 files' bytes (metadata documents excluded) (shared visual rows are counted once), divided by the written samples.
 A layer0 cache's stub is reported on its own (`stub`): it is paid once per cache, not per sample.
+
+`info` reads the root attributes and the manifest (both checked, as every command's open) and
+stats the chunk files the manifest's plan gives each block; it reads no block's metadata, which
+`verify` checks.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections import Counter
 
 import numpy as np
 import pyarrow.compute as pc
 
 from alignkd_cache.signals import STORED_ARRAYS, cache_kind
-from alignkd_cache.store.trust import open_cache
+from alignkd_cache.store.inspection import Inspection
+from alignkd_cache.store.layout import block_specs
+from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
 SIGNALS: dict[str, list[str]] = {}
@@ -28,13 +36,13 @@ SIGNAL_OF = {array: signal for signal, arrays in SIGNALS.items() for array in ar
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
     found = open_cache(url, storage_options)
-    loc, attrs, table = found.loc, found.attrs, found.table
+    attrs, table = found.attrs, found.table
     written = table.filter(pc.equal(table.column("status"), "written"))
     reasons = table.filter(pc.equal(table.column("status"), "skipped")).column("skip_reason")
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
     skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.to_pylist())
     n = max(1, written.num_rows)
-    stored = _stored_bytes(loc, found.keys)
+    stored = _stored_bytes(found)
     logit_rows = pc.sum(written.column("logit_rows")).as_py() or 0
     # A sample's attention rows are as wide as its visual tokens (all its images').
     num_visual = written.column("num_visual").combine_chunks()
@@ -93,13 +101,36 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     }
 
 
-def _stored_bytes(loc, keys) -> dict[str, int]:
-    """Chunk bytes per signal over every block (metadata documents excluded), from the files the
-    trust check listed: no store listing per block."""
-    stored, root = dict.fromkeys(SIGNALS, 0), loc.local_root
-    for key in keys:
-        parts = key.split("/")
-        if len(parts) > 4 and parts[0] == "blocks" and parts[3] == "c":
-            size = os.stat(os.path.join(root, key)).st_size if root is not None else loc.size(key)
-            stored[SIGNAL_OF[parts[2]]] += size
+def _stored_bytes(found: Inspection) -> dict[str, int]:
+    """Chunk bytes per signal over every block: one stat per chunk file the plan gives a block
+    (an array with rows has exactly one; see layout.chunking). Nothing is read, so a chunk file
+    that is missing or not a regular file is refused here."""
+    stored, root, plan = dict.fromkeys(SIGNALS, 0), found.local_root, found.blocks
+    rows = {"attention": plan.attention, "visual": plan.visual, "logits": plan.logit}
+    ranks = {name: len(spec.shape) for name, spec in block_specs(found.attrs, 1, 1, 1).items()}
+    for b in range(found.attrs["num_blocks"]):
+        for name, rank in ranks.items():
+            signal = SIGNAL_OF[name]
+            if rows[signal][b] == 0:
+                continue
+            key = f"{block_path(b)}/{name}/c/" + "/".join("0" * rank)
+            stored[signal] += _chunk_size(found, root, key)
     return stored
+
+
+def _chunk_size(found: Inspection, root: str | None, key: str) -> int:
+    if root is None:
+        return found.loc.size(key)
+    path = os.path.join(root, key)
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        raise UntrustedCache(
+            f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
+        ) from None
+    if stat.S_ISLNK(status.st_mode):
+        what = f"{key!r} is a symlink (to {os.readlink(path)!r}); a cache holds regular files only"
+        raise UntrustedCache(f"{found.url}: {what}; {FIX}")
+    if not stat.S_ISREG(status.st_mode):
+        raise UntrustedCache(f"{found.url}: {key!r} is not a regular file (a device, fifo or socket); {FIX}")
+    return status.st_size

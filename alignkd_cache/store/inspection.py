@@ -1,6 +1,6 @@
 """What the trust checks found so far: the store's files, attributes, manifest and block plan, and
 the problems. Each check step (trust_tree, trust_attrs, trust_manifest, trust_plan, trust_arrays)
-reads what earlier steps put here."""
+reads what earlier steps put here; a reader keeps it to check each block as it first reads it."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ class Inspection:
     root: bytes | None = None  # the root zarr.json to check instead of the stored one (copy)
     max_problems: int = MAX_PROBLEMS
     problems: list[tuple[str | None, str]] = field(default_factory=list)  # (sample id or None, what)
-    keys: dict[str, None] = field(default_factory=dict)  # the store's files (ordered set), all checked
+    keys: dict[str, None] = field(default_factory=dict)  # the files checked so far (ordered set)
+    block_dirs: set[str] = field(default_factory=set)  # the block directories found (bNNNNNN)
+    block_keys: dict[int, list[str]] = field(default_factory=dict)  # each checked block's files
     attrs: dict = field(default_factory=dict)
     table: pa.Table | None = None
     blocks: BlockRows | None = None

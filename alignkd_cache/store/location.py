@@ -80,7 +80,7 @@ class Location:
         data = self.read_bytes(key)
         if data is None:
             raise FileNotFoundError(f"{self.url}: {key} is missing")
-        return pq.read_table(io.BytesIO(data))
+        return pq.read_table(pa.BufferReader(data))
 
     def write_parquet(self, key: str, table: pa.Table) -> bytes:
         """Write and return the file's bytes (callers hash them)."""

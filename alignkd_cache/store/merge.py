@@ -48,7 +48,7 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
     for f, a, table in zip(found, attrs, tables, strict=True):
         for b in range(a["num_blocks"]):
             prefix, new = block_path(b), block_path(b + block_offset)
-            for key in [k for k in f.keys if k.startswith(prefix + "/")]:  # checked files only
+            for key in f.block_keys[b]:  # checked files only
                 dst.write_bytes(new + key[len(prefix) :], f.loc.read_bytes(key))
         table = _shifted(table, "index", index_offset)
         table = _shifted(table, "block", block_offset)

@@ -24,7 +24,7 @@ from alignkd_cache.signals import LogitTargets, TeacherSignal, stored_heads
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import UntrustedCache, adopt, chunk_damage, open_cache
+from alignkd_cache.store.trust import UntrustedCache, adopt, check_before_reading, chunk_damage, open_cache
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -51,8 +51,8 @@ class CacheReader:
     ):
         self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
         # open_cache refuses a damaged or edited cache up front
-        found = (adopt if checked else open_cache)(url, storage_options)
-        self.loc, self.attrs, self.table = found.loc, found.attrs, found.table
+        self._found = (adopt if checked else open_cache)(url, storage_options)
+        self.loc, self.attrs, self.table = self._found.loc, self._found.attrs, self._found.table
         # The manifest stays in Arrow columns, not copied; a row becomes a dict when it is read.
         written = pc.equal(self.table.column("status"), "written")
         self._written = np.flatnonzero(written.to_numpy(zero_copy_only=False))  # row of each written sample
@@ -107,10 +107,12 @@ class CacheReader:
 
     def array(self, block: int, name: str):
         if os.getpid() != self._pid:  # forked worker: open its own handles and store session
-            self.loc = Location(self.url, self.storage_options, read_only=True)
+            self.loc = self._found.loc = Location(self.url, self.storage_options, read_only=True)
             self._reset_process_state()
         key = (block, name)
         if key not in self._handles:
+            with self._lock:
+                check_before_reading(self._found, block)  # its files and metadata, once
             self._handles[key] = self.loc.group("r")[f"{block_path(block)}/{name}"]
         return self._handles[key]
 
@@ -152,7 +154,7 @@ class CacheReader:
         sample_id = row["id"]
         try:
             return self._read(row)
-        except MemoryError:
+        except (MemoryError, UntrustedCache):  # UntrustedCache: its block failed its check
             raise
         except Exception as e:  # noqa: BLE001 - zarr's checksum or decode failure: a damaged chunk
             raise CacheError(

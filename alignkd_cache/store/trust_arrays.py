@@ -1,5 +1,7 @@
-"""Trust, the array metadata: every block's zarr.json against the document the writer makes for
-the plan's shapes, so nothing is allocated beyond what the manifest accounts for.
+"""Trust, the blocks: the block directories up front, then each block's files and every array's
+zarr.json against the document the writer makes for the plan's shapes, so nothing is allocated
+beyond what the manifest accounts for. A reader checks a block before its first chunk is read;
+verify, copy and merge check every block before reading any.
 
 A document equal to the writer's passes at the cost of a read and a dict comparison; any other is
 examined field by field, which words the first difference."""
@@ -11,32 +13,61 @@ from alignkd_cache.store.layout import ArraySpec, array_document, group_document
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.provenance import first_difference
+from alignkd_cache.store.trust_tree import block_files, check_key
 
 
-def check_arrays(loc: Location, found: Inspection) -> None:
-    num_blocks = found.attrs["num_blocks"]
-    blocks = {k.split("/")[1] for k in found.keys if k.startswith("blocks/b")}
-    extra = blocks - {block_path(b).split("/")[1] for b in range(num_blocks)}
+def check_block_dirs(loc: Location, found: Inspection) -> None:
+    """Up front: blocks/ is a plain group holding exactly the cache's block directories."""
+    expected = {block_dir(b) for b in range(found.attrs["num_blocks"])}
+    extra = found.block_dirs - expected
     if extra:
-        found.add(f"block directories {sorted(extra)} are not among the cache's {num_blocks} blocks")
-    wanted = {f"{block_path(b)}/{name}" for b in range(num_blocks) for name in found.block_specs(b)}
-    stray = {
-        k.rsplit("/", 1)[0] for k in found.keys if k.count("/") == 3 and k.endswith("zarr.json")
-    } - wanted
+        found.add(
+            f"block directories {sorted(extra)} are not among the cache's {found.attrs['num_blocks']} blocks"
+        )
+    for name in sorted(expected - found.block_dirs)[: found.max_problems]:
+        found.add(f"blocks/{name}/zarr.json is missing")
+    doc = found.read_json("blocks/zarr.json")
+    if doc is not None and doc != group_document():
+        found.add("blocks/zarr.json is not a zarr group without attributes")
+
+
+def check_every_block(loc: Location, found: Inspection) -> None:
+    for b in range(found.attrs["num_blocks"]):
+        check_block(found, b)
+        if found.full:
+            return
+
+
+def check_block(found: Inspection, block: int) -> None:
+    """One block's files (regular, and only its group and the arrays the plan gives it) and every
+    array's zarr.json; the block's keys join `found.keys`. Readers run it before the block's first
+    chunk is read; verify, copy and merge run it for every block up front."""
+    path = block_path(block)
+    keys = block_files(found, block_dir(block))
+    found.keys.update(dict.fromkeys(keys))
+    found.block_keys[block] = keys
+    specs = found.block_specs(block)
+    arrays = {f"{path}/{name}" for name in specs}
+    for key in keys:
+        check_key(found, key)
+    stray = sorted(
+        {k.rsplit("/", 1)[0] for k in keys if k.count("/") == 3 and k.endswith("zarr.json")} - arrays
+    )
     if stray:
         found.add(
-            f"arrays {sorted(stray)[:5]} are not part of a {found.attrs['logit_targets']} cache with these encodings"
+            f"arrays {stray[:5]} are not part of a {found.attrs['logit_targets']} cache with these encodings"
         )
-    for path in ["blocks"] + [block_path(b) for b in range(num_blocks)]:
-        doc = found.read_json(f"{path}/zarr.json")
-        if doc is not None and doc != group_document():
-            found.add(f"{path}/zarr.json is not a zarr group without attributes")
-    for b in range(num_blocks):
-        specs = found.block_specs(b)
-        for name in specs:
-            _check_array(found, b, name, specs)
-            if found.full:
-                return
+    doc = found.read_json(f"{path}/zarr.json")
+    if doc is not None and doc != group_document():
+        found.add(f"{path}/zarr.json is not a zarr group without attributes")
+    for name in specs:
+        _check_array(found, block, name, specs)
+        if found.full:
+            return
+
+
+def block_dir(block: int) -> str:
+    return block_path(block).split("/")[1]
 
 
 def _check_array(found: Inspection, block: int, name: str, specs: dict[str, ArraySpec]) -> None:

@@ -3,8 +3,6 @@ declared size bounded before it is decoded, and its Arrow schema."""
 
 from __future__ import annotations
 
-import io
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,7 +30,7 @@ def check_manifest(loc: Location, found: Inspection) -> None:
         )
         return
     try:
-        meta = pq.ParquetFile(io.BytesIO(data)).metadata
+        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
         declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if meta.num_rows != records or declared > bound:
             found.add(
@@ -40,7 +38,7 @@ def check_manifest(loc: Location, found: Inspection) -> None:
                 f"the attributes allow {records} rows of at most {bound} bytes"
             )
             return
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         found.add(f"{MANIFEST_KEY}: unreadable Parquet ({e})")
         return

@@ -20,17 +20,22 @@ SPANS = ("attention", "logit")  # the manifest's (offset, rows) pairs into a blo
 
 def written_columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
     """Columns of the written rows, as numpy arrays (fixed-width columns hold no nulls there)."""
-    written = table.filter(pc.equal(table.column("status"), "written"))
+    written = written_rows(table, names)
     return {name: written.column(name).to_numpy() for name in names}
+
+
+def written_rows(table: pa.Table, names: list[str]) -> pa.Table:
+    """These columns of the written rows (filtering only them: the token lists stay uncopied)."""
+    return table.select(names).filter(pc.equal(table.column("status"), "written"))
 
 
 def check_plan(loc: Location, found: Inspection) -> None:
     attrs, num_blocks = found.attrs, found.attrs["num_blocks"]
-    written = found.table.filter(pc.equal(found.table.column("status"), "written"))
-    cols = {
-        name: written.column(name).to_numpy()
-        for name in ["block"] + [f"{k}_{f}" for k in SPANS for f in ("offset", "rows")]
-    }
+    fixed = ["block"] + [f"{k}_{f}" for k in SPANS for f in ("offset", "rows")]
+    written = written_rows(
+        found.table, ["id", *fixed, "num_visual", "visual_blocks", "visual_offsets", "image_keys"]
+    )
+    cols = {name: written.column(name).to_numpy() for name in fixed}
     ids = written.column("id")
     row_problems = []  # (written row, order within the row, what): worded in manifest order
     ends = {}
@@ -48,9 +53,9 @@ def check_plan(loc: Location, found: Inspection) -> None:
         found.add(what, ids[int(i)].as_py())
     visual = _check_visual_rows(images, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
-    attention_width = np.zeros(num_blocks, np.int64)
-    with_rows = cols["attention_rows"] > 0
-    np.maximum.at(attention_width, cols["block"][with_rows], images["sum"][with_rows])
+    attention_width = _block_max(
+        cols["block"], np.where(cols["attention_rows"] > 0, images["sum"], 0), num_blocks
+    )
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
     count = len(np.unique(images["ref"][images["ref"] >= 0]))
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
@@ -77,6 +82,16 @@ def image_columns(written: pa.Table) -> dict[str, np.ndarray]:
         "ref": np.where(block >= 0, block << 40 | np.maximum(offset, 0), -1),
         "sum": np.bincount(row, weights=n, minlength=written.num_rows).astype(np.int64),
     }
+
+
+def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.ndarray:
+    """Per block, the largest of its rows' values (0 for a block without rows)."""
+    out = np.zeros(num_blocks, np.int64)
+    if len(block):
+        order = np.lexsort((values, block))  # by block, then value: each block's last is its max
+        last = np.concatenate([block[order][1:] != block[order][:-1], [True]])
+        out[block[order][last]] = values[order][last]
+    return out
 
 
 def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,9 @@ every row the per-row checks refuse; a row it flags in vain costs a per-row chec
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -48,16 +50,17 @@ def per_image(attrs: dict) -> tuple[str, ...]:
 def check_rows(loc: Location, found: Inspection) -> None:
     table, attrs = found.table, found.attrs
     duplicate = duplicate_ids(table.column("id"))
-    start = 0
-    for batch in table.to_batches(max_chunksize=ROWS_PER_BATCH):
-        for i in np.flatnonzero(
-            suspect_rows(batch, start, attrs) | duplicate[start : start + batch.num_rows]
-        ):
-            row = batch.slice(int(i), 1).to_pylist()[0]
-            row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
-            if found.full:
-                return
-        start += batch.num_rows
+    batches = table.to_batches(max_chunksize=ROWS_PER_BATCH)
+    starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].tolist()
+    # numpy and Arrow release the GIL: batches are checked side by side on the process's cores
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        flagged = pool.map(lambda batch, start: suspect_rows(batch, start, attrs), batches, starts)
+        for batch, start, suspect in zip(batches, starts, flagged, strict=True):
+            for i in np.flatnonzero(suspect | duplicate[start : start + batch.num_rows]):
+                row = batch.slice(int(i), 1).to_pylist()[0]
+                row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
+                if found.full:
+                    return
     status = table.column("status")
     want = attrs["counts"]
     got = {
@@ -72,8 +75,8 @@ def check_rows(loc: Location, found: Inspection) -> None:
 def duplicate_ids(ids: pa.ChunkedArray) -> np.ndarray:
     """Per row: its id was on an earlier row."""
     duplicate = np.zeros(len(ids), bool)
-    codes = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy()
-    if len(np.unique(codes)) < len(ids):
+    if len(pc.unique(ids)) < len(ids):  # one hash pass; the rows are found only when there are some
+        codes = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy()
         _, first = np.unique(codes, return_index=True)
         duplicate[:] = True
         duplicate[first] = False
@@ -274,7 +277,9 @@ def _written_suspects(batch: pa.RecordBatch, attrs: dict) -> np.ndarray:
     suspect |= _any_per_row(out_of_vocab, row, n_rows)
     suspect |= np.bincount(row[is_visual], minlength=n_rows) != sum_nv
     first = np.full(n_rows, np.iinfo(np.int64).max)
-    np.minimum.at(first, row[is_visual], position[is_visual])
+    visual_row = row[is_visual]  # rows in order: each row's first visual token opens its run
+    opens = np.concatenate([[True], visual_row[1:] != visual_row[:-1]]) if len(visual_row) else []
+    first[visual_row[opens]] = position[is_visual][opens]
     image = sum_nv > 0
     starts = np.concatenate([[0], np.cumsum(n_ids)])[:-1]  # each row's first token in `tokens`
 

@@ -1,4 +1,8 @@
-"""Trust, the file walk: a cache is a tree of regular files holding only the keys a cache has."""
+"""Trust, the file walk: a cache is a tree of regular files holding only the keys a cache has.
+
+The walk up front lists every file outside the block directories and the block directories by
+name; a block's own files are listed when that block is checked (trust_arrays.check_block), so
+opening a cache costs one directory per block, not the ~18 each one holds."""
 
 from __future__ import annotations
 
@@ -18,17 +22,28 @@ KEY = re.compile(
     r"(zarr\.json|manifest\.parquet|blocks/zarr\.json|blocks/b\d{6}/zarr\.json"
     rf"|blocks/b\d{{6}}/({'|'.join(ARRAYS)})/(zarr\.json|c(/0)+))"
 )
+BLOCK_DIR = re.compile(r"blocks/(b\d{6})/(.*)")
 
 
 def check_tree(loc: Location, found: Inspection) -> None:
     root = loc.local_root
-    keys = local_files(str(root), found) if root is not None else loc.list_keys()
+    if root is not None:
+        keys = local_files(str(root), found, blocks=found.block_dirs)
+    else:  # a remote store is listed whole (paginated); a block's files are listed again at its check
+        keys = []
+        for key in loc.list_keys():
+            inside = BLOCK_DIR.fullmatch(key)
+            if inside:
+                found.block_dirs.add(inside[1])
+            else:
+                keys.append(key)
     found.keys = dict.fromkeys(k for k in keys if k != LOCK_NAME)  # a writer's lock: never read
 
 
-def local_files(root: str, found: Inspection, prefix: str = "") -> list[str]:
+def local_files(root: str, found: Inspection, prefix: str = "", blocks: set[str] | None = None) -> list[str]:
     """Regular files under root, as store keys (depth first, by name); a symlink or special file
-    is a problem, never followed. Plain strings, no Path objects: a 3.6M-sample cache has about a
+    is a problem, never followed. With `blocks`, block directories (blocks/bNNNNNN) are added to
+    it by name instead of walked. Plain strings, no Path objects: a 3.6M-sample cache has about a
     million directories."""
     keys = []
     with os.scandir(os.path.join(root, prefix) if prefix else root) as entries:
@@ -39,7 +54,10 @@ def local_files(root: str, found: Inspection, prefix: str = "") -> list[str]:
                     f"{key!r} is a symlink (to {os.readlink(entry.path)!r}); a cache holds regular files only"
                 )
             elif entry.is_dir(follow_symlinks=False):
-                keys += local_files(root, found, key + "/")
+                if blocks is not None and prefix == "blocks/" and BLOCK_DIR.fullmatch(key + "/"):
+                    blocks.add(entry.name)
+                else:
+                    keys += local_files(root, found, key + "/", blocks)
             elif entry.is_file(follow_symlinks=False):
                 keys.append(key)
             else:
@@ -47,14 +65,18 @@ def local_files(root: str, found: Inspection, prefix: str = "") -> list[str]:
     return keys
 
 
+def block_files(found: Inspection, block_dir: str) -> list[str]:
+    """A block directory's files (blocks/bNNNNNN/...), walked as check_tree walks the rest."""
+    if found.local_root is None:
+        return found.loc.list_keys(f"blocks/{block_dir}/")
+    return local_files(found.local_root, found, f"blocks/{block_dir}/")
+
+
 def check_keys(loc: Location, found: Inspection) -> None:
     stub = stub_keys(found.attrs)
     for key in found.keys:
-        if not KEY.fullmatch(key) and key not in stub:
-            found.add(
-                f"unexpected file {key!r} (a cache holds only zarr v3 metadata, chunks, the manifest "
-                "and, in a layer0 cache, the files its attributes list under layer0/)"
-            )
+        if key not in stub:
+            check_key(found, key)
     for key in sorted(set(stub) - set(found.keys)):
         found.add(f"{key} is missing (the layer-0 stub lists it)")
     if stub and not found.problems:
@@ -64,6 +86,14 @@ def check_keys(loc: Location, found: Inspection) -> None:
                 f"the layer-0 stub's files hold {size} bytes, its attributes say {found.attrs['layer0']['bytes']}"
             )
         _check_stub_manifest(loc, found)
+
+
+def check_key(found: Inspection, key: str) -> None:
+    if not KEY.fullmatch(key):
+        found.add(
+            f"unexpected file {key!r} (a cache holds only zarr v3 metadata, chunks, the manifest "
+            "and, in a layer0 cache, the files its attributes list under layer0/)"
+        )
 
 
 def _check_stub_manifest(loc: Location, found: Inspection) -> None:

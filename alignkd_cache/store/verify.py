@@ -1,8 +1,8 @@
 """`alignkd-cache verify`: every check of opening a cache, then every chunk, naming bad samples.
 
-The cheap checks are trust.inspect's (tree, attributes, manifest, array metadata), collected
-rather than stopping at the first. When they pass, every chunk of every array is read one chunk
-at a time (memory stays at one chunk per job whatever the cache's size): each carries a CRC32C,
+The cheap checks are trust.inspect's (tree, attributes, manifest, every block's files and array
+metadata), collected rather than stopping at the first. When they pass, every chunk of every
+array is read one chunk at a time (memory stays at one chunk per job whatever the cache's size): each carries a CRC32C,
 so a flipped bit fails its read; decoded values must be finite and logit ids inside the
 vocabulary. With jobs > 1, worker processes stream runs of blocks; the samples to blame for a bad
 row are found afterwards from the manifest's columns.
@@ -92,7 +92,7 @@ def verify(
 
 def open_verified(url: str, storage_options: dict | None = None) -> Inspection:
     """open_cache plus every chunk, for commands that copy a cache's bytes into a new one (merge)."""
-    found = open_cache(url, storage_options)
+    found = open_cache(url, storage_options, every_block=True)
     report = VerifyReport(str(url))
     _stream(found, report)
     if cache_kind(found.attrs) == "layer0":
