@@ -14,7 +14,6 @@ stats the chunk files the manifest's plan gives each block; it reads no block's 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections import Counter
 
@@ -26,6 +25,7 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
+from alignkd_cache.store.trust_plan import written_rows
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
 SIGNALS: dict[str, list[str]] = {}
@@ -37,10 +37,14 @@ SIGNAL_OF = {array: signal for signal, arrays in SIGNALS.items() for array in ar
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
     found = open_cache(url, storage_options)
     attrs, table = found.attrs, found.table
-    written = table.filter(pc.equal(table.column("status"), "written"))
-    reasons = table.filter(pc.equal(table.column("status"), "skipped")).column("skip_reason")
+    written = written_rows(table, ["logit_rows", "num_visual", "attention_rows"])
+    reasons = table.select(["skip_reason"]).filter(pc.equal(table.column("status"), "skipped")).column(0)
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
-    skipped = Counter(re.sub(r"\d+", "N", r.split(":")[0]) for r in reasons.to_pylist())
+    kinds = pc.replace_substring_regex(
+        pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0), r"\d+", "N"
+    )
+    counts = pc.value_counts(kinds).to_pylist()  # in order of first appearance, as Counter
+    skipped = Counter({c["values"]: c["counts"] for c in counts})
     n = max(1, written.num_rows)
     stored = _stored_bytes(found)
     logit_rows = pc.sum(written.column("logit_rows")).as_py() or 0
