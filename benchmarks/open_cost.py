@@ -9,6 +9,10 @@ images come from a pool of real files, so the trainer can read them; the root at
 tiny student's tokenizer hash.
 
     python benchmarks/open_cost.py --dir /tmp/scale --samples 10000 100000 1000000 [--verify-max 100000]
+        [--repeats 3] [--before CHECKOUT_OF_EARLIER_CODE]
+
+Each measure runs --repeats times, interleaved over the sizes, and the run with the median CPU
+time is reported.
 
 Caches already in --dir are reused, and an interrupted write resumes at its first uncommitted block
 (1M samples take about 40 minutes on 2 idle cores).
@@ -21,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +70,8 @@ def student_and_images(work: Path) -> tuple[Path, Path, list[str], str]:
         if not path.exists():
             Image.fromarray(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)).save(path)
         keys.append(load_image(path, f"img{i}", pad)[1])
+    # A sample's second image is `extra.png`, keyed as the pool's last image (store_synthetic).
+    (root / "extra.png").write_bytes((root / f"img{IMAGES - 1}.png").read_bytes())
     return student, root, keys, tokenizer_sha256(load_tokenizer(student))
 
 
@@ -114,15 +121,11 @@ def measure(command: list[str]) -> tuple[float, float, float]:
 
 
 def commands(url: str, student: Path, images: Path, out: Path) -> dict[str, list[str]]:
-    python, bin_dir = sys.executable, Path(sys.executable).parent
+    bin_dir = Path(sys.executable).parent
     return {
         BASELINE: [str(bin_dir / "alignkd-cache"), "--version"],
         "info": [str(bin_dir / "alignkd-cache"), "info", url, "--json"],
-        "reader open": [
-            python,
-            "-c",
-            f"from alignkd_cache.store.reader import CacheReader; CacheReader({url!r})",
-        ],
+        "reader open": reader_open(url, Path(__file__).resolve().parents[1]),
         "from-cache to first step": [
             str(bin_dir / "alignkd-train"),
             "from-cache",
@@ -156,25 +159,48 @@ def main() -> None:
     parser.add_argument("--verify-max", type=int, default=100_000, help="Verify only caches up to this size.")
     parser.add_argument("--write-only", action="store_true")
     parser.add_argument("--write-jobs", type=int, default=2, help="Processes that write a cache's blocks.")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Interleaved runs of each measure (verify: 1)."
+    )
+    parser.add_argument(
+        "--before", type=Path, help="A checkout of earlier code: its reader open is measured alongside."
+    )
+    parser.add_argument("--before-max", type=int, default=1_000_000, help="Measure --before up to this size.")
     a = parser.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     student, images, keys, tokenizer = student_and_images(a.dir)
-    results: dict[str, dict[int, tuple[float, float, float]]] = {}
     for n in a.samples:
         url = str(a.dir / f"c{n}.zarr")
         if not (Path(url) / "manifest.parquet").exists():
             started = time.perf_counter()
             write_scale_cache(url, n, keys, tokenizer, a.write_jobs)
             print(f"wrote {n} samples in {time.perf_counter() - started:.0f} s", flush=True)
-        if a.write_only:
-            continue
-        for name, command in commands(url, student, images, a.dir / f"run{n}").items():
-            if name.startswith("verify") and n > a.verify_max:
-                continue
-            results.setdefault(name, {})[n] = measure(command)
-            print(name, n, results[name][n], flush=True)
-    if results:
-        report(results)
+    if a.write_only:
+        return
+    runs: dict[str, dict[int, list[tuple[float, float, float]]]] = {}
+    for repeat in range(a.repeats):  # interleaved: each repeat runs every measure at every size
+        for n in a.samples:
+            url = str(a.dir / f"c{n}.zarr")
+            measures = commands(url, student, images, a.dir / f"run{n}")
+            if a.before is not None and n <= a.before_max:
+                measures[f"reader open ({a.before.name})"] = reader_open(url, a.before)
+            for name, command in measures.items():
+                if name.startswith("verify") and (n > a.verify_max or repeat > 0):
+                    continue
+                shutil.rmtree(a.dir / f"run{n}", ignore_errors=True)  # from-cache's --out: a new run
+                runs.setdefault(name, {}).setdefault(n, []).append(measure(command))
+                print(name, n, runs[name][n][-1], flush=True)
+    report({name: {n: median(values) for n, values in by_size.items()} for name, by_size in runs.items()})
+
+
+def reader_open(url: str, tree: Path) -> list[str]:
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from alignkd_cache.store.reader import CacheReader; CacheReader({url!r})"
+    return [sys.executable, "-c", code]
+
+
+def median(values: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The run with the median CPU time (wall, CPU and RSS of one run, not mixed)."""
+    return sorted(values, key=lambda v: v[1])[len(values) // 2]
 
 
 def report(results: dict[str, dict[int, tuple[float, float, float]]]) -> None:
