@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.compute as pc
@@ -108,33 +109,44 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
 def _stored_bytes(found: Inspection) -> dict[str, int]:
     """Chunk bytes per signal over every block: one stat per chunk file the plan gives a block
     (an array with rows has exactly one; see layout.chunking). Nothing is read, so a chunk file
-    that is missing or not a regular file is refused here."""
-    stored, root, plan = dict.fromkeys(SIGNALS, 0), found.local_root, found.blocks
+    that is missing or not a regular file is refused here. The stats run on threads (a 3.6M-sample
+    cache has 337,500 chunk files)."""
+    stored, plan = dict.fromkeys(SIGNALS, 0), found.blocks
     rows = {"attention": plan.attention, "visual": plan.visual, "logits": plan.logit}
     ranks = {name: len(spec.shape) for name, spec in block_specs(found.attrs, 1, 1, 1).items()}
-    for b in range(found.attrs["num_blocks"]):
+    with ThreadPoolExecutor(STAT_THREADS) as pool:
         for name, rank in ranks.items():
-            signal = SIGNAL_OF[name]
-            if rows[signal][b] == 0:
-                continue
-            key = f"{block_path(b)}/{name}/c/" + "/".join("0" * rank)
-            stored[signal] += _chunk_size(found, root, key)
+            signal, suffix = SIGNAL_OF[name], f"/{name}/c/" + "/".join("0" * rank)
+            keys = [block_path(b) + suffix for b in np.flatnonzero(rows[signal] > 0).tolist()]
+            shares = [keys[i::STAT_THREADS] for i in range(STAT_THREADS)]
+            stored[signal] += sum(pool.map(lambda share: _chunk_bytes(found, share), shares))
     return stored
 
 
-def _chunk_size(found: Inspection, root: str | None, key: str) -> int:
-    if root is None:
-        return found.loc.size(key)
-    path = os.path.join(root, key)
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        raise UntrustedCache(
-            f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
-        ) from None
+STAT_THREADS = 8
+
+
+def _chunk_bytes(found: Inspection, keys: list[str]) -> int:
+    if found.local_root is None:
+        return sum(found.loc.size(key) for key in keys)
+    total, root = 0, found.local_root + "/"
+    for key in keys:
+        try:
+            status = os.lstat(root + key)
+        except FileNotFoundError:
+            raise UntrustedCache(
+                f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
+            ) from None
+        if not stat.S_ISREG(status.st_mode):
+            _refuse_chunk(found, key, status)
+        total += status.st_size
+    return total
+
+
+def _refuse_chunk(found: Inspection, key: str, status: os.stat_result) -> None:
     if stat.S_ISLNK(status.st_mode):
-        what = f"{key!r} is a symlink (to {os.readlink(path)!r}); a cache holds regular files only"
-        raise UntrustedCache(f"{found.url}: {what}; {FIX}")
-    if not stat.S_ISREG(status.st_mode):
-        raise UntrustedCache(f"{found.url}: {key!r} is not a regular file (a device, fifo or socket); {FIX}")
-    return status.st_size
+        target = os.readlink(os.path.join(found.local_root, key))
+        what = f"{key!r} is a symlink (to {target!r}); a cache holds regular files only"
+    else:
+        what = f"{key!r} is not a regular file (a device, fifo or socket)"
+    raise UntrustedCache(f"{found.url}: {what}; {FIX}")

@@ -46,18 +46,19 @@ def check_plan(loc: Location, found: Inspection) -> None:
             what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
             row_problems.append((i, order, what))
     images = image_columns(written)
-    mismatch = _shared_refs(images)
+    distinct = _distinct_refs(images)
+    mismatch = _shared_refs(images, distinct)
     for i in np.flatnonzero(mismatch):
         row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
         found.add(what, ids[int(i)].as_py())
-    visual = _check_visual_rows(images, num_blocks, found)
+    visual = _check_visual_rows(images, distinct, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
     attention_width = _block_max(
         cols["block"], np.where(cols["attention_rows"] > 0, images["sum"], 0), num_blocks
     )
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
-    count = len(np.unique(images["ref"][images["ref"] >= 0]))
+    count = len(distinct[1])
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
         count = len(pc.unique(pc.list_flatten(written.column("image_keys"))))
     if attrs["counts"]["images"] != count:
@@ -84,6 +85,14 @@ def image_columns(written: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
+def _distinct_refs(images: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the images with a stored reference, the first of them to use each distinct reference in
+    reference order, and which distinct reference each one uses): one sort for every rule."""
+    uses = np.flatnonzero(images["ref"] >= 0)
+    _, first, which = np.unique(images["ref"][uses], return_index=True, return_inverse=True)
+    return uses, first, which
+
+
 def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.ndarray:
     """Per block, the largest of its rows' values (0 for a block without rows)."""
     out = np.zeros(num_blocks, np.int64)
@@ -96,33 +105,33 @@ def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.nda
 
 def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """(each row's expected offset: the rows before it in its block, each block's total rows)."""
-    order = np.argsort(block, kind="stable")
     rows = rows.astype(np.int64)
     total = np.bincount(block, weights=rows, minlength=num_blocks).astype(np.int64)
     before_block = np.concatenate([[0], np.cumsum(total)[:-1]])
+    if np.all(block[1:] >= block[:-1]):  # blocks in manifest order, as writers and merges leave them
+        return np.cumsum(rows) - rows - before_block[block], total
+    order = np.argsort(block, kind="stable")
     running = np.cumsum(rows[order]) - rows[order]  # rows before, over the sorted rows
     expected = np.empty(len(block), np.int64)
     expected[order] = running - before_block[block[order]]
     return expected, total
 
 
-def _shared_refs(images: dict) -> np.ndarray:
+def _shared_refs(images: dict, distinct: tuple) -> np.ndarray:
     """Per written row: an image of it shares its stored tokens with the first user of that
     reference but not its key or token count."""
     mismatch = np.zeros(len(images["sum"]), bool)
-    uses = np.flatnonzero(images["ref"] >= 0)
-    _, first, which = np.unique(images["ref"][uses], return_index=True, return_inverse=True)
+    uses, first, which = distinct
     for name in ("key", "n"):
         values = images[name][uses]
         mismatch[images["row"][uses][values != values[first][which]]] = True
     return mismatch
 
 
-def _check_visual_rows(images: dict, num_blocks: int, found: Inspection) -> np.ndarray:
+def _check_visual_rows(images: dict, distinct: tuple, num_blocks: int, found: Inspection) -> np.ndarray:
     """Each block's stored visual tokens: the distinct references must tile its rows from 0, each
     as long as its image's tokens. Returns the token rows per block."""
-    uses = np.flatnonzero(images["ref"] >= 0)
-    _, first = np.unique(images["ref"][uses], return_index=True)
+    uses, first, _ = distinct
     distinct = uses[first]  # sorted by (block, offset)
     block, offset, n = images["block"][distinct], images["offset"][distinct], images["n"][distinct]
     total = np.bincount(block, weights=n, minlength=num_blocks).astype(np.int64)
