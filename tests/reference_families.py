@@ -43,9 +43,11 @@ def make(source: Path, out: Path) -> None:
     scratch = out.with_name(out.name + ".config")
     scratch.mkdir(parents=True)
     (scratch / "config.json").write_text(json.dumps(config_dict))
-    config = AutoConfig.from_pretrained(scratch)
+    config = AutoConfig.from_pretrained(scratch, trust_remote_code=False)
     shutil.rmtree(scratch)
-    model = AutoModelForImageTextToText.from_pretrained(source, config=config, use_safetensors=True)
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, config=config, use_safetensors=True, trust_remote_code=False
+    )
     model.save_pretrained(out)
     for path in source.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and not (out / path.name).exists():
@@ -54,9 +56,9 @@ def make(source: Path, out: Path) -> None:
 
 def check(model_dir: Path, inputs: Path, out: Path) -> None:
     model, info = AutoModelForImageTextToText.from_pretrained(
-        model_dir, output_loading_info=True, use_safetensors=True
+        model_dir, output_loading_info=True, use_safetensors=True, trust_remote_code=False
     )
-    with torch.no_grad():
+    with torch.no_grad():  # safetensors: tensors only, nothing in the file is run
         logits = model.eval()(**load_file(str(inputs))).logits[0].float()
     save_file({"logits": logits.contiguous()}, str(out))
     report = {k: sorted(info.get(k, [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

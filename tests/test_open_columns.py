@@ -23,6 +23,7 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, to_table
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache, open_cache
+from alignkd_cache.store.trust_plan import _block_max, _tiling
 from alignkd_cache.store.trust_rows import WRITTEN_FIELDS, check_rows, row_problems
 from alignkd_cache.store.verify import verify
 
@@ -233,3 +234,21 @@ def test_written_fields_are_the_null_columns_of_a_skipped_row(cache):
     table = open_cache(str(cache)).table
     skipped = [r for r in table.to_pylist() if r["status"] == "skipped"]
     assert skipped and all(r[k] is None for r in skipped for k in WRITTEN_FIELDS)
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_the_plans_per_block_sums_match_a_loop_over_rows_in_any_block_order(in_order):
+    """Offsets expected per row and per-block totals and maxima, with blocks in manifest order (a
+    build's or a merge's) or interleaved, against the plain loop over rows they replace."""
+    rng = np.random.default_rng(0)
+    block = np.sort(rng.integers(0, 7, 500)) if in_order else rng.integers(0, 7, 500)
+    rows, values = rng.integers(0, 5, 500), rng.integers(0, 100, 500)
+    expected, total = _tiling(block, rows, 8)
+    before, want_total, want_max = {}, np.zeros(8, np.int64), np.zeros(8, np.int64)
+    for i, b in enumerate(block.tolist()):
+        assert expected[i] == before.get(b, 0)
+        before[b] = before.get(b, 0) + rows[i]
+        want_total[b] += rows[i]
+        want_max[b] = max(want_max[b], values[i])
+    assert total.tolist() == want_total.tolist()
+    assert _block_max(block, values, 8).tolist() == want_max.tolist()

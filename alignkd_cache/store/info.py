@@ -27,6 +27,7 @@ from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
 from alignkd_cache.store.trust_plan import written_rows
+from alignkd_cache.store.trust_tree import irregular
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
 SIGNALS: dict[str, list[str]] = {}
@@ -138,15 +139,7 @@ def _chunk_bytes(found: Inspection, keys: list[str]) -> int:
                 f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
             ) from None
         if not stat.S_ISREG(status.st_mode):
-            _refuse_chunk(found, key, status)
+            what = irregular(key, root + key, symlink=stat.S_ISLNK(status.st_mode))
+            raise UntrustedCache(f"{found.url}: {what}; {FIX}")
         total += status.st_size
     return total
-
-
-def _refuse_chunk(found: Inspection, key: str, status: os.stat_result) -> None:
-    if stat.S_ISLNK(status.st_mode):
-        target = os.readlink(os.path.join(found.local_root, key))
-        what = f"{key!r} is a symlink (to {target!r}); a cache holds regular files only"
-    else:
-        what = f"{key!r} is not a regular file (a device, fifo or socket)"
-    raise UntrustedCache(f"{found.url}: {what}; {FIX}")

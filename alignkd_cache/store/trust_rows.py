@@ -53,7 +53,7 @@ def check_rows(loc: Location, found: Inspection) -> None:
     batches = table.to_batches(max_chunksize=ROWS_PER_BATCH)
     starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].tolist()
     # numpy and Arrow release the GIL: batches are checked side by side on the process's cores
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(usable_cores()) as pool:
         flagged = pool.map(lambda batch, start: suspect_rows(batch, start, attrs), batches, starts)
         for batch, start, suspect in zip(batches, starts, flagged, strict=True):
             for i in np.flatnonzero(suspect | duplicate[start : start + batch.num_rows]):
@@ -70,6 +70,11 @@ def check_rows(loc: Location, found: Inspection) -> None:
     }
     if any(want[k] != v for k, v in got.items()):
         found.add(f"attribute counts {want} disagree with the manifest {got}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit; macOS has no affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def duplicate_ids(ids: pa.ChunkedArray) -> np.ndarray:

@@ -50,9 +50,7 @@ def local_files(root: str, found: Inspection, prefix: str = "", blocks: set[str]
         for entry in sorted(entries, key=lambda e: e.name):
             key = prefix + entry.name
             if entry.is_symlink():
-                found.add(
-                    f"{key!r} is a symlink (to {os.readlink(entry.path)!r}); a cache holds regular files only"
-                )
+                found.add(irregular(key, entry.path, symlink=True))
             elif entry.is_dir(follow_symlinks=False):
                 if blocks is not None and prefix == "blocks/" and BLOCK_DIR.fullmatch(key + "/"):
                     blocks.add(entry.name)
@@ -61,8 +59,15 @@ def local_files(root: str, found: Inspection, prefix: str = "", blocks: set[str]
             elif entry.is_file(follow_symlinks=False):
                 keys.append(key)
             else:
-                found.add(f"{key!r} is not a regular file (a device, fifo or socket)")
+                found.add(irregular(key, entry.path, symlink=False))
     return keys
+
+
+def irregular(key: str, path: str, symlink: bool) -> str:
+    """Why a file that is not a regular one is refused (it is never followed or opened)."""
+    if symlink:
+        return f"{key!r} is a symlink (to {os.readlink(path)!r}); a cache holds regular files only"
+    return f"{key!r} is not a regular file (a device, fifo or socket)"
 
 
 def block_files(found: Inspection, block_dir: str) -> list[str]:
