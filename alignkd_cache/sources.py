@@ -217,13 +217,17 @@ def _check_pooling(n_teacher: int | None, n_student: int | None, what: str) -> N
 class CacheSource(torch.utils.data.Dataset):
     """Items: (student sample, (pixels, key) | None, TeacherSignal), decoded from a CacheReader."""
 
-    def __init__(self, reader, student, image_root, template: str | None = None):
+    def __init__(self, reader, student, image_root, expect_template: str | None = None):
         self.reader, self.image_root, self.preprocess = reader, image_root, student.preprocess
         self.collate_pixels = student.collate_pixels
         self.pad_id = pad_id(student.tokenizer)
         attrs = reader.attrs
         check_cache_matches(
-            attrs, student, template, reader.url, lambda: layout_difference(reader, student, image_root)
+            attrs,
+            student,
+            expect_template,
+            reader.url,
+            lambda: layout_difference(reader, student, image_root),
         )
         # Built per index from the manifest's columns (in the DataLoader worker that reads the
         # sample): nothing per sample is held. `picture` resolves each image when it is read.
@@ -319,8 +323,8 @@ class Layer0Source(CacheSource):
     (always for the transformers-native families, whose backends share no tower: `layer0_tower`).
     """
 
-    def __init__(self, reader, student, image_root, template: str | None = None, device="cpu"):
-        super().__init__(reader, student, image_root, template)
+    def __init__(self, reader, student, image_root, expect_template: str | None = None, device="cpu"):
+        super().__init__(reader, student, image_root, expect_template)
         attrs = reader.attrs
         stub_dir = layer0.stub_directory(reader.loc, attrs)
         self.stub = layer0.load_layer0(
@@ -371,11 +375,13 @@ class Layer0Source(CacheSource):
         return super().identity() | {"layer0_sha256": self.reader.attrs["layer0"]["sha256"]}
 
 
-def cache_source(reader, student, image_root, template: str | None = None, device="cpu") -> CacheSource:
+def cache_source(
+    reader, student, image_root, expect_template: str | None = None, device="cpu"
+) -> CacheSource:
     """The source for a cache of either kind (attrs["signals"]: stored or layer0)."""
     if cache_kind(reader.attrs) == "layer0":
-        return Layer0Source(reader, student, image_root, template, device)
-    return CacheSource(reader, student, image_root, template)
+        return Layer0Source(reader, student, image_root, expect_template, device)
+    return CacheSource(reader, student, image_root, expect_template)
 
 
 def layout_difference(reader, student, image_root) -> str | None:
@@ -411,7 +417,11 @@ def layout_difference(reader, student, image_root) -> str | None:
 
 
 def check_cache_matches(
-    attrs: dict, student, template: str | None, url: str, layouts: Callable[[], str | None] | None = None
+    attrs: dict,
+    student,
+    expect_template: str | None,
+    url: str,
+    layouts: Callable[[], str | None] | None = None,
 ) -> list[str]:
     """Refuse, naming every mismatch, a student that cannot train on this cache; return warnings.
 
@@ -446,9 +456,9 @@ def check_cache_matches(
             f"image padding: the cache's images are padded with {theirs_pad}, the student's processor "
             f"mean is {ours_pad}; the student sees the teacher's padding"
         )
-    if template is not None and template != attrs["template"]:
+    if expect_template is not None and expect_template != attrs["template"]:
         problems.append(
-            f"template: the cache was tokenized with template {attrs['template']!r}, not {template!r}; "
+            f"template: the cache was tokenized with template {attrs['template']!r}, not {expect_template!r}; "
             f"drop --template or pass --template {attrs['template']}"
         )
 
@@ -601,9 +611,10 @@ class DataSource(SampleDataset):
         model,
         data,
         image_root,
-        template=SignalOptions.template,
-        max_length=SignalOptions.max_length,
+        options: SignalOptions | None = None,
     ):
+        options = options or SignalOptions()
+        template, max_length = options.template, options.max_length
         tok = tokenization_for(model, template, max_length, image_root)
         samples, self.skips = tokenize_all(read_records(data), tok)
         super().__init__(

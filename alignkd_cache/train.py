@@ -682,18 +682,19 @@ def from_cache(
     cache,
     image_root,
     opts: TrainOptions,
-    template: str | None = None,
+    expect_template: str | None = None,
     storage_options=None,
 ) -> dict:
     """Distil from a cache (a path or URL, or a CacheReader from `open_for_job`, as the CLI's): the
-    teacher never loads (a `layer0` cache loads its layer-0 stub)."""
+    teacher never loads (a `layer0` cache loads its layer-0 stub). `expect_template` refuses a cache
+    tokenized with another template; the cache's own template is the one used."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import cache_source
 
     world = distributed.init(opts.device)
     reader = open_for_job(cache, storage_options, world) if isinstance(cache, str) else cache
     backend = load_backend(student, device=world.device)
-    source = cache_source(reader, backend, image_root, template, world.device)
+    source = cache_source(reader, backend, image_root, expect_template, world.device)
     return train(backend, source, opts)
 
 
@@ -726,10 +727,10 @@ def finetune(
     data,
     image_root,
     opts: TrainOptions,
-    template: str = SignalOptions.template,
-    max_length: int = SignalOptions.max_length,
+    signal_options: SignalOptions | None = None,
 ) -> dict:
-    """Plain next-token fine-tuning, no teacher: the same loop with the cross-entropy term alone."""
+    """Plain next-token fine-tuning, no teacher: the same loop with the cross-entropy term alone
+    (`signal_options`: its template and max_length tokenize the data, as a build's would)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import DataSource
 
@@ -741,7 +742,7 @@ def finetune(
         )
     world = distributed.init(opts.device)
     backend = load_backend(model, device=world.device)
-    source = DataSource(backend, data, image_root, template, max_length)
+    source = DataSource(backend, data, image_root, signal_options)
     for skip in source.skips:
         print(f"skipped sample {skip.id!r}: {skip.reason}")
     return train(backend, source, opts)

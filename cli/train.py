@@ -166,13 +166,14 @@ def main():
 @click.option("--image-root", type=ExistingPath(file_okay=False), default=None)
 @click.option(
     "--template",
+    "expect_template",
     type=click.Choice(TEMPLATES),
     default=None,
     help="Refuse unless the cache used this template (default: the cache's).",
 )
 @storage_option
 @training_options
-def from_cache_command(student, cache, image_root, template, storage, **kw):
+def from_cache_command(student, cache, image_root, expect_template, storage, **kw):
     """Train the student on cached teacher signals; the teacher never loads."""
     from alignkd_cache import distributed
     from alignkd_cache.train import from_cache, open_for_job
@@ -180,7 +181,7 @@ def from_cache_command(student, cache, image_root, template, storage, **kw):
     world = distributed.init(kw["device"])
     reader = open_for_job(cache, parse_storage_options(storage), world)  # the command's one open
     opts = make_options(kw, reader.attrs["logit_targets"])
-    summary = from_cache(student, reader, image_root, opts, template)
+    summary = from_cache(student, reader, image_root, opts, expect_template)
     click.echo(json.dumps(summary))
 
 
@@ -239,7 +240,8 @@ def finetune_command(model, data, image_root, template, max_length, **kw):
     Only the ce weight may be non-zero here: there is no teacher to distil from."""
     from alignkd_cache.train import finetune
 
-    summary = finetune(model, data, image_root, make_options(kw, "topk"), template, max_length)
+    signal_options = SignalOptions(template=template, max_length=max_length)
+    summary = finetune(model, data, image_root, make_options(kw, "topk"), signal_options)
     click.echo(json.dumps(summary))
 
 

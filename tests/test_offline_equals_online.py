@@ -165,8 +165,8 @@ def test_mismatched_tokenizer_or_template_is_refused(student, caches, digits_dat
     with pytest.raises(
         CompatibilityError, match="template: the cache was tokenized with template 'v1', not 'plain'"
     ):
-        CacheSource(reader, student, root, template="plain")
-    CacheSource(reader, student, root, template="v1")
+        CacheSource(reader, student, root, expect_template="plain")
+    CacheSource(reader, student, root, expect_template="v1")
 
 
 def test_logit_targets_must_sit_exactly_at_the_supervised_positions(student, teacher, digits_dataset):

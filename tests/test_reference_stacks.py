@@ -27,6 +27,7 @@ from reference_report import next_token_logprobs
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize
 from alignkd_cache.losses import LossConfig, parse_weights
+from alignkd_cache.signals import SignalOptions
 from alignkd_cache.tiny import build_tiny_mobilevlm
 from alignkd_cache.train import TrainOptions, finetune
 
@@ -183,7 +184,8 @@ def test_a_trained_family_student_loads_in_transformers_4(family, stack, tmp_pat
     opts = TrainOptions(
         out=str(tmp_path / "run"), loss=loss, lr=1e-2, batch_size=2, max_steps=2, progress=False
     )
-    assert finetune(str(source), EXAMPLES / "data.json", EXAMPLES, opts, template="chat")["finished"]
+    chat = SignalOptions(template="chat")
+    assert finetune(str(source), EXAMPLES / "data.json", EXAMPLES, opts, chat)["finished"]
     student = load_backend(tmp_path / "run")
     images = [Image.open(EXAMPLES / name).convert("RGB") for name in ("wide.png", "tall.png")]
     turns = [("user", [{"type": "image"}, {"type": "text", "text": "Was ist das? 日本"}]),

@@ -68,11 +68,11 @@ class CacheDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, cache: Cache | str, student, image_root=None, template: str | None = None, device="cpu"
+        self, cache: Cache | str, student, image_root=None, expect_template: str | None = None, device="cpu"
     ):
         cache = open_cache(cache) if isinstance(cache, str) else cache
         self.cache = cache
-        self.source = cache_source(cache.reader, student, image_root, template, device)
+        self.source = cache_source(cache.reader, student, image_root, expect_template, device)
 
     def __len__(self) -> int:
         return len(self.source)
