@@ -281,6 +281,15 @@ def source_signals(source, device):
     return lambda micro: None
 
 
+def shut_down_workers(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. Left to the garbage collector (an error's
+    traceback keeps the iterator alive, so a later collection runs it), torch's shutdown waits its
+    MP_STATUS_CHECK_INTERVAL (5 s) for each worker and then kills it."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # the multi-process iterator's; idempotent
+    if shutdown is not None:
+        shutdown()
+
+
 def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     """Train `student` (a Backend) on `source` (a sources.TrainingSource). Returns a summary."""
     world = distributed.init(opts.device)
@@ -318,10 +327,13 @@ def train(student, source: TrainingSource, opts: TrainOptions) -> dict:
     loop = Loop(wrapped, trainee, loader, plan, end, source, optimizer, scheduler, opts, world, run, tracker)
     bar = progress_bar(total, "train", initial=step, unit="step", disable=not (opts.progress and world.main))
     with stop_requests() as stop:
-        while step < end and not stop.agreed(world):
-            step, loss = run_step(loop, step)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            bar.update(1)
+        try:
+            while step < end and not stop.agreed(world):
+                step, loss = run_step(loop, step)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+        finally:
+            shut_down_workers(loader)
     bar.close()
     if tracker is not None:
         tracker.close()

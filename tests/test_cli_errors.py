@@ -4,6 +4,7 @@ code and no traceback; --debug brings the traceback back; help texts say what th
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -117,7 +118,11 @@ MISTAKES = [
     ("group", "args", "code", "words"), MISTAKES, ids=[" ".join(m[1][:2]) for m in MISTAKES]
 )
 def test_a_mistake_is_one_clean_line(w, group, args, code, words):
+    before = set(multiprocessing.active_children())
     result = CliRunner().invoke(group.main, [a.format(**w) for a in args])
+    # A DataLoader worker is stopped with the run, not left to a later garbage collection (which
+    # makes torch wait 5 s for it).
+    assert set(multiprocessing.active_children()) <= before
     # (progress bars of the run before the failure may share the line)
     errors = [line[line.index("Error: ") :] for line in result.output.splitlines() if "Error: " in line]
     assert result.exit_code == code, result.output
