@@ -24,6 +24,7 @@ from run_logs import free_port, interrupt_when, resume_command
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.build import BuildOptions, build_cache
+from alignkd_cache.cli.cache import main as cache_cli
 from alignkd_cache.cli.train import main as train_cli
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize_all
 from alignkd_cache.store.merge import merge_caches
@@ -238,29 +239,32 @@ def test_resume_after_kill_9_is_byte_identical(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_build_resumably(
-    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted, signum
+    llava_teacher_dir, big_dataset, digits_dataset, tmp_path, uninterrupted
 ):
-    """Ctrl-C or SIGTERM: the blocks computed so far are committed, one line gives the resume command
-    and the code is 128 + the signal; the resumed cache is byte-identical to an uninterrupted one."""
+    """Ctrl-C, then SIGTERM on the resumed build: each time the blocks computed so far are committed,
+    one line gives the resume command and the code is 128 + the signal; the cache resumed to its end
+    is byte-identical to an uninterrupted one."""
     root = digits_dataset[1]
     stopped = tmp_path / "stopped.zarr"
-    args = cli(*build_args(llava_teacher_dir, big_dataset, root, stopped))
-    proc = subprocess.Popen(
-        args, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    stderr = interrupt_when(proc, lambda: len(list((stopped / "parts").glob("*.parquet"))) >= 2, signum)
-    assert proc.returncode == 128 + signum, stderr
-    done = 2 * len(list((stopped / "parts").glob("*.parquet")))  # --block-size 2
-    assert 4 <= done < 40 and not (stopped / "manifest.parquet").exists()
-    assert f"Error: stopped by {signal.Signals(signum).name} at sample {done} of 40" in stderr
-    info = subprocess.run(cli("info", str(stopped)), env=SUBPROCESS_ENV, capture_output=True, text=True)
-    assert info.returncode == 4 and info.stderr.startswith(f"Error: {stopped}: unfinished: resume it")
-    assert "damaged" not in info.stderr
-    resumed = subprocess.run(
-        resume_command(stderr, sys.executable), env=SUBPROCESS_ENV, capture_output=True, text=True
-    )
+    parts = lambda: len(list((stopped / "parts").glob("*.parquet")))  # noqa: E731
+    command, done = cli(*build_args(llava_teacher_dir, big_dataset, root, stopped)), 0
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen(
+            command, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        stderr = interrupt_when(proc, lambda d=done: parts() >= d // 2 + 2, signum)
+        assert proc.returncode == 128 + signum, stderr
+        if done:
+            assert f"resuming from sample {done} of 40" in stderr
+        done, before = 2 * parts(), done  # --block-size 2
+        assert before + 4 <= done < 40 and not (stopped / "manifest.parquet").exists()
+        assert f"Error: stopped by {signal.Signals(signum).name} at sample {done} of 40" in stderr
+        info = CliRunner().invoke(cache_cli, ["info", str(stopped)])
+        assert info.exit_code == 4 and info.stderr.startswith(f"Error: {stopped}: unfinished: resume it")
+        assert "damaged" not in info.stderr
+        command = resume_command(stderr, sys.executable)
+    resumed = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from sample {done} of 40" in resumed.stderr
     assert_same_cache(uninterrupted, stopped)
