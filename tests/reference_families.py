@@ -2,14 +2,15 @@
 4.54.1, the last 4.x release before its SmolVLM vision-position regression (huggingface/transformers
 #41190), or 4.57.6 for Qwen3-VL, which came in 4.57.
 
-    python reference_families.py make FAMILY SOURCE OUT
-        the checkpoint at SOURCE (made by transformers 5: alignkd-tiny) as transformers 4.x writes
+    python reference_families.py make SOURCE OUT [SOURCE OUT ...]
+        each checkpoint at SOURCE (made by transformers 5: alignkd-tiny) as transformers 4.x writes
         one, as the hub has them: its weights and config saved by this release's save_pretrained,
         the tokenizer and processor files copied;
-    python reference_families.py check MODEL INPUTS OUT
-        loads MODEL with AutoModelForImageTextToText, runs it on the tensors in INPUTS (safetensors:
-        the processor's output, computed by our side) and writes its logits to OUT; prints the
-        loading report as JSON.
+    python reference_families.py check MODEL INPUTS OUT [MODEL INPUTS OUT ...]
+        loads each MODEL with AutoModelForImageTextToText, runs it on the tensors in INPUTS
+        (safetensors: the processor's output, computed by our side) and writes its logits to OUT;
+        prints each loading report as one JSON line, in order.
+Several models per call: the interpreter and transformers start once.
 """
 
 from __future__ import annotations
@@ -67,4 +68,7 @@ def check(model_dir: Path, inputs: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"make": make, "check": check}[command](*map(Path, args))
+    run, arity = {"make": (make, 2), "check": (check, 3)}[command]
+    paths = list(map(Path, args))
+    for i in range(0, len(paths), arity):
+        run(*paths[i : i + arity])

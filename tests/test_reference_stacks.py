@@ -23,6 +23,7 @@ from fidelity_cases import tokenizer_config
 from official_mobilevlm import get_prompt_v1, preprocess_multimodal
 from reference_env import reference_python
 from reference_report import next_token_logprobs
+from safetensors.torch import load_file, save_file
 
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize
@@ -163,30 +164,55 @@ def test_a_trained_llava_loads_in_the_first_transformers_with_llava(digits_datas
 EXAMPLES = TESTS.parent / "examples" / "families"
 
 
-@pytest.mark.parametrize(
-    ("family", "stack"),
-    [("qwen2_5_vl", "families"), ("internvl", "families"), ("smolvlm", "families"),
-     ("llava_onevision", "families"), ("qwen3_vl", "qwen3_vl")],
-)  # fmt: skip
-def test_a_trained_family_student_loads_in_transformers_4(family, stack, tmp_path):
-    """A source as the hub has it (weights and config written by transformers 4.x), trained here with
-    transformers 5, loads in 4.x (4.54.1; Qwen3-VL, which came in 4.57, in 4.57.6) with nothing
-    missing or left over and gives the same log-probs on a two-image conversation."""
-    from PIL import Image
-    from safetensors.torch import load_file, save_file
+# Each family's reference stack: transformers 4.54.1, and 4.57.6 for Qwen3-VL, which came in 4.57.
+FAMILY_STACKS = {"qwen2_5_vl": "families", "internvl": "families", "smolvlm": "families",
+                 "llava_onevision": "families", "qwen3_vl": "qwen3_vl"}  # fmt: skip
 
+
+def test_a_trained_family_student_loads_in_transformers_4(tmp_path):
+    """For every family: a source as the hub has it (weights and config written by transformers 4.x),
+    trained here with transformers 5, loads in 4.x with nothing missing or left over and gives the
+    same log-probs on a two-image conversation. One reference process per stack and step."""
     from alignkd_cache.tiny_families import tiny_checkpoint
 
-    source = tmp_path / "source"
-    made = tiny_checkpoint(family, tmp_path / "made", role="student")
-    in_reference_stack(stack, "reference_families.py", "make", made, source)
+    for stack in sorted(set(FAMILY_STACKS.values())):
+        families = [family for family, its in FAMILY_STACKS.items() if its == stack]
+        made = [tiny_checkpoint(f, tmp_path / f / "made", role="student") for f in families]
+        sources = [tmp_path / f / "source" for f in families]
+        in_reference_stack(stack, "reference_families.py", "make", *interleaved(made, sources))
+        requests = [
+            ours_on_two_images(source, tmp_path / family)
+            for family, source in zip(families, sources, strict=True)
+        ]
+        printed = in_reference_stack(
+            stack, "reference_families.py", "check", *(p for r in requests for p in r[:3])
+        )
+        reports = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+        assert len(reports) == len(families), printed
+        for family, report, (_, _, theirs, mine) in zip(families, reports, requests, strict=True):
+            loading = (report["missing_keys"], report["unexpected_keys"], report["mismatched_keys"])
+            assert loading == ([], [], []), f"{family}: {report}"
+            theirs = load_file(str(theirs))["logits"].log_softmax(-1)
+            # Tight: a tiny random model hides much (1-D positions in place of Qwen's M-RoPE move its
+            # log-probs by less than 2e-4); measured 0 for every family.
+            torch.testing.assert_close(theirs, mine, atol=1e-6, rtol=0, msg=lambda m, f=family: f"{f}: {m}")
+
+
+def interleaved(*lists):
+    return [item for group in zip(*lists, strict=True) for item in group]
+
+
+def ours_on_two_images(source: Path, work: Path) -> tuple[Path, Path, Path, torch.Tensor]:
+    """The student trained from `source` (two steps, saved in work/run), the processor's tensors for
+    a two-image conversation with non-ASCII text (work/inputs.safetensors), where the reference
+    writes its logits, and our log-probs."""
+    from PIL import Image
+
     loss = LossConfig(weights=parse_weights("ce=1,logit=0,vis=0,attn=0"))
-    opts = TrainOptions(
-        out=str(tmp_path / "run"), loss=loss, lr=1e-2, batch_size=2, max_steps=2, progress=False
-    )
+    opts = TrainOptions(out=str(work / "run"), loss=loss, lr=1e-2, batch_size=2, max_steps=2, progress=False)
     chat = SignalOptions(template="chat")
     assert finetune(str(source), EXAMPLES / "data.json", EXAMPLES, opts, chat)["finished"]
-    student = load_backend(tmp_path / "run")
+    student = load_backend(work / "run")
     images = [Image.open(EXAMPLES / name).convert("RGB") for name in ("wide.png", "tall.png")]
     turns = [("user", [{"type": "image"}, {"type": "text", "text": "Was ist das? 日本"}]),
              ("assistant", [{"type": "text", "text": "Eine Zahl, über-klar."}]),
@@ -200,13 +226,6 @@ def test_a_trained_family_student_loads_in_transformers_4(family, stack, tmp_pat
     # the positions from the ids and the grids.
     save_file(
         {k: v.contiguous() for k, v in inputs.items() if k != "mm_token_type_ids"},
-        str(tmp_path / "inputs.safetensors"),
+        str(work / "inputs.safetensors"),
     )
-    files = [tmp_path / "run", tmp_path / "inputs.safetensors", tmp_path / "theirs.safetensors"]
-    printed = in_reference_stack(stack, "reference_families.py", "check", *files)
-    report = json.loads(printed.splitlines()[-1])  # the loading report
-    assert (report["missing_keys"], report["unexpected_keys"], report["mismatched_keys"]) == ([], [], [])
-    theirs = load_file(str(tmp_path / "theirs.safetensors"))["logits"].log_softmax(-1)
-    # Tight: a tiny random model hides much (1-D positions in place of Qwen's M-RoPE move its
-    # log-probs by less than 2e-4); measured 0 for every family.
-    torch.testing.assert_close(theirs, mine, atol=1e-6, rtol=0)
+    return work / "run", work / "inputs.safetensors", work / "theirs.safetensors", mine
