@@ -49,7 +49,7 @@ def main(argv=None) -> None:
                 accelerator.backward(total * api.backward_scale())
             values = {"loss": total, **terms}
             sums += torch.tensor(
-                [float(values[n]) if n in values else 0.0 for n in names], device=sums.device
+                [float(values[n].detach()) if n in values else 0.0 for n in names], device=sums.device
             )
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -29,6 +29,13 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end runs first, each module's in its order: pytest-xdist's workers then start
+    on the long tests and steal the short ones at the end, instead of one worker finishing a long
+    run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
