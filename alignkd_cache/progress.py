@@ -12,6 +12,7 @@ and readable.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -19,13 +20,19 @@ from tqdm import tqdm
 
 
 def quiet_libraries() -> None:
-    """Silence transformers' and huggingface_hub's progress bars and below-error logging."""
+    """Silence transformers' and huggingface_hub's progress bars and below-error logging. A command
+    that has not imported transformers (info, verify, copy, merge) does not import it here, which
+    takes a second: transformers takes both settings from these switches when it is imported."""
     import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()  # transformers' bars start from this switch
+    if "transformers" not in sys.modules:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        return
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def clock(seconds: float) -> str:

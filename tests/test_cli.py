@@ -2,11 +2,14 @@
 
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import SUBPROCESS_ENV
 
 import alignkd_cache
 from alignkd_cache.cli import cache, demo, tiny, train
@@ -126,3 +129,25 @@ def test_every_click_default_is_its_dataclass_default():
             checked += 1
     assert checked >= 45
     assert options.BuildOptions().topk == signals.SignalOptions().topk == 64  # inherited, not repeated
+
+
+QUIET_PROBE = """
+import sys
+from click.testing import CliRunner
+from alignkd_cache.cli.cache import main
+result = CliRunner().invoke(main, ["info", sys.argv[1]])
+assert result.exit_code == 0, result.output
+imported = "transformers" in sys.modules
+from transformers.utils import logging
+print(imported, logging.get_verbosity(), logging.is_progress_bar_enabled())
+"""
+
+
+def test_cache_commands_quiet_transformers_without_importing_it(cli_built_cache):
+    """`alignkd-cache info` (as verify, copy, merge) does not import transformers just to quiet it;
+    imported afterwards, transformers still logs errors only and shows no bars."""
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "TRANSFORMERS_VERBOSITY"}
+    probe = [sys.executable, "-c", QUIET_PROBE, str(cli_built_cache[0])]
+    done = subprocess.run(probe, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "40", "False"]  # 40: logging.ERROR
