@@ -233,6 +233,22 @@ def test_missing_chunk_is_an_error_not_zeros(tmp_path):
         cache_info(str(url))
 
 
+def test_info_stats_on_threads_give_the_same_bytes_and_refusals(tmp_path, monkeypatch):
+    """Slow stats (a cold disk, a network file system) go to threads after a probe: the same sums,
+    and a missing chunk is refused there too."""
+    from alignkd_cache.store import info
+
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url))
+    on_this_thread = cache_info(str(url))
+    monkeypatch.setattr(info, "PROBE_STATS", 1)
+    monkeypatch.setattr(info, "CACHED_STAT_S", 0.0)  # every probe counts as slow
+    assert cache_info(str(url)) == on_this_thread
+    (url / "blocks/b000001/visual/c/0/0").unlink()
+    with pytest.raises(UntrustedCache, match="blocks/b000001/visual: its chunk file is missing"):
+        cache_info(str(url))
+
+
 def test_verify_checks_attributes_against_the_schema(tmp_path):
     url = tmp_path / "c.zarr"
     write_synthetic_store(str(url))
