@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from alignkd_cache import layer0
@@ -214,6 +213,11 @@ def _check_pooling(n_teacher: int | None, n_student: int | None, what: str) -> N
 # A cache
 
 
+def cache_counts(reader) -> SampleCounts:
+    """The loss normalisers' counts of a cache's written samples, from its manifest index."""
+    return SampleCounts(reader.supervised_counts().astype(np.int64), reader.image_counts() > 0)
+
+
 class CacheSource(torch.utils.data.Dataset):
     """Items: (student sample, (pixels, key) | None, TeacherSignal), decoded from a CacheReader."""
 
@@ -233,11 +237,7 @@ class CacheSource(torch.utils.data.Dataset):
         # sample): nothing per sample is held. `picture` resolves each image when it is read.
         self.teacher_samples = CachedSamples(reader)
         self.samples = CachedSamples(reader, (student.image_token_id, student.num_visual_tokens))
-        supervised = pc.list_value_length(reader.column("supervised_positions"))
-        images = pc.greater(pc.list_value_length(reader.column("images")), 0)
-        self.counts = SampleCounts(
-            supervised.to_numpy().astype(np.int64), images.to_numpy(zero_copy_only=False)
-        )
+        self.counts = cache_counts(reader)
         if image_root is None and self.counts.images.any():
             first = int(np.flatnonzero(self.counts.images)[0])
             raise DataError(
@@ -391,7 +391,7 @@ def layout_difference(reader, student, image_root) -> str | None:
     comes from its fixed layout or from one run of its processor on that sample's images."""
     from alignkd_cache.data import describe_layout
 
-    with_images = np.flatnonzero(pc.list_value_length(reader.column("images")).to_numpy() > 0)
+    with_images = np.flatnonzero(reader.image_counts() > 0)
     if not len(with_images):
         return None
     row = reader.row_at(int(with_images[0]))

@@ -6,10 +6,11 @@ rank's check still refuses a manifest changed since."""
 from __future__ import annotations
 
 import copy
+import json
+import pickle
 import random
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from store_synthetic import VOCAB, write_synthetic_store
@@ -17,10 +18,11 @@ from store_synthetic import VOCAB, write_synthetic_store
 from alignkd_cache.data import TokenizedSample
 from alignkd_cache.losses import SampleCounts
 from alignkd_cache.signals import followed_by_text
-from alignkd_cache.sources import CachedSamples
+from alignkd_cache.sources import CachedSamples, cache_counts
+from alignkd_cache.store import manifest, trust_rows
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, to_table
+from alignkd_cache.store.manifest import MANIFEST_KEY, ManifestFile, encode, sha256, to_table
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache, open_cache
 from alignkd_cache.store.trust_plan import _block_max, _tiling
@@ -37,7 +39,7 @@ def cache(tmp_path_factory):
 
 def per_row_reference(loc, found: Inspection) -> None:
     """The rules row by row, as trust ran them before they ran on columns."""
-    rows, seen = found.table.to_pylist(), set()
+    rows, seen = found.manifest.read().to_pylist(), set()
     for i, r in enumerate(rows):
         row_problems(i, r, r["id"] in seen, found.attrs, found)
         seen.add(r["id"])
@@ -128,20 +130,27 @@ def as_built_with(rules: str, attrs: dict, rows: list[dict]) -> dict:
     return attrs | ({"signals": "layer0"} if rules == "layer0" else {})
 
 
-@pytest.mark.parametrize("rules", ["answer", "text", "mean heads", "layer0"])
-def test_vectorised_row_rules_refuse_what_the_per_row_rules_refuse_in_the_same_words(cache, rules):
+@pytest.mark.parametrize(
+    "rules, rows_per_batch", [("answer", 7), ("text", 7), ("mean heads", None), ("layer0", None)]
+)
+def test_vectorised_row_rules_refuse_what_the_per_row_rules_refuse_in_the_same_words(
+    cache, rules, rows_per_batch, monkeypatch
+):
+    """7 rows a batch: rows and duplicate ids across batches are named as in one batch."""
+    if rows_per_batch is not None:
+        monkeypatch.setattr(trust_rows, "ROWS_PER_BATCH", rows_per_batch)
     good = open_cache(str(cache))
-    built = good.table.to_pylist()
+    built = good.manifest.read().to_pylist()
     attrs = as_built_with(rules, good.attrs, built)
     rng, loc, refused = random.Random(rules), Location(str(cache), read_only=True), 0
     for trial in range(200):
         rows = copy.deepcopy(built)
         for _ in range(trial % 3):  # trial 0: as built, which passes
             tamper(rows, rng)
-        table = to_table(rows)
+        manifest = ManifestFile(encode(to_table(rows)))
         columns, reference = (Inspection(str(cache), loc, max_problems=5) for _ in range(2))
         for found in (columns, reference):
-            found.attrs, found.table = attrs, table
+            found.attrs, found.manifest = attrs, manifest
         check_rows(loc, columns)
         per_row_reference(loc, reference)
         assert columns.problems == reference.problems, rows
@@ -167,12 +176,12 @@ LAYOUT_EDITS = [
 @pytest.mark.parametrize("layouts, words", LAYOUT_EDITS)
 def test_a_bad_layout_is_refused_by_the_columns_as_by_the_rows(cache, layouts, words):
     good = open_cache(str(cache))
-    rows = good.table.to_pylist()
+    rows = good.manifest.read().to_pylist()
     next(r for r in rows if r["status"] == "written" and len(r["images"]) == 1)["image_layouts"] = layouts
     loc = Location(str(cache), read_only=True)
     columns, reference = (Inspection(str(cache), loc, max_problems=5) for _ in range(2))
     for found in (columns, reference):
-        found.attrs, found.table = good.attrs, to_table(rows)
+        found.attrs, found.manifest = good.attrs, ManifestFile(encode(to_table(rows)))
     check_rows(loc, columns)
     per_row_reference(loc, reference)
     assert columns.problems == reference.problems
@@ -182,6 +191,39 @@ def test_a_bad_layout_is_refused_by_the_columns_as_by_the_rows(cache, layouts, w
         assert len(columns.problems) == 1 and words in columns.problems[0][1], columns.problems
 
 
+def test_the_manifest_is_decoded_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """A reader keeps the index and the file's bytes; a row is decoded from its row group, and at
+    most GROUPS_KEPT groups are kept decoded."""
+    monkeypatch.setattr(manifest, "ROWS_PER_GROUP", 8)
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url), n=40)
+    reader = CacheReader(str(url))
+    assert reader.manifest.file.metadata.num_row_groups == 5
+    whole = pq.read_table(url / MANIFEST_KEY).to_pylist()
+    rows = list(reader.rows)
+    assert rows == [r for r in whole if r["status"] == "written"] and len(rows) == len(reader) > 8
+    assert len(reader.manifest._groups) == manifest.GROUPS_KEPT
+    assert all(group.num_rows == 8 for group in reader.manifest._groups.values())
+    assert reader.skipped == {r["id"]: r["skip_reason"] for r in whole if r["status"] == "skipped"}
+    spawned = pickle.loads(pickle.dumps(reader.manifest))  # a DataLoader worker started by spawn
+    assert spawned.row(13) == whole[13]
+
+
+def test_a_manifest_in_one_row_group_opens_and_reads_the_same(tmp_path):
+    """Caches written before row groups were bounded hold one group; they read as before."""
+    url = tmp_path / "c.zarr"
+    write_synthetic_store(str(url), n=40)
+    before = list(CacheReader(str(url)).rows)
+    table = pq.read_table(url / MANIFEST_KEY)
+    pq.write_table(table, url / MANIFEST_KEY, compression="zstd")  # one row group
+    root = url / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["manifest_sha256"] = sha256((url / MANIFEST_KEY).read_bytes())
+    root.write_text(json.dumps(doc))
+    reader = CacheReader(str(url))
+    assert reader.manifest.file.metadata.num_row_groups == 1 and list(reader.rows) == before
+
+
 def test_an_untampered_manifest_passes_the_vectorised_rules(cache):
     found = open_cache(str(cache))
     assert not found.problems and found.blocks.attention.sum() > 0
@@ -189,10 +231,7 @@ def test_an_untampered_manifest_passes_the_vectorised_rules(cache):
 
 def test_normalisers_from_columns_equal_those_from_the_samples(cache):
     reader = CacheReader(str(cache))
-    counts = SampleCounts(
-        np.array([len(p) for p in reader.column("supervised_positions").to_pylist()], np.int64),
-        pc.greater(pc.list_value_length(reader.column("images")), 0).to_numpy(zero_copy_only=False),
-    )
+    counts = cache_counts(reader)
     student = CachedSamples(reader, (7, 4))  # respliced: another image token and visual-token count
     assert len(student) == len(reader) == len(reader.ids)
     reference = SampleCounts.of(list(student))
@@ -231,7 +270,7 @@ def test_a_rank_adopting_the_check_refuses_a_manifest_changed_since(tmp_path):
 
 
 def test_written_fields_are_the_null_columns_of_a_skipped_row(cache):
-    table = open_cache(str(cache)).table
+    table = open_cache(str(cache)).manifest.read()
     skipped = [r for r in table.to_pylist() if r["status"] == "skipped"]
     assert skipped and all(r[k] is None for r in skipped for k in WRITTEN_FIELDS)
 

@@ -14,7 +14,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 from alignkd_cache.errors import DataError
 from alignkd_cache.signals import cache_kind
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, part_key, schema_for, sha256
+from alignkd_cache.store.manifest import MANIFEST_KEY, encode, part_key, schema_for, sha256
 
 
 def finalize(loc: Location, attrs: dict, num_records: int, num_blocks: int) -> dict:
@@ -51,7 +51,8 @@ def commit_manifest(loc: Location, attrs: dict, table: pa.Table, num_blocks: int
     # Computed columns come back nullable; keep the published schema (of the cache's version: a
     # merge of 4.0 caches writes a 4.0 manifest).
     table = table.cast(schema_for(attrs))
-    data = loc.write_parquet(MANIFEST_KEY, table)
+    data = encode(table)
+    loc.write_bytes(MANIFEST_KEY, data)
     status = table.column("status").to_pylist()
     written = table.filter(pa.compute.equal(table.column("status"), "written"))
     flat = lambda name: pa.compute.list_flatten(written.column(name)).to_pylist()  # noqa: E731

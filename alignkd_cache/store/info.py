@@ -6,9 +6,9 @@ each sample's signals as uncompressed fp16 would store. Stored bytes are the com
 files' bytes (metadata documents excluded) (shared visual rows are counted once), divided by the written samples.
 A layer0 cache's stub is reported on its own (`stub`): it is paid once per cache, not per sample.
 
-`info` reads the root attributes and the manifest (both checked, as every command's open) and
-stats the chunk files the manifest's plan gives each block; it reads no block's metadata, which
-`verify` checks.
+`info` reads the root attributes and the manifest (both checked, as every command's open; of the
+rows it keeps only the index, and reads the skip reasons' column) and stats the chunk files the
+manifest's plan gives each block; it reads no block's metadata, which `verify` checks.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from alignkd_cache.signals import STORED_ARRAYS, cache_kind
@@ -27,7 +28,7 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
-from alignkd_cache.store.trust_plan import written_rows
+from alignkd_cache.store.trust_plan import image_columns
 from alignkd_cache.store.trust_tree import irregular
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
@@ -39,26 +40,22 @@ SIGNAL_OF = {array: signal for signal, arrays in SIGNALS.items() for array in ar
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
     found = open_cache(url, storage_options)
-    attrs, table = found.attrs, found.table
-    written = written_rows(table, ["logit_rows", "num_visual", "attention_rows"])
-    reasons = table.select(["skip_reason"]).filter(pc.equal(table.column("status"), "skipped")).column(0)
+    attrs, index = found.attrs, found.index
+    reasons = found.manifest.read(["skip_reason"]).column("skip_reason").filter(pa.array(~index.written))
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
     kinds = pc.replace_substring_regex(
         pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0), r"\d+", "N"
     )
     counts = pc.value_counts(kinds).to_pylist()  # in order of first appearance, as Counter
     skipped = Counter({c["values"]: c["counts"] for c in counts})
-    n = max(1, written.num_rows)
+    n = max(1, len(index))
     stored = _stored_bytes(found)
-    logit_rows = pc.sum(written.column("logit_rows")).as_py() or 0
+    written = index.columns
+    logit_rows = int(written["logit_rows"].sum(dtype=np.int64))
     # A sample's attention rows are as wide as its visual tokens (all its images').
-    num_visual = written.column("num_visual").combine_chunks()
-    per_sample = np.bincount(
-        pc.list_parent_indices(num_visual).to_numpy(),
-        weights=pc.list_flatten(num_visual).to_numpy(),
-        minlength=written.num_rows,
-    )
-    attention_values = float(np.dot(per_sample, written.column("attention_rows").to_numpy()))
+    images = image_columns(index)
+    per_sample = images["sum"]
+    attention_values = float(np.dot(per_sample, written["attention_rows"]))
     values_per_logit_row = 2 * attrs["topk"] + (1 if attrs["logit_targets"] == "topk" else 0)
     raw = {
         "attention": 2 * attention_values,

@@ -1,5 +1,5 @@
-"""What the trust checks found so far: the store's files, attributes, manifest and block plan, and
-the problems. Each check step (trust_tree, trust_attrs, trust_manifest, trust_plan, trust_arrays)
+"""What the trust checks found so far: the store's files, attributes, manifest (its file and its
+in-memory index) and block plan, and the problems. Each check step (trust_tree, trust_attrs, trust_manifest, trust_plan, trust_arrays)
 reads what earlier steps put here; a reader keeps it to check each block as it first reads it."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from alignkd_cache.store.layout import ArraySpec, block_specs
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest import ManifestFile
+from alignkd_cache.store.manifest_index import ManifestIndex
 
 MAX_JSON_BYTES = 1 << 20  # a zarr.json document; real ones are under 2 KB
 MAX_PROBLEMS = 50  # problems collected before the checks stop (verify lists them; open names the first)
@@ -40,7 +41,8 @@ class Inspection:
     block_dirs: set[str] = field(default_factory=set)  # the block directories found (bNNNNNN)
     block_keys: dict[int, list[str]] = field(default_factory=dict)  # each checked block's files
     attrs: dict = field(default_factory=dict)
-    table: pa.Table | None = None
+    manifest: ManifestFile | None = None  # its bytes, decoded a batch or a row group at a time
+    index: ManifestIndex | None = None  # what of its rows stays in memory (after the row rules)
     blocks: BlockRows | None = None
 
     def __post_init__(self):

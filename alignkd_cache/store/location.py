@@ -82,10 +82,7 @@ class Location:
             raise FileNotFoundError(f"{self.url}: {key} is missing")
         return pq.read_table(pa.BufferReader(data))
 
-    def write_parquet(self, key: str, table: pa.Table) -> bytes:
-        """Write and return the file's bytes (callers hash them)."""
+    def write_parquet(self, key: str, table: pa.Table) -> None:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue()
-        self.write_bytes(key, data)
-        return data
+        self.write_bytes(key, sink.getvalue())

@@ -29,9 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from importlib import resources
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -65,6 +70,12 @@ MANIFEST_SCHEMA = MANIFEST_SCHEMA_4_0.append(LAYOUTS_FIELD)  # 4.1: the image la
 LAYOUT_ROLE = r"grid|cls|base|anyres_newline|newline|tile_[0-9]{1,4}_[0-9]{1,4}|thumbnail|global"
 
 MANIFEST_KEY = "manifest.parquet"
+# Rows per Parquet row group: a reader decodes one group to read one row, and a check streams the
+# file group by group, so neither holds the token lists of every sample. 2048 rows of a real
+# cache (a few hundred tokens each) decode in milliseconds; smaller groups cost the stream more
+# per row (docs/cache-format.md, "The manifest").
+ROWS_PER_GROUP = 2048
+GROUPS_KEPT = 2  # decoded row groups a reader keeps per process (a sequential reader needs one)
 
 
 def part_key(block: int) -> str:
@@ -92,6 +103,66 @@ def is_layout_role(role) -> bool:
 
 def to_table(rows: list[dict], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def encode(table: pa.Table) -> bytes:
+    """The bytes of manifest.parquet for this table."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROWS_PER_GROUP)
+    return sink.getvalue().to_pybytes()
+
+
+class ManifestFile:
+    """A manifest's bytes, decoded a batch or a row group at a time, never whole unless asked.
+    Pickles as its bytes (a DataLoader worker started by spawn decodes its own groups)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self._open()
+
+    def _open(self) -> None:
+        self.file = pq.ParquetFile(pa.BufferReader(self.data))
+        meta = self.file.metadata
+        self.num_rows = meta.num_rows
+        self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"data": self.data}
+
+    def __setstate__(self, state: dict) -> None:
+        self.data = state["data"]
+        self._open()
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+    def batches(
+        self, batch_size: int, columns: list[str] | None = None
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first row, batch) over the whole file, in order."""
+        start = 0
+        for batch in self.file.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+            yield start, batch
+            start += batch.num_rows
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole table (or these columns of it): for the commands that rewrite a manifest."""
+        return self.file.read(columns=columns, use_threads=False)
+
+    def row(self, r: int) -> dict:
+        """Row r as a dict, from its row group (the last GROUPS_KEPT decoded groups are kept)."""
+        group = int(np.searchsorted(self.group_starts, r, "right")) - 1
+        with self._lock:
+            table = self._groups.get(group)
+            if table is None:
+                table = self._groups[group] = self.file.read_row_group(group, use_threads=False)
+                while len(self._groups) > GROUPS_KEPT:
+                    self._groups.popitem(last=False)
+            self._groups.move_to_end(group)
+        return table.slice(r - int(self.group_starts[group]), 1).to_pylist()[0]
 
 
 def sha256(data: bytes) -> str:

@@ -29,7 +29,7 @@ def merge_caches(sources: list[str], out: str, storage_options: dict | None = No
     attrs = [f.attrs for f in found]
     for url, a in zip(sources[1:], attrs[1:], strict=True):
         check_mergeable(attrs[0], a, url)
-    tables = [f.table for f in found]
+    tables = [f.manifest.read() for f in found]
     seen: dict[str, str] = {}
     for url, table in zip(sources, tables, strict=True):
         for sid in table.column("id").to_pylist():

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from alignkd_cache.signals import LogitTargets, TeacherSignal, stored_heads
@@ -52,25 +51,28 @@ class CacheReader:
         self.url, self.storage_options, self.cache_bytes = str(url), storage_options, cache_bytes
         # open_cache refuses a damaged or edited cache up front
         self._found = (adopt if checked else open_cache)(url, storage_options)
-        self.loc, self.attrs, self.table = self._found.loc, self._found.attrs, self._found.table
-        # The manifest stays in Arrow columns, not copied; a row becomes a dict when it is read.
-        written = pc.equal(self.table.column("status"), "written")
-        self._written = np.flatnonzero(written.to_numpy(zero_copy_only=False))  # row of each written sample
+        self.loc, self.attrs = self._found.loc, self._found.attrs
+        # The index is numbers per row; a row's token lists are decoded from its row group when read.
+        self.manifest, self.index = self._found.manifest, self._found.index
         self._reset_process_state()
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        """A manifest column over the written samples, in dataset order."""
-        return self.table.column(name).take(self._written)
 
     @functools.cached_property
     def ids(self) -> list[str]:
         """The written samples' ids in dataset order (built on first use)."""
-        return self.column("id").to_pylist()
+        return self.index.ids.to_pylist()
 
-    @functools.cached_property
-    def rows(self) -> list[dict]:
-        """Every written row as a dict (built on first use; `row_at` reads one)."""
-        return self.table.take(self._written).to_pylist()
+    @property
+    def rows(self) -> Iterator[dict]:
+        """Every written row as a dict, in dataset order (decoded a row group at a time)."""
+        return (self.row_at(i) for i in range(len(self)))
+
+    def supervised_counts(self) -> np.ndarray:
+        """Per written sample, its supervised positions."""
+        return self.index.columns["supervised"]
+
+    def image_counts(self) -> np.ndarray:
+        """Per written sample, its images."""
+        return self.index.image_count()
 
     @functools.cached_property
     def _row_of(self) -> dict[str, int]:
@@ -78,10 +80,8 @@ class CacheReader:
 
     @functools.cached_property
     def skipped(self) -> dict[str, str]:
-        skipped = self.table.filter(pc.equal(self.table.column("status"), "skipped"))
-        return dict(
-            zip(skipped.column("id").to_pylist(), skipped.column("skip_reason").to_pylist(), strict=True)
-        )
+        skipped = self.manifest.read(["id", "skip_reason"]).filter(pa.array(~self.index.written))
+        return dict(zip(*skipped.to_pydict().values(), strict=True))
 
     def _reset_process_state(self) -> None:
         self._pid = os.getpid()
@@ -91,13 +91,13 @@ class CacheReader:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._written)
+        return len(self.index)
 
     def row_at(self, i: int) -> dict:
         """The manifest row of the i-th written sample."""
         if not 0 <= i < len(self):
             raise IndexError(f"written sample {i} of {len(self)}")
-        return self.table.slice(int(self._written[i]), 1).to_pylist()[0]
+        return self.manifest.row(int(self.index.rows[i]))
 
     def row(self, sample_id: str) -> dict:
         if sample_id not in self._row_of:

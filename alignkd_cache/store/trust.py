@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from alignkd_cache.store.inspection import MAX_PROBLEMS, Inspection
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, sha256
+from alignkd_cache.store.manifest import MANIFEST_KEY, ManifestFile, sha256
+from alignkd_cache.store.manifest_index import ManifestIndex
 from alignkd_cache.store.provenance import UNFINISHED, IncompatibleCache
 from alignkd_cache.store.trust_arrays import check_block, check_block_dirs, check_every_block
 from alignkd_cache.store.trust_attrs import check_attrs
 from alignkd_cache.store.trust_manifest import check_manifest
 from alignkd_cache.store.trust_plan import check_plan
-from alignkd_cache.store.trust_rows import check_rows
+from alignkd_cache.store.trust_rows import ROWS_PER_BATCH, check_rows
 from alignkd_cache.store.trust_tree import check_keys, check_tree
 
 # In order; each step trusts what the earlier ones checked.
@@ -56,7 +54,7 @@ def chunk_damage(error: Exception) -> str:
 
 
 def open_cache(url: str, storage_options: dict | None = None, every_block: bool = False) -> Inspection:
-    """The checked cache (attributes, manifest table, file list), or UntrustedCache naming the
+    """The checked cache (attributes, manifest file and index, file list), or UntrustedCache naming the
     problem. Without `every_block`, each block is checked by `check_before_reading`."""
     found = inspect(url, storage_options, every_block=every_block)
     if found.problems == [(None, "zarr.json is missing")]:
@@ -118,6 +116,7 @@ def adopt(url: str, storage_options: dict | None = None) -> Inspection:
     data = loc.read_bytes(MANIFEST_KEY)
     if data is None or sha256(data) != found.attrs["manifest_sha256"]:
         raise UntrustedCache(f"{url}: {MANIFEST_KEY} changed after another rank checked it; {FIX}")
-    found.table = pq.read_table(pa.BufferReader(data))
+    found.manifest = ManifestFile(data)
+    found.index = ManifestIndex.read(found.manifest, ROWS_PER_BATCH)
     check_plan(loc, found)  # the blocks' shapes, for check_before_reading
     return found

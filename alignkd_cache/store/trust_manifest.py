@@ -1,14 +1,14 @@
 """Trust, the manifest file: present, bounded before it is read, its sha256 the attributes', its
-declared size bounded before it is decoded, and its Arrow schema."""
+declared size bounded before it is decoded, and its Arrow schema. Its rows are decoded by the row
+rules, a batch at a time (trust_rows)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import MANIFEST_KEY, schema_for, sha256
+from alignkd_cache.store.manifest import MANIFEST_KEY, ManifestFile, schema_for, sha256
 
 
 def check_manifest(loc: Location, found: Inspection) -> None:
@@ -30,7 +30,8 @@ def check_manifest(loc: Location, found: Inspection) -> None:
         )
         return
     try:
-        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+        manifest = ManifestFile(data)
+        meta = manifest.file.metadata
         declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if meta.num_rows != records or declared > bound:
             found.add(
@@ -38,14 +39,14 @@ def check_manifest(loc: Location, found: Inspection) -> None:
                 f"the attributes allow {records} rows of at most {bound} bytes"
             )
             return
-        table = pq.read_table(pa.BufferReader(data))
+        schema = manifest.schema
     except (pa.ArrowException, OSError) as e:
         found.add(f"{MANIFEST_KEY}: unreadable Parquet ({e})")
         return
-    if not table.schema.equals(schema_for(attrs)):
+    if not schema.equals(schema_for(attrs)):
         version = attrs["schema_version"]
         found.add(
             f"{MANIFEST_KEY}: schema differs from schemas/manifest.arrow.json (schema_version {version})"
         )
         return
-    found.table = table
+    found.manifest = manifest

@@ -1,4 +1,4 @@
-"""Trust, the plan: each block's row counts from the manifest's columns. Offsets must tile each
+"""Trust, the plan: each block's row counts from the manifest's index (manifest_index). Offsets must tile each
 block's arrays in manifest order, each image's visual reference must be token rows of its block
 that follow the block's earlier images from 0, shared only by samples of one image_key and token
 count, and the image count must be the attributes'. The array metadata is then checked
@@ -7,36 +7,19 @@ against the plan (trust_arrays), and verify streams by it."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from alignkd_cache.signals import cache_kind
 from alignkd_cache.store.inspection import BlockRows, Inspection
 from alignkd_cache.store.layout import logit_width
 from alignkd_cache.store.location import Location
+from alignkd_cache.store.manifest_index import ManifestIndex
 
 SPANS = ("attention", "logit")  # the manifest's (offset, rows) pairs into a block's flat arrays
 
 
-def written_columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
-    """Columns of the written rows, as numpy arrays (fixed-width columns hold no nulls there)."""
-    written = written_rows(table, names)
-    return {name: written.column(name).to_numpy() for name in names}
-
-
-def written_rows(table: pa.Table, names: list[str]) -> pa.Table:
-    """These columns of the written rows (filtering only them: the token lists stay uncopied)."""
-    return table.select(names).filter(pc.equal(table.column("status"), "written"))
-
-
 def check_plan(loc: Location, found: Inspection) -> None:
-    attrs, num_blocks = found.attrs, found.attrs["num_blocks"]
-    fixed = ["block"] + [f"{k}_{f}" for k in SPANS for f in ("offset", "rows")]
-    written = written_rows(
-        found.table, ["id", *fixed, "num_visual", "visual_blocks", "visual_offsets", "image_keys"]
-    )
-    cols = {name: written.column(name).to_numpy() for name in fixed}
-    ids = written.column("id")
+    attrs, num_blocks, index = found.attrs, found.attrs["num_blocks"], found.index
+    cols = index.columns
     row_problems = []  # (written row, order within the row, what): worded in manifest order
     ends = {}
     for order, kind in enumerate(SPANS):
@@ -45,13 +28,13 @@ def check_plan(loc: Location, found: Inspection) -> None:
         for i in np.flatnonzero(offset != expected):
             what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
             row_problems.append((i, order, what))
-    images = image_columns(written)
+    images = image_columns(index)
     distinct = _distinct_refs(images)
     mismatch = _shared_refs(images, distinct)
     for i in np.flatnonzero(mismatch):
         row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
-        found.add(what, ids[int(i)].as_py())
+        found.add(what, index.ids[int(i)].as_py())
     visual = _check_visual_rows(images, distinct, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
     attention_width = _block_max(
@@ -60,28 +43,28 @@ def check_plan(loc: Location, found: Inspection) -> None:
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
     count = len(distinct[1])
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
-        count = len(pc.unique(pc.list_flatten(written.column("image_keys"))))
+        count = len(np.unique(index.image_key))
     if attrs["counts"]["images"] != count:
         found.add(f"attribute counts.images is {attrs['counts']['images']}, the manifest has {count}")
 
 
-def image_columns(written: pa.Table) -> dict[str, np.ndarray]:
-    """The written rows' images, flattened: each one's row, token count, key code and stored
-    reference (block << 40 | first token row; -1 for none), and per row the sum of its counts."""
-    flat = lambda name: pc.list_flatten(written.column(name)).to_numpy()  # noqa: E731
-    nv = written.column("num_visual").combine_chunks()
-    row = pc.list_parent_indices(nv).to_numpy()
-    n = pc.list_flatten(nv).to_numpy().astype(np.int64)
-    block, offset = flat("visual_blocks").astype(np.int64), flat("visual_offsets").astype(np.int64)
-    keys = pc.list_flatten(written.column("image_keys"))
+def image_columns(index: ManifestIndex) -> dict[str, np.ndarray]:
+    """The written samples' images: each one's sample, token count, key and stored reference
+    (block << 40 | first token row; -1 for none), and per sample the sum of its counts."""
+    n, block, offset = (index.images[name] for name in ("num_visual", "visual_blocks", "visual_offsets"))
+    running = np.concatenate([[0], np.cumsum(n, dtype=np.int64)])
+    ref = block.astype(np.int64)  # built in place: one array per image, not one per operation
+    ref <<= 40
+    ref |= np.maximum(offset, 0)
+    ref[block < 0] = -1
     return {
-        "row": row,
+        "row": index.image_sample(),
         "n": n,
-        "key": pc.fill_null(pc.dictionary_encode(keys).combine_chunks().indices, -1).to_numpy(),
+        "key": index.image_key,
         "block": block,
         "offset": offset,
-        "ref": np.where(block >= 0, block << 40 | np.maximum(offset, 0), -1),
-        "sum": np.bincount(row, weights=n, minlength=written.num_rows).astype(np.int64),
+        "ref": ref,
+        "sum": running[index.image_start[1:]] - running[index.image_start[:-1]],
     }
 
 

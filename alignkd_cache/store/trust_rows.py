@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,9 +19,15 @@ import pyarrow.compute as pc
 from alignkd_cache.signals import cache_kind, followed_by_text, stored_heads
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest import LAYOUT_ROLE, is_layout_role, records_layouts
+from alignkd_cache.store.manifest import (
+    LAYOUT_ROLE,
+    MANIFEST_KEY,
+    is_layout_role,
+    records_layouts,
+)
+from alignkd_cache.store.manifest_index import IndexBuilder
 
-ROWS_PER_BATCH = 1 << 16  # rows flattened at once: bounds the token arrays' memory, not the result
+ROWS_PER_BATCH = 1 << 14  # rows decoded and flattened at once: bounds the token lists' memory
 
 WRITTEN_FIELDS = (
     "image_keys",
@@ -48,28 +56,48 @@ def per_image(attrs: dict) -> tuple[str, ...]:
 
 
 def check_rows(loc: Location, found: Inspection) -> None:
-    table, attrs = found.table, found.attrs
-    duplicate = duplicate_ids(table.column("id"))
-    batches = table.to_batches(max_chunksize=ROWS_PER_BATCH)
-    starts = np.cumsum([0] + [b.num_rows for b in batches])[:-1].tolist()
-    # numpy and Arrow release the GIL: batches are checked side by side on the process's cores
-    with ThreadPoolExecutor(usable_cores()) as pool:
-        flagged = pool.map(lambda batch, start: suspect_rows(batch, start, attrs), batches, starts)
-        for batch, start, suspect in zip(batches, starts, flagged, strict=True):
-            for i in np.flatnonzero(suspect | duplicate[start : start + batch.num_rows]):
-                row = batch.slice(int(i), 1).to_pylist()[0]
-                row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
-                if found.full:
-                    return
-    status = table.column("status")
+    """Every row rule, streaming the manifest a batch at a time; the index of what stays in memory
+    is built on the way (found.index, once every row passed)."""
+    manifest, attrs = found.manifest, found.attrs
+    try:
+        ids = manifest.read(["id"]).column("id").combine_chunks()
+        duplicate = duplicate_ids(ids)
+        index = IndexBuilder(manifest.num_rows)
+        # numpy and Arrow release the GIL: the next batches are checked on the process's cores
+        # while this thread decodes and indexes
+        cores = usable_cores()
+        check = lambda item: suspect_rows(item[1], item[0], attrs)  # noqa: E731
+        with ThreadPoolExecutor(cores) as pool:
+            for (start, batch), suspect in _ahead(pool, check, manifest.batches(ROWS_PER_BATCH), cores):
+                for i in np.flatnonzero(suspect | duplicate[start : start + batch.num_rows]):
+                    row = batch.slice(int(i), 1).to_pylist()[0]
+                    row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
+                    if found.full:
+                        return
+                index.add(start, batch)
+    except (pa.ArrowException, OSError) as e:
+        found.add(f"{MANIFEST_KEY}: unreadable Parquet ({e})")
+        return
+    written = int(index.written.sum())
     want = attrs["counts"]
-    got = {
-        "records": table.num_rows,
-        "written": pc.sum(pc.equal(status, "written")).as_py() or 0,
-        "skipped": pc.sum(pc.equal(status, "skipped")).as_py() or 0,
-    }
+    got = {"records": manifest.num_rows, "written": written, "skipped": index.skipped}
     if any(want[k] != v for k, v in got.items()):
         found.add(f"attribute counts {want} disagree with the manifest {got}")
+    if not found.problems:
+        found.index = index.finish()
+
+
+def _ahead(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator[tuple]:
+    """(item, fn(item)) in order, with up to `depth` items submitted ahead of the one returned."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) > depth:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
 
 
 def usable_cores() -> int:
@@ -77,11 +105,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def duplicate_ids(ids: pa.ChunkedArray) -> np.ndarray:
+def duplicate_ids(ids: pa.Array) -> np.ndarray:
     """Per row: its id was on an earlier row."""
     duplicate = np.zeros(len(ids), bool)
     if len(pc.unique(ids)) < len(ids):  # one hash pass; the rows are found only when there are some
-        codes = pc.dictionary_encode(ids).combine_chunks().indices.to_numpy()
+        codes = pc.dictionary_encode(ids).indices.to_numpy()
         _, first = np.unique(codes, return_index=True)
         duplicate[:] = True
         duplicate[first] = False

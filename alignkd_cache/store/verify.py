@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.compute as pc
 import zarr
 
 from alignkd_cache.signals import STORED_ARRAYS, cache_kind
@@ -28,7 +27,7 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.stub import stub_problems
 from alignkd_cache.store.trust import FIX, UntrustedCache, chunk_damage, inspect, open_cache
-from alignkd_cache.store.trust_plan import image_columns, written_columns
+from alignkd_cache.store.trust_plan import image_columns
 
 # Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
 # found through each image's visual_blocks/visual_offsets/num_visual instead.
@@ -86,7 +85,7 @@ def verify(
     _stream(found, report, jobs)
     if cache_kind(found.attrs) == "layer0":
         report.problems += stub_problems(found.loc, found.attrs["layer0"])
-    report.samples_checked = pc.sum(pc.equal(found.table.column("status"), "written")).as_py() or 0
+    report.samples_checked = int(found.index.written.sum())
     return report
 
 
@@ -169,15 +168,12 @@ def _stream_array(array, b: int, name: str, spec: ArraySpec, vocab_size: int) ->
 
 
 class Blame:
-    """Which samples use rows of a block's array, from the manifest's columns (sorted by block once)."""
+    """Which samples use rows of a block's array, from the manifest's index (sorted by block once)."""
 
     def __init__(self, found: Inspection):
-        names = ["block", "attention_offset", "attention_rows", "logit_offset"]
-        self.cols = written_columns(found.table, [*names, "logit_rows"])
-        written = found.table.filter(pc.equal(found.table.column("status"), "written"))
-        self.ids = written.column("id")
+        self.cols, self.ids = found.index.columns, found.index.ids
         self.by_block = np.argsort(self.cols["block"], kind="stable")
-        self.images = image_columns(written)
+        self.images = image_columns(found.index)
 
     def samples(self, bad: BadRows) -> list[str]:
         """The ids whose signals use rows bad.lo..bad.hi-1 of its array, in manifest order."""
