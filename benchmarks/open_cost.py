@@ -190,7 +190,11 @@ def main() -> None:
                 shutil.rmtree(a.dir / f"run{n}", ignore_errors=True)  # from-cache's --out: a new run
                 runs.setdefault(name, {}).setdefault(n, []).append(measure(command))
                 print(name, n, runs[name][n][-1], flush=True)
-    report({name: {n: median(values) for n, values in by_size.items()} for name, by_size in runs.items()})
+    manifest_bytes = {n: (a.dir / f"c{n}.zarr" / "manifest.parquet").stat().st_size for n in a.samples}
+    report(
+        {name: {n: median(values) for n, values in by_size.items()} for name, by_size in runs.items()},
+        manifest_bytes,
+    )
 
 
 def reader_open(url: str, tree: Path) -> list[str]:
@@ -203,9 +207,10 @@ def median(values: list[tuple[float, float, float]]) -> tuple[float, float, floa
     return sorted(values, key=lambda v: v[1])[len(values) // 2]
 
 
-def report(results: dict[str, dict[int, tuple[float, float, float]]]) -> None:
+def report(results: dict[str, dict[int, tuple[float, float, float]]], manifest_bytes: dict[int, int]) -> None:
     """A markdown table: wall time, CPU time and peak RSS per size (verify: CPU per sample), and the
-    growth exponents of CPU time and RSS above the baseline (a bare `--version`: the imports)."""
+    growth exponents of CPU time and RSS above the baseline (a bare `--version`: the imports); then
+    the peak RSS per sample above the baseline, beyond the manifest file's own bytes."""
     baseline = results.pop(BASELINE, {})
     base_cpu = min((v[1] for v in baseline.values()), default=0.0)
     base_rss = min((v[2] for v in baseline.values()), default=0.0)
@@ -226,6 +231,11 @@ def report(results: dict[str, dict[int, tuple[float, float, float]]]) -> None:
         cpu_exponent = exponent(ns, [max(1e-3, by_size[n][1] - base_cpu) for n in ns])
         rss_exponent = exponent(ns, [max(1e-3, by_size[n][2] - base_rss) for n in ns])
         print(f"| {name} | " + " | ".join(cells) + f" | {cpu_exponent:.2f}, {rss_exponent:.2f} |")
+    print()
+    for name, by_size in results.items():
+        n = max(by_size)
+        beyond = (by_size[n][2] * 2**30 - base_rss * 2**30 - manifest_bytes[n]) / n
+        print(f"{name}: {beyond:.0f} B per sample of peak RSS above the baseline, beyond the manifest file ({n:,} samples)")
     print(json.dumps({name: {str(n): v for n, v in by_size.items()} for name, by_size in results.items()}))
 
 

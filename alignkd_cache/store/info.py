@@ -28,7 +28,6 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
-from alignkd_cache.store.trust_plan import image_columns
 from alignkd_cache.store.trust_tree import irregular
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
@@ -53,8 +52,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     written = index.columns
     logit_rows = int(written["logit_rows"].sum(dtype=np.int64))
     # A sample's attention rows are as wide as its visual tokens (all its images').
-    images = image_columns(index)
-    per_sample = images["sum"]
+    per_sample = index.visual_tokens()
     attention_values = float(np.dot(per_sample, written["attention_rows"]))
     values_per_logit_row = 2 * attrs["topk"] + (1 if attrs["logit_targets"] == "topk" else 0)
     raw = {

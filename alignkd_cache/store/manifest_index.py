@@ -21,7 +21,7 @@ PER_ROW = {  # column -> numpy dtype (nulls, as on skipped rows, become 0)
     "logit_rows": np.int32,
 }
 PER_IMAGE = {"num_visual": np.int32, "visual_blocks": np.int32, "visual_offsets": np.int64}
-COLUMNS = ["status", *PER_ROW, "supervised_positions", *PER_IMAGE, "image_keys"]  # and "id"
+COLUMNS = ["status", *PER_ROW, "supervised_positions", *PER_IMAGE, "image_keys"]
 KEY_DIGITS = 32  # an image key: 32 hex digits, kept as 16 bytes
 HEX = np.zeros(256, np.uint8)  # a non-digit reads as 0: its row is refused by the row rules anyway
 HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
@@ -33,7 +33,7 @@ class ManifestIndex:
 
     written: np.ndarray  # per manifest row: bool
     rows: np.ndarray  # each written sample's manifest row
-    ids: pa.ChunkedArray  # of strings
+    ids: pa.StringArray
     columns: dict[str, np.ndarray]  # PER_ROW, and "supervised" (supervised positions)
     image_start: np.ndarray  # samples + 1: sample i's images are image_start[i]:image_start[i + 1]
     images: dict[str, np.ndarray]  # per image, in sample order: PER_IMAGE
@@ -50,13 +50,22 @@ class ManifestIndex:
         """Each image's sample."""
         return np.repeat(np.arange(len(self), dtype=np.int32), self.image_count())
 
+    def sample_of(self, images: np.ndarray) -> np.ndarray:
+        """The sample of each of these images."""
+        return np.searchsorted(self.image_start, images, "right") - 1
+
+    def visual_tokens(self) -> np.ndarray:
+        """Per sample, its images' visual tokens."""
+        running = np.concatenate([[0], np.cumsum(self.images["num_visual"], dtype=np.int64)])
+        return running[self.image_start[1:]] - running[self.image_start[:-1]]
+
     @classmethod
     def read(cls, manifest: ManifestFile, batch_size: int) -> ManifestIndex:
         """The index of a manifest another process has checked (trust.adopt)."""
         builder = IndexBuilder(manifest.num_rows)
-        for start, batch in manifest.batches(batch_size, ["id", *COLUMNS]):
+        for start, batch in manifest.batches(batch_size, COLUMNS):
             builder.add(start, batch)
-        return builder.finish()
+        return builder.finish(manifest.read(["id"]).column("id"))
 
 
 class IndexBuilder:
@@ -68,7 +77,6 @@ class IndexBuilder:
         self.skipped = 0
         dtypes = PER_ROW | {"supervised": np.int32, "images": np.int64} | PER_IMAGE | {"image_keys": "V16"}
         self.arrays = {name: Growing(dtype, num_rows) for name, dtype in dtypes.items()}
-        self.ids: list[pa.Array] = []
 
     def add(self, start: int, batch: pa.RecordBatch) -> None:
         """Index a batch. Only a checked manifest's index is kept: there, only written rows have
@@ -78,7 +86,6 @@ class IndexBuilder:
         mask = written.to_numpy(zero_copy_only=False)
         self.written[start : start + batch.num_rows] = mask
         self.skipped += pc.sum(pc.equal(status, "skipped")).as_py() or 0
-        self.ids.append(batch.column("id").filter(written))
         add = lambda name, values: self.arrays[name].append(values)  # noqa: E731
         for name in PER_ROW:
             add(name, pc.fill_null(batch.column(name), 0).to_numpy()[mask])
@@ -88,12 +95,13 @@ class IndexBuilder:
             add(name, pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False))
         add("image_keys", key_bytes(pc.list_flatten(batch.column("image_keys"))))
 
-    def finish(self) -> ManifestIndex:
+    def finish(self, ids: pa.Array | pa.ChunkedArray) -> ManifestIndex:
+        """The index, given every row's id."""
         arrays = {name: growing.done() for name, growing in self.arrays.items()}
         return ManifestIndex(
             written=self.written,
             rows=np.flatnonzero(self.written),
-            ids=pa.chunked_array(self.ids, pa.string()),
+            ids=ids.filter(pa.array(self.written)),
             columns={name: arrays[name] for name in [*PER_ROW, "supervised"]},
             image_start=np.concatenate([[0], np.cumsum(arrays["images"])]),
             images={name: arrays[name] for name in PER_IMAGE},

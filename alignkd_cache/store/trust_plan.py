@@ -28,18 +28,16 @@ def check_plan(loc: Location, found: Inspection) -> None:
         for i in np.flatnonzero(offset != expected):
             what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
             row_problems.append((i, order, what))
-    images = image_columns(index)
-    distinct = _distinct_refs(images)
-    mismatch = _shared_refs(images, distinct)
-    for i in np.flatnonzero(mismatch):
+    attention_width = _block_max(
+        cols["block"], np.where(cols["attention_rows"] > 0, index.visual_tokens(), 0), num_blocks
+    )
+    distinct = _distinct_refs(index)
+    for i in np.flatnonzero(_shared_refs(index, distinct)):
         row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
         found.add(what, index.ids[int(i)].as_py())
-    visual = _check_visual_rows(images, distinct, num_blocks, found)
+    visual = _check_visual_rows(index, distinct, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
-    attention_width = _block_max(
-        cols["block"], np.where(cols["attention_rows"] > 0, images["sum"], 0), num_blocks
-    )
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
     count = len(distinct[1])
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
@@ -48,41 +46,33 @@ def check_plan(loc: Location, found: Inspection) -> None:
         found.add(f"attribute counts.images is {attrs['counts']['images']}, the manifest has {count}")
 
 
-def image_columns(index: ManifestIndex) -> dict[str, np.ndarray]:
-    """The written samples' images: each one's sample, token count, key and stored reference
-    (block << 40 | first token row; -1 for none), and per sample the sum of its counts."""
-    n, block, offset = (index.images[name] for name in ("num_visual", "visual_blocks", "visual_offsets"))
-    running = np.concatenate([[0], np.cumsum(n, dtype=np.int64)])
+def _distinct_refs(index: ManifestIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(the images with a stored reference, sorted by it: a stable sort, so each reference's users
+    stay in manifest order; where each distinct reference's first user is in that order): one sort
+    for every rule. A reference is block << 40 | first token row, -1 for none (a layer0 cache)."""
+    block, offset = index.images["visual_blocks"], index.images["visual_offsets"]
     ref = block.astype(np.int64)  # built in place: one array per image, not one per operation
     ref <<= 40
     ref |= np.maximum(offset, 0)
     ref[block < 0] = -1
-    return {
-        "row": index.image_sample(),
-        "n": n,
-        "key": index.image_key,
-        "block": block,
-        "offset": offset,
-        "ref": ref,
-        "sum": running[index.image_start[1:]] - running[index.image_start[:-1]],
-    }
-
-
-def _distinct_refs(images: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(the images with a stored reference, the first of them to use each distinct reference in
-    reference order, and which distinct reference each one uses): one sort for every rule."""
-    uses = np.flatnonzero(images["ref"] >= 0)
-    _, first, which = np.unique(images["ref"][uses], return_index=True, return_inverse=True)
-    return uses, first, which
+    order = np.argsort(ref, kind="stable")[np.count_nonzero(block < 0) :]  # -1 sorts first
+    sorted_ref = ref[order]
+    heads = np.flatnonzero(np.concatenate([[True], sorted_ref[1:] != sorted_ref[:-1]]))
+    return order, heads[: len(order)]
 
 
 def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.ndarray:
     """Per block, the largest of its rows' values (0 for a block without rows)."""
     out = np.zeros(num_blocks, np.int64)
-    if len(block):
-        order = np.lexsort((values, block))  # by block, then value: each block's last is its max
-        last = np.concatenate([block[order][1:] != block[order][:-1], [True]])
-        out[block[order][last]] = values[order][last]
+    if not len(block):
+        return out
+    if np.all(block[1:] >= block[:-1]):  # blocks in manifest order: one reduction per run
+        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]]))
+        out[block[starts]] = np.maximum.reduceat(values, starts)
+        return out
+    order = np.lexsort((values, block))  # by block, then value: each block's last is its max
+    last = np.concatenate([block[order][1:] != block[order][:-1], [True]])
+    out[block[order][last]] = values[order][last]
     return out
 
 
@@ -100,23 +90,34 @@ def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.nd
     return expected, total
 
 
-def _shared_refs(images: dict, distinct: tuple) -> np.ndarray:
-    """Per written row: an image of it shares its stored tokens with the first user of that
+USERS_AT_ONCE = 1 << 18  # references compared with their first user per step (bounds the gathers)
+
+
+def _shared_refs(index: ManifestIndex, distinct: tuple) -> np.ndarray:
+    """Per written sample: an image of it shares its stored tokens with the first user of that
     reference but not its key or token count."""
-    mismatch = np.zeros(len(images["sum"]), bool)
-    uses, first, which = distinct
-    for name in ("key", "n"):
-        values = images[name][uses]
-        mismatch[images["row"][uses][values != values[first][which]]] = True
+    mismatch = np.zeros(len(index), bool)
+    order, heads = distinct
+    key, n = index.image_key, index.images["num_visual"]
+    group = np.repeat(np.arange(len(heads)), np.diff(np.append(heads, len(order))))
+    for lo in range(0, len(order), USERS_AT_ONCE):
+        users = order[lo : lo + USERS_AT_ONCE]
+        first = order[heads[group[lo : lo + USERS_AT_ONCE]]]
+        differ = (key[users] != key[first]) | (n[users] != n[first])
+        mismatch[index.sample_of(users[differ])] = True
     return mismatch
 
 
-def _check_visual_rows(images: dict, distinct: tuple, num_blocks: int, found: Inspection) -> np.ndarray:
+def _check_visual_rows(
+    index: ManifestIndex, distinct: tuple, num_blocks: int, found: Inspection
+) -> np.ndarray:
     """Each block's stored visual tokens: the distinct references must tile its rows from 0, each
     as long as its image's tokens. Returns the token rows per block."""
-    uses, first, _ = distinct
-    distinct = uses[first]  # sorted by (block, offset)
-    block, offset, n = images["block"][distinct], images["offset"][distinct], images["n"][distinct]
+    order, heads = distinct
+    distinct = order[heads]  # sorted by (block, offset)
+    block, offset, n = (
+        index.images[name][distinct] for name in ("visual_blocks", "visual_offsets", "num_visual")
+    )
     total = np.bincount(block, weights=n, minlength=num_blocks).astype(np.int64)
     expected, _ = _tiling(block, n, num_blocks)
     for b in np.unique(block[offset != expected]):

@@ -62,15 +62,17 @@ def check_rows(loc: Location, found: Inspection) -> None:
     try:
         ids = manifest.read(["id"]).column("id").combine_chunks()
         duplicate = duplicate_ids(ids)
+        bad_id = duplicate | pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
         index = IndexBuilder(manifest.num_rows)
         # numpy and Arrow release the GIL: the next batches are checked on the process's cores
         # while this thread decodes and indexes
         cores = usable_cores()
         check = lambda item: suspect_rows(item[1], item[0], attrs)  # noqa: E731
         with ThreadPoolExecutor(cores) as pool:
-            for (start, batch), suspect in _ahead(pool, check, manifest.batches(ROWS_PER_BATCH), cores):
-                for i in np.flatnonzero(suspect | duplicate[start : start + batch.num_rows]):
-                    row = batch.slice(int(i), 1).to_pylist()[0]
+            batches = manifest.batches(ROWS_PER_BATCH, [n for n in manifest.schema.names if n != "id"])
+            for (start, batch), suspect in _ahead(pool, check, batches, cores):
+                for i in np.flatnonzero(suspect | bad_id[start : start + batch.num_rows]):
+                    row = batch.slice(int(i), 1).to_pylist()[0] | {"id": ids[start + int(i)].as_py()}
                     row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
                     if found.full:
                         return
@@ -84,7 +86,7 @@ def check_rows(loc: Location, found: Inspection) -> None:
     if any(want[k] != v for k, v in got.items()):
         found.add(f"attribute counts {want} disagree with the manifest {got}")
     if not found.problems:
-        found.index = index.finish()
+        found.index = index.finish(ids)
 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator[tuple]:
@@ -275,7 +277,6 @@ def suspect_rows(batch: pa.RecordBatch, start: int, attrs: dict) -> np.ndarray:
     block = ints(batch, "block")
     suspect = ints(batch, "index") != np.arange(start, start + n_rows)
     suspect |= (block < 0) | (block >= attrs["num_blocks"])
-    suspect |= pc.fill_null(pc.equal(batch.column("id"), ""), True).to_numpy(zero_copy_only=False)
     suspect |= batch.column("images").is_null().to_numpy(zero_copy_only=False)
     suspect |= ~(written | skipped)
     suspect |= skipped & (batch.column("skip_reason").is_null().to_numpy(zero_copy_only=False))

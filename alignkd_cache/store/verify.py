@@ -27,7 +27,6 @@ from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.stub import stub_problems
 from alignkd_cache.store.trust import FIX, UntrustedCache, chunk_damage, inspect, open_cache
-from alignkd_cache.store.trust_plan import image_columns
 
 # Which manifest span (attention_* or logit_* rows) each array's rows belong to; visual rows are
 # found through each image's visual_blocks/visual_offsets/num_visual instead.
@@ -173,15 +172,15 @@ class Blame:
     def __init__(self, found: Inspection):
         self.cols, self.ids = found.index.columns, found.index.ids
         self.by_block = np.argsort(self.cols["block"], kind="stable")
-        self.images = image_columns(found.index)
+        self.images, self.image_sample = found.index.images, found.index.image_sample()
 
     def samples(self, bad: BadRows) -> list[str]:
         """The ids whose signals use rows bad.lo..bad.hi-1 of its array, in manifest order."""
         if bad.name.startswith("visual"):
             im = self.images
-            start, stop = im["offset"], im["offset"] + im["n"]
-            used = (im["block"] == bad.block) & (start < bad.hi) & (bad.lo < stop)
-            hit = np.unique(im["row"][used])
+            start, stop = im["visual_offsets"], im["visual_offsets"] + im["num_visual"]
+            used = (im["visual_blocks"] == bad.block) & (start < bad.hi) & (bad.lo < stop)
+            hit = np.unique(self.image_sample[used])
         else:
             rows, kind = self._of(self.by_block, "block", bad.block), _KIND[bad.name]
             start, count = self.cols[f"{kind}_offset"][rows], self.cols[f"{kind}_rows"][rows]
