@@ -235,7 +235,9 @@ def report(results: dict[str, dict[int, tuple[float, float, float]]], manifest_b
     for name, by_size in results.items():
         n = max(by_size)
         beyond = (by_size[n][2] * 2**30 - base_rss * 2**30 - manifest_bytes[n]) / n
-        print(f"{name}: {beyond:.0f} B per sample of peak RSS above the baseline, beyond the manifest file ({n:,} samples)")
+        print(
+            f"{name}: {beyond:.0f} B per sample of peak RSS above the baseline, beyond the manifest file ({n:,} samples)"
+        )
     print(json.dumps({name: {str(n): v for n, v in by_size.items()} for name, by_size in results.items()}))
 
 
