@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import shutil
 import subprocess
 import sys
@@ -108,16 +107,28 @@ def write_blocks(url: str, n: int, blocks: range, image_keys: list[str], attrs: 
         write_block(loc, b, results, attrs)
 
 
+# Runs the command and prints its children's CPU seconds and peak RSS (KiB). A child's peak RSS
+# counts the pages of the process that forked it, so the command is started from this small
+# interpreter (no site, a few MB), not from the benchmark, which holds torch and a model.
+LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(u.ru_utime + u.ru_stime, u.ru_maxrss)\n"
+    "sys.exit(code)"
+)
+
+
 def measure(command: list[str]) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, peak RSS in GB) of a fresh process running `command` (with its
     children); it must succeed. CPU time is the figure to compare on a shared, loaded machine."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command} failed: {process.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # KiB -> GiB
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed: {done.stderr[-2000:]}")
+    cpu, rss = done.stdout.split()
+    return seconds, float(cpu), int(rss) / 2**20  # KiB -> GiB
 
 
 def commands(url: str, student: Path, images: Path, out: Path) -> dict[str, list[str]]:
