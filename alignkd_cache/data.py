@@ -31,10 +31,10 @@ import torch
 
 from alignkd_cache.errors import DataError
 from alignkd_cache.images import load_image
+from alignkd_cache.signal_spec import TEMPLATES
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
-TEMPLATES = ("plain", "v1", "chat")
 
 V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -29,7 +29,7 @@ from alignkd_cache.data import (
     tokenize_all,
 )
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import SignalOptions
+from alignkd_cache.signal_spec import SignalOptions
 
 
 def normalise(text: str) -> str:

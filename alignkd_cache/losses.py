@@ -26,13 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkd_cache.data import IGNORE_INDEX
+from alignkd_cache.options import ATTN_LOSSES, LOGIT_LOSSES, TERMS, LossConfig
 from alignkd_cache.signals import TeacherSignal
 
-TERMS = ("ce", "logit", "vis", "attn")
-# Ours first (the default, scaled so that it moves the student), then the public revisions as published.
-ATTN_LOSSES = ("mse-adapter", "kl-headmean", "mse-adapter-2025-01", "kl-headmean-2024-12")
 ADAPTER_ATTN_LOSSES = ("mse-adapter", "mse-adapter-2025-01")
-LOGIT_LOSSES = ("topk-tail", "topk-renorm", "sampled", "full")
 # The target kind (signals.LogitTargets.kind) each logit loss needs.
 LOGIT_LOSS_TARGETS = {"topk-tail": "topk", "topk-renorm": "topk", "sampled": "sampled", "full": "full"}
 DEFAULT_LOGIT_LOSS = {"topk": "topk-tail", "sampled": "sampled", "full": "full"}
@@ -76,32 +73,6 @@ class ChannelAdapter(nn.Module):
                 f"have {visual.shape[-1]} (shape {tuple(visual.shape)})"
             )
         return self.conv(visual.T.unsqueeze(0)).squeeze(0).T
-
-
-@dataclass
-class LossConfig:
-    weights: dict[str, float]
-    attn_loss: str = "mse-adapter"
-    vis_topk: int = 16
-    vis_topk_weight: float = 1.0
-    logit_loss: str = "topk-tail"
-
-    def __post_init__(self):
-        if self.attn_loss not in ATTN_LOSSES:
-            raise ValueError(f"unknown attention loss {self.attn_loss!r}; choose one of {ATTN_LOSSES}")
-        if self.logit_loss not in LOGIT_LOSSES:
-            raise ValueError(f"unknown logit loss {self.logit_loss!r}; choose one of {LOGIT_LOSSES}")
-        if self.vis_topk < 1 or self.vis_topk_weight < 0:
-            raise ValueError(
-                f"--vis-topk must be >= 1 and --vis-topk-weight >= 0 (got {self.vis_topk}, {self.vis_topk_weight})"
-            )
-        if set(self.weights) != set(TERMS) or not any(self.weights.values()):
-            raise ValueError(
-                f"--weights must give each of {TERMS} a weight, at least one non-zero (got {self.weights})"
-            )
-
-    def on(self, term: str) -> bool:
-        return self.weights[term] != 0
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """The options tree: each default written once, on its field; the CLI's options are made from these
 fields (cli/options.py), so its help text, the Python API and the docs' defaults are the same values.
 
-SignalOptions (signals.py): how a teacher forward becomes signals, for a build and a resident teacher.
+SignalOptions (signal_spec.py): how a teacher forward becomes signals, for a build and a resident teacher.
 BuildOptions: SignalOptions, plus how a build runs and stores them.
-TrainOptions: a training run (its LossConfig: losses.py).
+LossConfig: the loss terms' weights and variants (the losses themselves: losses.py).
+TrainOptions: a training run, with its LossConfig.
 
-This module imports no model code, so the CLI can build its options without loading torch's models.
+This module imports no torch, so the CLI can build its options without loading it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignkd_cache.images import DEFAULT_MAX_PIXELS
-from alignkd_cache.losses import LossConfig
-from alignkd_cache.signals import CACHE_KINDS, SignalOptions, check_options
+from alignkd_cache.signal_spec import CACHE_KINDS, SignalOptions, check_options
+
+TERMS = ("ce", "logit", "vis", "attn")
+# Ours first (the default, scaled so that it moves the student), then the public revisions as published.
+ATTN_LOSSES = ("mse-adapter", "kl-headmean", "mse-adapter-2025-01", "kl-headmean-2024-12")
+LOGIT_LOSSES = ("topk-tail", "topk-renorm", "sampled", "full")
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float]
+    attn_loss: str = "mse-adapter"
+    vis_topk: int = 16
+    vis_topk_weight: float = 1.0
+    logit_loss: str = "topk-tail"
+
+    def __post_init__(self):
+        if self.attn_loss not in ATTN_LOSSES:
+            raise ValueError(f"unknown attention loss {self.attn_loss!r}; choose one of {ATTN_LOSSES}")
+        if self.logit_loss not in LOGIT_LOSSES:
+            raise ValueError(f"unknown logit loss {self.logit_loss!r}; choose one of {LOGIT_LOSSES}")
+        if self.vis_topk < 1 or self.vis_topk_weight < 0:
+            raise ValueError(
+                f"--vis-topk must be >= 1 and --vis-topk-weight >= 0 (got {self.vis_topk}, {self.vis_topk_weight})"
+            )
+        if set(self.weights) != set(TERMS) or not any(self.weights.values()):
+            raise ValueError(
+                f"--weights must give each of {TERMS} a weight, at least one non-zero (got {self.weights})"
+            )
+
+    def on(self, term: str) -> bool:
+        return self.weights[term] != 0
 
 
 @dataclass

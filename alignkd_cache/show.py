@@ -20,7 +20,7 @@ import torch
 from alignkd_cache import layer0
 from alignkd_cache.data import DataError, collate, describe_layout, pad_id, resolve_image
 from alignkd_cache.images import load_image
-from alignkd_cache.signals import cache_kind
+from alignkd_cache.signal_spec import cache_kind
 from alignkd_cache.sources import tokenized_from_row
 from alignkd_cache.store.provenance import attrs_pad_color
 from alignkd_cache.store.reader import CacheReader

@@ -39,14 +39,8 @@ from alignkd_cache.data import (
 )
 from alignkd_cache.images import load_image
 from alignkd_cache.losses import SampleCounts
-from alignkd_cache.signals import (
-    SignalOptions,
-    TeacherSignal,
-    cache_kind,
-    pool_visual,
-    sample_signal,
-    stored_heads,
-)
+from alignkd_cache.signal_spec import SignalOptions, cache_kind, stored_heads
+from alignkd_cache.signals import TeacherSignal, pool_visual, sample_signal
 from alignkd_cache.store.provenance import attrs_pad_color, file_sha256
 
 

@@ -43,7 +43,7 @@ from alignkd_cache.losses import (
 )
 from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import progress_bar
-from alignkd_cache.signals import SignalOptions
+from alignkd_cache.signal_spec import SignalOptions
 from alignkd_cache.sources import TeacherSignalSource, TrainingSource
 from alignkd_cache.store.lock import LOCK_NAME, lock_dir
 from alignkd_cache.tracking import TensorBoardTracker, open_tracker, scalars
@@ -720,7 +720,7 @@ def online(
     teacher_dtype: str = "float32",
 ) -> dict:
     """Distil with the teacher resident (eval mode, no grad), signals computed every step as the
-    build computes them (`signal_options`: a signals.SignalOptions)."""
+    build computes them (`signal_options`: a signal_spec.SignalOptions)."""
     from alignkd_cache.backends import load_backend
     from alignkd_cache.sources import OnlineSource
 

@@ -10,11 +10,10 @@ import click
 import alignkd_cache
 from alignkd_cache.cli.errors import EXIT_VERIFY_FAILED, Commands, Device, ExistingPath
 from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
-from alignkd_cache.data import TEMPLATES
 from alignkd_cache.images import PIL_MAX_PIXELS
 from alignkd_cache.options import BuildOptions
 from alignkd_cache.progress import quiet_libraries
-from alignkd_cache.signals import ATTN_HEADS, CACHE_KINDS, KINDS, LOGIT_POSITIONS
+from alignkd_cache.signal_spec import ATTN_HEADS, CACHE_KINDS, KINDS, LOGIT_POSITIONS, TEMPLATES
 from alignkd_cache.store.codecs import PRESETS
 
 

@@ -16,7 +16,7 @@ import click
 from alignkd_cache.errors import OutputNotEmpty, PeerFailed
 from alignkd_cache.interrupt import Interrupted
 from alignkd_cache.store.provenance import IncompatibleCache
-from alignkd_cache.store.reader import CacheError
+from alignkd_cache.store.trust import CacheError
 
 EXIT_VERIFY_FAILED = 1  # `alignkd-cache verify` found damage (it prints the report itself)
 EXIT_USAGE = 2  # a bad option or argument value (click's own code)

@@ -10,7 +10,6 @@ import click
 import alignkd_cache
 from alignkd_cache.cli.errors import Commands, Device, ExistingPath
 from alignkd_cache.cli.options import field_option, parse_storage_options, storage_option
-from alignkd_cache.data import TEMPLATES
 from alignkd_cache.lora import lora_record
 from alignkd_cache.losses import (
     ATTN_LOSSES,
@@ -23,7 +22,7 @@ from alignkd_cache.losses import (
 )
 from alignkd_cache.options import TrainOptions
 from alignkd_cache.progress import quiet_libraries
-from alignkd_cache.signals import ATTN_HEADS, ONLINE_KINDS, SignalOptions
+from alignkd_cache.signal_spec import ATTN_HEADS, ONLINE_KINDS, TEMPLATES, SignalOptions
 from alignkd_cache.tracking import REPORT_TO
 
 DISTILL_WEIGHTS = "ce=1,logit=1,vis=1,attn=1"

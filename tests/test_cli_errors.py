@@ -238,7 +238,7 @@ def test_options_are_typed_and_templates_come_from_the_data_layer():
     """--batch-size 0 and friends fail in click's parser, naming the option, not deep in a loop."""
     import click
 
-    from alignkd_cache.data import TEMPLATES
+    from alignkd_cache.signal_spec import TEMPLATES
 
     for group in (cache, train):
         for name, command in group.main.commands.items():

@@ -17,7 +17,7 @@ from store_synthetic import VOCAB, write_synthetic_store
 
 from alignkd_cache.data import TokenizedSample
 from alignkd_cache.losses import SampleCounts
-from alignkd_cache.signals import followed_by_text
+from alignkd_cache.signal_spec import followed_by_text
 from alignkd_cache.sources import CachedSamples, cache_counts
 from alignkd_cache.store import manifest, trust_rows
 from alignkd_cache.store.inspection import Inspection

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from alignkd_cache.backends import load_backend
 from alignkd_cache.data import SampleDataset, Tokenization, read_records, tokenize
 from alignkd_cache.losses import LossConfig, parse_weights
-from alignkd_cache.signals import SignalOptions
+from alignkd_cache.signal_spec import SignalOptions
 from alignkd_cache.tiny import build_tiny_mobilevlm
 from alignkd_cache.train import TrainOptions, finetune
 

@@ -21,7 +21,6 @@ int32.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 FLOAT_ENCODINGS = ("f32", "f16", "bf16", "fixed_u16", "sqrt_u8", "fp8_row")
@@ -39,6 +38,15 @@ PRESETS: dict[str, dict[str, str]] = {
 
 FP8_MAX = 448.0
 
+
+def _torch():
+    """torch, for its bfloat16 and float8 conversions: imported when a chunk in those encodings is
+    encoded or decoded, so the cache commands that read no chunk (`info`, `copy`) never load it."""
+    import torch
+
+    return torch
+
+
 # The numpy dtype each encoding stores (zarr has no bfloat16 or float8: their bits as unsigned ints).
 STORED_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "uint16", "fixed_u16": "uint16"}
 STORED_DTYPE |= {"sqrt_u8": "uint8", "fp8_row": "uint8"}
@@ -53,6 +61,7 @@ def encode(encoding: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]
     if encoding == "f16":
         return np.clip(x, -65504, 65504).astype(np.float16), None
     if encoding == "bf16":
+        torch = _torch()
         return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
     if encoding == "fixed_u16":
         return np.rint(np.clip(x, 0.0, 1.0) * 65535.0).astype(np.uint16), None
@@ -66,6 +75,7 @@ def encode(encoding: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]
         scale = (peak / FP8_MAX).astype(np.float32)
         safe = np.where(scale > 0, scale, 1.0)[..., None]
         scaled = np.clip(x / safe, -FP8_MAX, FP8_MAX)
+        torch = _torch()
         bits = torch.from_numpy(scaled).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return bits, scale
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {FLOAT_ENCODINGS}")
@@ -78,6 +88,7 @@ def decode(encoding: str, stored: np.ndarray, scale: np.ndarray | None = None) -
     if encoding == "f16":
         return stored.astype(np.float32)
     if encoding == "bf16":
+        torch = _torch()
         bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
         return bits.view(torch.bfloat16).float().numpy()
     if encoding == "fixed_u16":
@@ -86,6 +97,7 @@ def decode(encoding: str, stored: np.ndarray, scale: np.ndarray | None = None) -
         root = stored.astype(np.float32) / np.float32(255.0) * scale[..., None]
         return root * root
     if encoding == "fp8_row":
+        torch = _torch()
         values = torch.from_numpy(np.ascontiguousarray(stored)).view(torch.float8_e4m3fn).float().numpy()
         return values * scale[..., None]
     raise ValueError(f"unknown encoding {encoding!r}; choose one of {FLOAT_ENCODINGS}")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
 from alignkd_cache.errors import DataError
-from alignkd_cache.signals import cache_kind
+from alignkd_cache.signal_spec import cache_kind
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, encode, part_key, schema_for, sha256
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignkd_cache.signals import STORED_ARRAYS, cache_kind
+from alignkd_cache.signal_spec import STORED_ARRAYS, cache_kind
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path

@@ -18,7 +18,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from alignkd_cache.signals import array_encoding, stored_arrays
+from alignkd_cache.signal_spec import array_encoding, stored_arrays
 from alignkd_cache.store import codecs
 
 CHUNK_BYTES = 1 << 18  # small chunks: a random read of one sample decodes little it does not need

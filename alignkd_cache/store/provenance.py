@@ -21,7 +21,7 @@ import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from alignkd_cache.signals import cache_kind
+from alignkd_cache.signal_spec import cache_kind
 
 SCHEMA_VERSION = "4.1"  # either kind (`signals`: stored or layer0); 4.1: image_layouts
 READABLE_MAJORS = ("4",)

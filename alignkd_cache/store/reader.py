@@ -19,21 +19,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from alignkd_cache.signals import LogitTargets, TeacherSignal, stored_heads
+from alignkd_cache.signal_spec import stored_heads
+from alignkd_cache.signals import LogitTargets, TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
-from alignkd_cache.store.trust import UntrustedCache, adopt, check_before_reading, chunk_damage, open_cache
+from alignkd_cache.store.trust import (
+    CacheError,
+    UntrustedCache,
+    adopt,
+    check_before_reading,
+    chunk_damage,
+    open_cache,
+)
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
 # of the block is then served from memory. Bigger arrays (7B-sized attention and visual blocks) are
 # always read by slice, so random access never pays for a whole block.
 WHOLE_ARRAY_BYTES = 4 * 2**20
-
-
-class CacheError(UntrustedCache):
-    """A damaged chunk met while reading (open_cache checks metadata only; `verify` reads chunks)."""
 
 
 class CacheReader:

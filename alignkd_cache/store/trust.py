@@ -46,6 +46,10 @@ class UntrustedCache(IncompatibleCache):
     """A cache that fails the checks: damaged, edited, or not a cache."""
 
 
+class CacheError(UntrustedCache):
+    """A damaged chunk met while reading (open_cache checks metadata only; `verify` reads chunks)."""
+
+
 def chunk_damage(error: Exception) -> str:
     """What a chunk that failed to read (zarr's CRC32C or decode error) has, for reader and verify."""
     if "checksum" in str(error):

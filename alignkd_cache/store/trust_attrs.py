@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from alignkd_cache.signals import cache_kind
+from alignkd_cache.signal_spec import cache_kind
 from alignkd_cache.store import codecs
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.jsonschema_lite import attrs_schema, validate

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignkd_cache.signals import cache_kind
+from alignkd_cache.signal_spec import cache_kind
 from alignkd_cache.store.inspection import BlockRows, Inspection
 from alignkd_cache.store.layout import logit_width
 from alignkd_cache.store.location import Location

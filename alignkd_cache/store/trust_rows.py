@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from alignkd_cache.signals import cache_kind, followed_by_text, stored_heads
+from alignkd_cache.signal_spec import cache_kind, followed_by_text, stored_heads
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import (

@@ -10,7 +10,7 @@ import json
 import os
 import re
 
-from alignkd_cache.signals import STORED_ARRAYS, cache_kind
+from alignkd_cache.signal_spec import STORED_ARRAYS, cache_kind
 from alignkd_cache.store.inspection import MAX_JSON_BYTES, Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.lock import LOCK_NAME

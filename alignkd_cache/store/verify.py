@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from alignkd_cache.signals import STORED_ARRAYS, cache_kind
+from alignkd_cache.signal_spec import STORED_ARRAYS, cache_kind
 from alignkd_cache.store import codecs
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import ArraySpec

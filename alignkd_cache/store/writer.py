@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from alignkd_cache.signals import STORED_ARRAYS, TeacherSignal, stored_arrays
+from alignkd_cache.signal_spec import STORED_ARRAYS, stored_arrays
+from alignkd_cache.signals import TeacherSignal
 from alignkd_cache.store import codecs
 from alignkd_cache.store.layout import ArraySpec, block_specs, create_array
 from alignkd_cache.store.location import Location
