@@ -7,14 +7,16 @@ files' bytes (metadata documents excluded) (shared visual rows are counted once)
 A layer0 cache's stub is reported on its own (`stub`): it is paid once per cache, not per sample.
 
 `info` reads the root attributes and the manifest (both checked, as every command's open; of the
-rows it keeps only the index, and reads the skip reasons' column) and stats the chunk files the
-manifest's plan gives each block; it reads no block's metadata, which `verify` checks.
+rows it keeps only the index, and reads the skip reasons' column) and stats every block's chunk
+files while the manifest is checked, then refuses a missing or irregular one the manifest's plan
+needs; it reads no block's metadata, which `verify` checks.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,18 @@ SIGNAL_OF = {array: signal for signal, arrays in SIGNALS.items() for array in ar
 
 
 def cache_info(url: str, storage_options: dict | None = None) -> dict:
-    found = open_cache(url, storage_options)
+    stop, stats = threading.Event(), []
+    with ThreadPoolExecutor(1) as pool:  # the chunk stats run while the manifest is checked
+        try:
+            found = open_cache(
+                url,
+                storage_options,
+                once_attributes=lambda f: stats.append(pool.submit(_stat_chunks, f, stop)),
+            )
+        except BaseException:
+            stop.set()  # the refusal need not wait for the stats
+            raise
+        sizes = stats[0].result()
     attrs, index = found.attrs, found.index
     reasons = found.manifest.read(["skip_reason"]).column("skip_reason").filter(pa.array(~index.written))
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
@@ -48,7 +61,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     counts = pc.value_counts(kinds).to_pylist()  # in order of first appearance, as Counter
     skipped = Counter({c["values"]: c["counts"] for c in counts})
     n = max(1, len(index))
-    stored = _stored_bytes(found)
+    stored = _stored_bytes(found, sizes)
     written = index.columns
     logit_rows = int(written["logit_rows"].sum(dtype=np.int64))
     # A sample's attention rows are as wide as its visual tokens (all its images').
@@ -103,18 +116,46 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     }
 
 
-def _stored_bytes(found: Inspection) -> dict[str, int]:
-    """Chunk bytes per signal over every block: one stat per chunk file the plan gives a block
-    (an array with rows has exactly one; see layout.chunking). Nothing is read, so a chunk file
-    that is missing or not a regular file is refused here."""
+MISSING, SYMLINK, SPECIAL = -1, -2, -3  # what a chunk file's size says when there is no regular file
+
+
+def _stat_chunks(found: Inspection, stop: threading.Event) -> dict[str, np.ndarray]:
+    """Per block array, each block's chunk file size (or MISSING, SYMLINK, SPECIAL): one stat per
+    block and array (an array with rows has exactly one chunk file; see layout.chunking). Nothing
+    is read. Runs on a thread while the manifest is checked; the plan then says which must exist."""
+    blocks = range(found.attrs["num_blocks"])
+    return {
+        name: _sizes(found, [block_path(b) + suffix for b in blocks], stop) for name, suffix in _chunks(found)
+    }
+
+
+def _chunks(found: Inspection) -> list[tuple[str, str]]:
+    """(array name, its chunk file's key below the block) of every block array."""
+    ranks = {name: len(spec.shape) for name, spec in block_specs(found.attrs, 1, 1, 1).items()}
+    return [(name, f"/{name}/c/" + "/".join("0" * rank)) for name, rank in ranks.items()]
+
+
+def _stored_bytes(found: Inspection, sizes: dict[str, np.ndarray]) -> dict[str, int]:
+    """Chunk bytes per signal over every block, from the chunk files the plan gives each block; a
+    planned chunk file that is missing or not a regular file is refused."""
     plan = found.blocks
     rows = {"attention": plan.attention, "visual": plan.visual, "logits": plan.logit}
-    ranks = {name: len(spec.shape) for name, spec in block_specs(found.attrs, 1, 1, 1).items()}
-    keys: dict[str, list[str]] = {signal: [] for signal in SIGNALS}
-    for name, rank in ranks.items():
-        signal, suffix = SIGNAL_OF[name], f"/{name}/c/" + "/".join("0" * rank)
-        keys[signal] += [block_path(b) + suffix for b in np.flatnonzero(rows[signal] > 0).tolist()]
-    return {signal: _sizes(found, signal_keys) for signal, signal_keys in keys.items()}
+    stored = dict.fromkeys(SIGNALS, 0)
+    for name, suffix in _chunks(found):
+        per_block = sizes[name]
+        planned = np.flatnonzero(rows[SIGNAL_OF[name]] > 0)
+        bad = planned[per_block[planned] < 0]
+        if len(bad):
+            key = block_path(int(bad[0])) + suffix
+            if per_block[bad[0]] == MISSING:
+                raise UntrustedCache(
+                    f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
+                )
+            path = os.path.join(found.local_root, key)
+            what = irregular(key, path, symlink=per_block[bad[0]] == SYMLINK)
+            raise UntrustedCache(f"{found.url}: {what}; {FIX}")
+        stored[SIGNAL_OF[name]] += int(per_block[planned].sum())
+    return stored
 
 
 STAT_THREADS = 8
@@ -122,34 +163,46 @@ PROBE_STATS = 2000
 CACHED_STAT_S = 20e-6
 
 
-def _sizes(found: Inspection, keys: list[str]) -> int:
-    """The summed sizes of `keys`' files. Stats the kernel answers from its cache gain nothing from
+def _sizes(found: Inspection, keys: list[str], stop: threading.Event) -> np.ndarray:
+    """The sizes of `keys`' files. Stats the kernel answers from its cache gain nothing from
     threads, which the GIL serialises (337,500 of them took 1.4 s on one thread and 3.5 s on eight
     here); stats that wait on a disk, a network file system or an object store do. So the first
     PROBE_STATS run on this thread, and the rest go to threads only if those were slow."""
     start = time.perf_counter()
-    total = _chunk_bytes(found, keys[:PROBE_STATS])
+    probe = _chunk_sizes(found, keys[:PROBE_STATS], stop)
     rest = keys[PROBE_STATS:]
     if found.local_root is not None and time.perf_counter() - start < CACHED_STAT_S * PROBE_STATS:
-        return total + _chunk_bytes(found, rest)
+        return np.array(probe + _chunk_sizes(found, rest, stop), np.int64)
     with ThreadPoolExecutor(STAT_THREADS) as pool:
         shares = [rest[i::STAT_THREADS] for i in range(STAT_THREADS)]
-        return total + sum(pool.map(lambda share: _chunk_bytes(found, share), shares))
+        sized = list(pool.map(lambda share: _chunk_sizes(found, share, stop), shares))
+    sizes = np.empty(len(rest), np.int64)
+    for i, share in enumerate(sized):
+        sizes[i::STAT_THREADS] = share
+    return np.concatenate([np.array(probe, np.int64), sizes])
 
 
-def _chunk_bytes(found: Inspection, keys: list[str]) -> int:
+def _chunk_sizes(found: Inspection, keys: list[str], stop: threading.Event) -> list[int]:
     if found.local_root is None:
-        return sum(found.loc.size(key) for key in keys)
-    total, root = 0, found.local_root + "/"
-    for key in keys:
+        return [_remote_size(found, key) for key in keys if not stop.is_set()]
+    sizes, root = [], found.local_root + "/"
+    for i, key in enumerate(keys):
+        if i % 4096 == 0 and stop.is_set():
+            break
         try:
             status = os.lstat(root + key)
         except FileNotFoundError:
-            raise UntrustedCache(
-                f"{found.url}: {key.rsplit('/c/', 1)[0]}: its chunk file is missing; {FIX}"
-            ) from None
-        if not stat.S_ISREG(status.st_mode):
-            what = irregular(key, root + key, symlink=stat.S_ISLNK(status.st_mode))
-            raise UntrustedCache(f"{found.url}: {what}; {FIX}")
-        total += status.st_size
-    return total
+            sizes.append(MISSING)
+            continue
+        if stat.S_ISREG(status.st_mode):
+            sizes.append(status.st_size)
+        else:
+            sizes.append(SYMLINK if stat.S_ISLNK(status.st_mode) else SPECIAL)
+    return sizes
+
+
+def _remote_size(found: Inspection, key: str) -> int:
+    try:
+        return found.loc.size(key)
+    except FileNotFoundError:
+        return MISSING

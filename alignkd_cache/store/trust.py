@@ -57,10 +57,14 @@ def chunk_damage(error: Exception) -> str:
     return f"is in a damaged chunk ({type(error).__name__}: {error})"
 
 
-def open_cache(url: str, storage_options: dict | None = None, every_block: bool = False) -> Inspection:
+def open_cache(
+    url: str, storage_options: dict | None = None, every_block: bool = False, once_attributes=None
+) -> Inspection:
     """The checked cache (attributes, manifest file and index, file list), or UntrustedCache naming the
-    problem. Without `every_block`, each block is checked by `check_before_reading`."""
-    found = inspect(url, storage_options, every_block=every_block)
+    problem. Without `every_block`, each block is checked by `check_before_reading`.
+    `once_attributes(found)`: called when the files and attributes have passed, before the manifest
+    is read (`info` starts its chunk stats there, on a thread)."""
+    found = inspect(url, storage_options, every_block=every_block, once_attributes=once_attributes)
     if found.problems == [(None, "zarr.json is missing")]:
         raise UntrustedCache(
             f"{url} is not an alignkd cache (no zarr.json at its root); give the --out of an `alignkd-cache build`"
@@ -97,6 +101,7 @@ def inspect(
     root: bytes | None = None,
     max_problems: int = MAX_PROBLEMS,
     every_block: bool = True,
+    once_attributes=None,
 ) -> Inspection:
     """Every cheap check, collecting problems (up to max_problems) instead of raising. `root`: the
     root zarr.json to check in place of the stored one (a copy writes it only once verified)."""
@@ -106,6 +111,8 @@ def inspect(
         step(loc, found)
         if found.problems:  # later steps trust what earlier ones checked
             break
+        if step is check_keys and once_attributes is not None:
+            once_attributes(found)
     del found.problems[max_problems:]
     return found
 

@@ -57,26 +57,29 @@ def per_image(attrs: dict) -> tuple[str, ...]:
 
 def check_rows(loc: Location, found: Inspection) -> None:
     """Every row rule, streaming the manifest a batch at a time; the index of what stays in memory
-    is built on the way (found.index, once every row passed)."""
+    is built on the way (found.index, once every row passed). The rows a rule flags are worded
+    after the stream, in manifest order, each read again from its row group."""
     manifest, attrs = found.manifest, found.attrs
     try:
         ids = manifest.read(["id"]).column("id").combine_chunks()
-        duplicate = duplicate_ids(ids)
-        bad_id = duplicate | pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
         index = IndexBuilder(manifest.num_rows)
-        # numpy and Arrow release the GIL: the next batches are checked on the process's cores
-        # while this thread decodes and indexes
+        suspects = []
+        # numpy and Arrow release the GIL: the ids and the batches are checked on the process's
+        # cores while this thread decodes and indexes the next batches
         cores = usable_cores()
-        check = lambda item: suspect_rows(item[1], item[0], attrs)  # noqa: E731
         with ThreadPoolExecutor(cores) as pool:
+            duplicate = pool.submit(duplicate_ids, ids)
+            check = lambda item: suspect_rows(item[1], item[0], attrs)  # noqa: E731
             batches = manifest.batches(ROWS_PER_BATCH, [n for n in manifest.schema.names if n != "id"])
             for (start, batch), suspect in _ahead(pool, check, batches, cores):
-                for i in np.flatnonzero(suspect | bad_id[start : start + batch.num_rows]):
-                    row = batch.slice(int(i), 1).to_pylist()[0] | {"id": ids[start + int(i)].as_py()}
-                    row_problems(start + int(i), row, bool(duplicate[start + i]), attrs, found)
-                    if found.full:
-                        return
+                suspects.append(suspect)
                 index.add(start, batch)
+            duplicate = duplicate.result()
+        empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(np.concatenate(suspects or [np.zeros(0, bool)]) | duplicate | empty):
+            row_problems(int(i), manifest.row(int(i)), bool(duplicate[i]), attrs, found)
+            if found.full:
+                return
     except (pa.ArrowException, OSError) as e:
         found.add(f"{MANIFEST_KEY}: unreadable Parquet ({e})")
         return
