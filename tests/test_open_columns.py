@@ -291,3 +291,6 @@ def test_the_plans_per_block_sums_match_a_loop_over_rows_in_any_block_order(in_o
         want_max[b] = max(want_max[b], values[i])
     assert total.tolist() == want_total.tolist()
     assert _block_max(block, values, 8).tolist() == want_max.tolist()
+    none = np.zeros(0, np.int64)
+    assert [a.tolist() for a in _tiling(none, none, 3)] == [[], [0, 0, 0]]
+    assert _block_max(none, none, 3).tolist() == [0, 0, 0]

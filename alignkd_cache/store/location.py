@@ -45,6 +45,13 @@ class Location:
         return zarr.open_group(self.store, mode=mode)
 
     def read_bytes(self, key: str) -> bytes | None:
+        root = self.local_root
+        if root is not None:  # one copy, not zarr's buffer and then bytes (a large manifest twice)
+            try:
+                with open(root / key, "rb") as f:
+                    return f.read()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
         buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 

@@ -108,7 +108,7 @@ def to_table(rows: list[dict], schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
 def encode(table: pa.Table) -> bytes:
     """The bytes of manifest.parquet for this table."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROWS_PER_GROUP)
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROWS_PER_GROUP, write_statistics=False)
     return sink.getvalue().to_pybytes()
 
 

@@ -31,15 +31,17 @@ def check_plan(loc: Location, found: Inspection) -> None:
     attention_width = _block_max(
         cols["block"], np.where(cols["attention_rows"] > 0, index.visual_tokens(), 0), num_blocks
     )
-    distinct = _distinct_refs(index)
-    for i in np.flatnonzero(_shared_refs(index, distinct)):
+    order, heads = _distinct_refs(index)
+    for i in np.flatnonzero(_shared_refs(index, order, heads)):
         row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
         found.add(what, index.ids[int(i)].as_py())
-    visual = _check_visual_rows(index, distinct, num_blocks, found)
+    first_users = order[heads]  # of each distinct reference, sorted by it (the sort is freed here)
+    del order, heads
+    visual = _check_visual_rows(index, first_users, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
-    count = len(distinct[1])
+    count = len(first_users)
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
         count = len(np.unique(index.image_key))
     if attrs["counts"]["images"] != count:
@@ -79,10 +81,18 @@ def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.nda
 def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """(each row's expected offset: the rows before it in its block, each block's total rows)."""
     rows = rows.astype(np.int64)
-    total = np.bincount(block, weights=rows, minlength=num_blocks).astype(np.int64)
-    before_block = np.concatenate([[0], np.cumsum(total)[:-1]])
+    total = np.zeros(num_blocks, np.int64)
+    if not len(block):
+        return rows, total
     if np.all(block[1:] >= block[:-1]):  # blocks in manifest order, as writers and merges leave them
-        return np.cumsum(rows) - rows - before_block[block], total
+        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]]))
+        expected = np.cumsum(rows)  # in place: rows through each row, then rows before it
+        total[block[starts]] = np.diff(np.concatenate([[0], expected[starts[1:] - 1], expected[-1:]]))
+        expected -= rows
+        expected -= np.repeat(expected[starts], np.diff(np.append(starts, len(block))))
+        return expected, total
+    total[:] = np.bincount(block, weights=rows, minlength=num_blocks)
+    before_block = np.concatenate([[0], np.cumsum(total)[:-1]])
     order = np.argsort(block, kind="stable")
     running = np.cumsum(rows[order]) - rows[order]  # rows before, over the sorted rows
     expected = np.empty(len(block), np.int64)
@@ -93,13 +103,12 @@ def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.nd
 USERS_AT_ONCE = 1 << 18  # references compared with their first user per step (bounds the gathers)
 
 
-def _shared_refs(index: ManifestIndex, distinct: tuple) -> np.ndarray:
+def _shared_refs(index: ManifestIndex, order: np.ndarray, heads: np.ndarray) -> np.ndarray:
     """Per written sample: an image of it shares its stored tokens with the first user of that
     reference but not its key or token count."""
     mismatch = np.zeros(len(index), bool)
-    order, heads = distinct
     key, n = index.image_key, index.images["num_visual"]
-    group = np.repeat(np.arange(len(heads)), np.diff(np.append(heads, len(order))))
+    group = np.repeat(np.arange(len(heads), dtype=np.int32), np.diff(np.append(heads, len(order))))
     for lo in range(0, len(order), USERS_AT_ONCE):
         users = order[lo : lo + USERS_AT_ONCE]
         first = order[heads[group[lo : lo + USERS_AT_ONCE]]]
@@ -109,17 +118,15 @@ def _shared_refs(index: ManifestIndex, distinct: tuple) -> np.ndarray:
 
 
 def _check_visual_rows(
-    index: ManifestIndex, distinct: tuple, num_blocks: int, found: Inspection
+    index: ManifestIndex, first_users: np.ndarray, num_blocks: int, found: Inspection
 ) -> np.ndarray:
-    """Each block's stored visual tokens: the distinct references must tile its rows from 0, each
-    as long as its image's tokens. Returns the token rows per block."""
-    order, heads = distinct
-    distinct = order[heads]  # sorted by (block, offset)
+    """Each block's stored visual tokens: the distinct references (their first users, sorted by
+    (block, offset)) must tile its rows from 0, each as long as its image's tokens. Returns the
+    token rows per block."""
     block, offset, n = (
-        index.images[name][distinct] for name in ("visual_blocks", "visual_offsets", "num_visual")
+        index.images[name][first_users] for name in ("visual_blocks", "visual_offsets", "num_visual")
     )
-    total = np.bincount(block, weights=n, minlength=num_blocks).astype(np.int64)
-    expected, _ = _tiling(block, n, num_blocks)
+    expected, total = _tiling(block, n, num_blocks)
     for b in np.unique(block[offset != expected]):
         listed = sorted(offset[block == b].tolist())[:5]
         found.add(f"visual token rows starting at {listed} of block {b} do not follow each other from 0")
