@@ -218,10 +218,17 @@ def median(values: list[tuple[float, float, float]]) -> tuple[float, float, floa
     return sorted(values, key=lambda v: v[1])[len(values) // 2]
 
 
+def growth(by_size: dict[int, tuple[float, float, float]], k: int) -> float:
+    """The growth exponent of measure k (1: CPU, 2: RSS) above its smallest run, over the larger."""
+    first, *larger = sorted(by_size)
+    return exponent(larger, [max(1e-3, by_size[n][k] - by_size[first][k]) for n in larger])
+
+
 def report(results: dict[str, dict[int, tuple[float, float, float]]], manifest_bytes: dict[int, int]) -> None:
     """A markdown table: wall time, CPU time and peak RSS per size (verify: CPU per sample), and the
-    growth exponents of CPU time and RSS above the baseline (a bare `--version`: the imports); then
-    the peak RSS per sample above the baseline, beyond the manifest file's own bytes."""
+    growth exponents of CPU time and RSS above each measure's smallest run (its fixed cost: the
+    interpreter, its imports, a model), fitted over the larger sizes; then each measure's peak RSS
+    per sample from its smallest to its largest run, beyond the manifest file's own bytes."""
     baseline = results.pop(BASELINE, {})
     base_cpu = min((v[1] for v in baseline.values()), default=0.0)
     base_rss = min((v[2] for v in baseline.values()), default=0.0)
@@ -238,17 +245,15 @@ def report(results: dict[str, dict[int, tuple[float, float, float]]], manifest_b
             wall, cpu, gb = by_size[n]
             per = f" = {cpu / n * 1e6:.0f} us/sample" if name.startswith("verify") else ""
             cells.append(f"{wall:.1f} s wall, {cpu:.1f} s CPU{per}, {gb:.2f} GB")
-        ns = sorted(by_size)
-        cpu_exponent = exponent(ns, [max(1e-3, by_size[n][1] - base_cpu) for n in ns])
-        rss_exponent = exponent(ns, [max(1e-3, by_size[n][2] - base_rss) for n in ns])
-        print(f"| {name} | " + " | ".join(cells) + f" | {cpu_exponent:.2f}, {rss_exponent:.2f} |")
+        exponents = ", ".join(f"{growth(by_size, k):.2f}" for k in (1, 2))  # CPU, RSS
+        print(f"| {name} | " + " | ".join(cells) + f" | {exponents} |")
     print()
     for name, by_size in results.items():
-        n = max(by_size)
-        beyond = (by_size[n][2] * 2**30 - base_rss * 2**30 - manifest_bytes[n]) / n
-        print(
-            f"{name}: {beyond:.0f} B per sample of peak RSS above the baseline, beyond the manifest file ({n:,} samples)"
+        first, last = min(by_size), max(by_size)
+        grown = (by_size[last][2] - by_size[first][2]) * 2**30 - (
+            manifest_bytes[last] - manifest_bytes[first]
         )
+        print(f"{name}: {grown / (last - first):.0f} B per sample of peak RSS beyond the manifest file's")
     print(json.dumps({name: {str(n): v for n, v in by_size.items()} for name, by_size in results.items()}))
 
 

@@ -23,6 +23,7 @@ from alignkd_cache.store import manifest, trust_rows
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, ManifestFile, encode, sha256, to_table
+from alignkd_cache.store.manifest_index import ManifestIndex
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache, open_cache
 from alignkd_cache.store.trust_plan import _block_max, _tiling
@@ -294,3 +295,23 @@ def test_the_plans_per_block_sums_match_a_loop_over_rows_in_any_block_order(in_o
     none = np.zeros(0, np.int64)
     assert [a.tolist() for a in _tiling(none, none, 3)] == [[], [0, 0, 0]]
     assert _block_max(none, none, 3).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("counts", [[2, 0], [0, 2, 0, 1, 0], [0, 0], [1], [3, 1, 0, 0]])
+def test_the_index_sums_each_samples_visual_tokens_over_its_images(counts):
+    """Samples without images anywhere, the last ones among them (where a reduction by image start
+    would run past the images)."""
+    counts = np.array(counts)
+    tokens = np.arange(1, counts.sum() + 1, dtype=np.int32) * 7
+    start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    index = ManifestIndex(
+        np.ones(len(counts), bool),
+        np.arange(len(counts)),
+        {},
+        start,
+        {"num_visual": tokens},
+        np.zeros(0, "V16"),
+    )
+    want = [int(tokens[a:b].sum()) for a, b in zip(start[:-1], start[1:], strict=True)]
+    assert index.visual_tokens().tolist() == want
+    assert index.image_sample().tolist() == [i for i, c in enumerate(counts) for _ in range(c)]

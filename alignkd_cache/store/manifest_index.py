@@ -1,7 +1,7 @@
-"""What of a manifest stays in memory once it is checked: per row, the numbers the block plan, the
-reader, `info`, `verify` and the trainer's normalisers need, as numpy arrays (about 75 bytes a
-sample with its images). Token lists, paths, layouts and skip reasons stay in the file
-(`ManifestFile`), read a row group at a time when a sample is read."""
+"""What of a manifest stays in memory once it is checked: per written sample, the numbers the block
+plan, the reader, `info`, `verify` and the trainer's normalisers need, as numpy arrays (about 65
+bytes a sample with its images). Ids, token lists, paths, layouts and skip reasons stay in the
+file (`ManifestFile`), read a row group at a time when a sample is read."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ class ManifestIndex:
     """Per written sample (in dataset order) unless said otherwise."""
 
     written: np.ndarray  # per manifest row: bool
-    rows: np.ndarray  # each written sample's manifest row
-    ids: pa.StringArray
+    rows: np.ndarray  # each written sample's manifest row (its id and lists stay in the file)
     columns: dict[str, np.ndarray]  # PER_ROW, and "supervised" (supervised positions)
     image_start: np.ndarray  # samples + 1: sample i's images are image_start[i]:image_start[i + 1]
     images: dict[str, np.ndarray]  # per image, in sample order: PER_IMAGE
@@ -56,8 +55,13 @@ class ManifestIndex:
 
     def visual_tokens(self) -> np.ndarray:
         """Per sample, its images' visual tokens."""
-        running = np.concatenate([[0], np.cumsum(self.images["num_visual"], dtype=np.int64)])
-        return running[self.image_start[1:]] - running[self.image_start[:-1]]
+        sums = np.zeros(len(self), np.int64)
+        with_images = np.flatnonzero(self.image_count())  # their images tile the per-image arrays
+        if len(with_images):
+            sums[with_images] = np.add.reduceat(
+                self.images["num_visual"], self.image_start[with_images], dtype=np.int64
+            )
+        return sums
 
     @classmethod
     def read(cls, manifest: ManifestFile, batch_size: int) -> ManifestIndex:
@@ -65,7 +69,7 @@ class ManifestIndex:
         builder = IndexBuilder(manifest.num_rows)
         for start, batch in manifest.batches(batch_size, COLUMNS):
             builder.add(start, batch)
-        return builder.finish(manifest.read(["id"]).column("id"))
+        return builder.finish()
 
 
 class IndexBuilder:
@@ -75,7 +79,7 @@ class IndexBuilder:
     def __init__(self, num_rows: int):
         self.written = np.zeros(num_rows, bool)
         self.skipped = 0
-        dtypes = PER_ROW | {"supervised": np.int32, "images": np.int64} | PER_IMAGE | {"image_keys": "V16"}
+        dtypes = PER_ROW | {"supervised": np.int32, "images": np.int32} | PER_IMAGE | {"image_keys": "V16"}
         self.arrays = {name: Growing(dtype, num_rows) for name, dtype in dtypes.items()}
 
     def add(self, start: int, batch: pa.RecordBatch) -> None:
@@ -95,18 +99,23 @@ class IndexBuilder:
             add(name, pc.list_flatten(batch.column(name)).to_numpy(zero_copy_only=False))
         add("image_keys", key_bytes(pc.list_flatten(batch.column("image_keys"))))
 
-    def finish(self, ids: pa.Array | pa.ChunkedArray) -> ManifestIndex:
-        """The index, given every row's id."""
+    def finish(self) -> ManifestIndex:
         arrays = {name: growing.done() for name, growing in self.arrays.items()}
         return ManifestIndex(
             written=self.written,
-            rows=np.flatnonzero(self.written),
-            ids=ids.filter(pa.array(self.written)),
+            rows=np.arange(len(self.written), dtype=_positions(len(self.written)))[self.written],
             columns={name: arrays[name] for name in [*PER_ROW, "supervised"]},
-            image_start=np.concatenate([[0], np.cumsum(arrays["images"])]),
+            image_start=np.concatenate(
+                [[0], np.cumsum(arrays["images"], dtype=_positions(arrays["images"].sum()))]
+            ),
             images={name: arrays[name] for name in PER_IMAGE},
             image_key=arrays["image_keys"],
         )
+
+
+def _positions(count: int) -> type:
+    """The narrowest index type for positions 0..count (int32 up to 2**31 - 1: 4 bytes a sample)."""
+    return np.int32 if count < 2**31 else np.int64
 
 
 class Growing:

@@ -63,7 +63,7 @@ class CacheReader:
     @functools.cached_property
     def ids(self) -> list[str]:
         """The written samples' ids in dataset order (built on first use)."""
-        return self.index.ids.to_pylist()
+        return self.manifest.read(["id"]).column("id").filter(pa.array(self.index.written)).to_pylist()
 
     @property
     def rows(self) -> Iterator[dict]:

@@ -28,14 +28,15 @@ def check_plan(loc: Location, found: Inspection) -> None:
         for i in np.flatnonzero(offset != expected):
             what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
             row_problems.append((i, order, what))
-    attention_width = _block_max(
-        cols["block"], np.where(cols["attention_rows"] > 0, index.visual_tokens(), 0), num_blocks
-    )
+    widths = index.visual_tokens()  # a sample's attention rows are as wide as its visual tokens
+    widths[cols["attention_rows"] == 0] = 0
+    attention_width = _block_max(cols["block"], widths, num_blocks)
+    del widths
     order, heads = _distinct_refs(index)
     for i in np.flatnonzero(_shared_refs(index, order, heads)):
         row_problems.append((i, len(SPANS), "shares visual rows with a sample of another image_key or size"))
     for i, _, what in sorted(row_problems, key=lambda p: p[:2]):
-        found.add(what, index.ids[int(i)].as_py())
+        found.add(what, found.manifest.row(int(index.rows[i]))["id"])
     first_users = order[heads]  # of each distinct reference, sorted by it (the sort is freed here)
     del order, heads
     visual = _check_visual_rows(index, first_users, num_blocks, found)
@@ -80,17 +81,17 @@ def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.nda
 
 def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """(each row's expected offset: the rows before it in its block, each block's total rows)."""
-    rows = rows.astype(np.int64)
     total = np.zeros(num_blocks, np.int64)
     if not len(block):
-        return rows, total
+        return rows.astype(np.int64), total
     if np.all(block[1:] >= block[:-1]):  # blocks in manifest order, as writers and merges leave them
         starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]]))
-        expected = np.cumsum(rows)  # in place: rows through each row, then rows before it
+        expected = np.cumsum(rows, dtype=np.int64)  # in place: rows through each row, then rows before it
         total[block[starts]] = np.diff(np.concatenate([[0], expected[starts[1:] - 1], expected[-1:]]))
         expected -= rows
         expected -= np.repeat(expected[starts], np.diff(np.append(starts, len(block))))
         return expected, total
+    rows = rows.astype(np.int64)
     total[:] = np.bincount(block, weights=rows, minlength=num_blocks)
     before_block = np.concatenate([[0], np.cumsum(total)[:-1]])
     order = np.argsort(block, kind="stable")

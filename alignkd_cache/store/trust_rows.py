@@ -89,7 +89,7 @@ def check_rows(loc: Location, found: Inspection) -> None:
     if any(want[k] != v for k, v in got.items()):
         found.add(f"attribute counts {want} disagree with the manifest {got}")
     if not found.problems:
-        found.index = index.finish(ids)
+        found.index = index.finish()
 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator[tuple]:

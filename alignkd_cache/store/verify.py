@@ -170,7 +170,7 @@ class Blame:
     """Which samples use rows of a block's array, from the manifest's index (sorted by block once)."""
 
     def __init__(self, found: Inspection):
-        self.cols, self.ids = found.index.columns, found.index.ids
+        self.cols, self.manifest, self.rows = found.index.columns, found.manifest, found.index.rows
         self.by_block = np.argsort(self.cols["block"], kind="stable")
         self.images, self.image_sample = found.index.images, found.index.image_sample()
 
@@ -185,7 +185,7 @@ class Blame:
             rows, kind = self._of(self.by_block, "block", bad.block), _KIND[bad.name]
             start, count = self.cols[f"{kind}_offset"][rows], self.cols[f"{kind}_rows"][rows]
             hit = rows[(start < bad.hi) & (bad.lo < start + count)]
-        return [self.ids[int(i)].as_py() for i in hit]
+        return [self.manifest.row(int(self.rows[i]))["id"] for i in hit]
 
     def _of(self, order: np.ndarray, column: str, block: int) -> np.ndarray:
         """The written rows (ascending) whose `column` is `block`."""
