@@ -73,7 +73,7 @@ MANIFEST_KEY = "manifest.parquet"
 # Rows per Parquet row group: a reader decodes one group to read one row, and a check streams the
 # file group by group, so neither holds the token lists of every sample. 2048 rows of a real
 # cache (a few hundred tokens each) decode in milliseconds; smaller groups cost the stream more
-# per row (docs/cache-format.md, "The manifest").
+# per row (docs/cache-format.md, "Manifest").
 ROWS_PER_GROUP = 2048
 GROUPS_KEPT = 2  # decoded row groups a reader keeps per process (a sequential reader needs one)
 

@@ -1,5 +1,5 @@
 """What of a manifest stays in memory once it is checked: per written sample, the numbers the block
-plan, the reader, `info`, `verify` and the trainer's normalisers need, as numpy arrays (about 65
+plan, the reader, `info`, `verify` and the trainer's normalisers need, as numpy arrays (about 60
 bytes a sample with its images). Ids, token lists, paths, layouts and skip reasons stay in the
 file (`ManifestFile`), read a row group at a time when a sample is read."""
 
