@@ -19,14 +19,14 @@ from alignkd_cache.data import TokenizedSample
 from alignkd_cache.losses import SampleCounts
 from alignkd_cache.signal_spec import followed_by_text
 from alignkd_cache.sources import CachedSamples, cache_counts
-from alignkd_cache.store import manifest, trust_rows
+from alignkd_cache.store import manifest, manifest_index, trust_rows
 from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import MANIFEST_KEY, ManifestFile, encode, sha256, to_table
-from alignkd_cache.store.manifest_index import ManifestIndex
+from alignkd_cache.store.manifest_index import ManifestIndex, tile_offsets
 from alignkd_cache.store.reader import CacheReader
 from alignkd_cache.store.trust import UntrustedCache, open_cache
-from alignkd_cache.store.trust_plan import _block_max, _tiling
+from alignkd_cache.store.trust_plan import _block_max
 from alignkd_cache.store.trust_rows import WRITTEN_FIELDS, check_rows, row_problems
 from alignkd_cache.store.verify import verify
 
@@ -279,11 +279,15 @@ def test_written_fields_are_the_null_columns_of_a_skipped_row(cache):
 @pytest.mark.parametrize("in_order", [True, False])
 def test_the_plans_per_block_sums_match_a_loop_over_rows_in_any_block_order(in_order):
     """Offsets expected per row and per-block totals and maxima, with blocks in manifest order (a
-    build's or a merge's) or interleaved, against the plain loop over rows they replace."""
+    build's or a merge's) or interleaved, against the plain loop over rows they replace; the offsets
+    tiled 37 rows at a time, as the check streams the manifest."""
     rng = np.random.default_rng(0)
     block = np.sort(rng.integers(0, 7, 500)) if in_order else rng.integers(0, 7, 500)
     rows, values = rng.integers(0, 5, 500), rng.integers(0, 100, 500)
-    expected, total = _tiling(block, rows, 8)
+    total = np.zeros(8, np.int64)
+    expected = np.concatenate(
+        [tile_offsets(block[a : a + 37], rows[a : a + 37], total) for a in range(0, 500, 37)]
+    )
     before, want_total, want_max = {}, np.zeros(8, np.int64), np.zeros(8, np.int64)
     for i, b in enumerate(block.tolist()):
         assert expected[i] == before.get(b, 0)
@@ -293,24 +297,28 @@ def test_the_plans_per_block_sums_match_a_loop_over_rows_in_any_block_order(in_o
     assert total.tolist() == want_total.tolist()
     assert _block_max(block, values, 8).tolist() == want_max.tolist()
     none = np.zeros(0, np.int64)
-    assert [a.tolist() for a in _tiling(none, none, 3)] == [[], [0, 0, 0]]
+    untouched = np.array([5, 0, 2])
+    assert tile_offsets(none, none, untouched).tolist() == [] and untouched.tolist() == [5, 0, 2]
     assert _block_max(none, none, 3).tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("counts", [[2, 0], [0, 2, 0, 1, 0], [0, 0], [1], [3, 1, 0, 0]])
-def test_the_index_sums_each_samples_visual_tokens_over_its_images(counts):
+def test_the_index_sums_each_samples_visual_tokens_over_its_images(counts, monkeypatch):
     """Samples without images anywhere, the last ones among them (where a reduction by image start
-    would run past the images)."""
+    would run past the images), summed two samples at a time."""
+    monkeypatch.setattr(manifest_index, "SAMPLES_AT_ONCE", 2)
     counts = np.array(counts)
     tokens = np.arange(1, counts.sum() + 1, dtype=np.int32) * 7
     start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     index = ManifestIndex(
-        np.ones(len(counts), bool),
-        np.arange(len(counts)),
-        {},
-        start,
-        {"num_visual": tokens},
-        np.zeros(0, "V16"),
+        written=np.ones(len(counts), bool),
+        rows=np.arange(len(counts)),
+        columns={},
+        block_rows={},
+        misplaced={},
+        image_start=start,
+        images={"num_visual": tokens},
+        image_key=np.zeros(0, "V16"),
     )
     want = [int(tokens[a:b].sum()) for a, b in zip(start[:-1], start[1:], strict=True)]
     assert index.visual_tokens().tolist() == want

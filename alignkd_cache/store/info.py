@@ -30,6 +30,7 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import block_specs
 from alignkd_cache.store.manifest import block_path
 from alignkd_cache.store.trust import FIX, UntrustedCache, open_cache
+from alignkd_cache.store.trust_rows import ROWS_PER_BATCH
 from alignkd_cache.store.trust_tree import irregular
 
 # signal -> the block arrays that hold it (scale arrays included; absent ones count 0 bytes)
@@ -53,7 +54,9 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
             raise
         sizes = stats[0].result()
     attrs, index = found.attrs, found.index
-    reasons = found.manifest.read(["skip_reason"]).column("skip_reason").filter(pa.array(~index.written))
+    # A checked manifest's skip reasons are null exactly on written rows: dropped a batch at a time.
+    batches = found.manifest.batches(ROWS_PER_BATCH, ["skip_reason"])
+    reasons = pa.chunked_array([pc.drop_null(batch.column(0)) for _, batch in batches], pa.string())
     # "missing image: data.json[3]: ..." and "2049 tokens > max length 2048" count as their kind
     kinds = pc.replace_substring_regex(
         pc.list_element(pc.split_pattern(reasons, ":", max_splits=1), 0), r"\d+", "N"

@@ -71,10 +71,10 @@ LAYOUT_ROLE = r"grid|cls|base|anyres_newline|newline|tile_[0-9]{1,4}_[0-9]{1,4}|
 
 MANIFEST_KEY = "manifest.parquet"
 # Rows per Parquet row group: a reader decodes one group to read one row, and a check streams the
-# file group by group, so neither holds the token lists of every sample. 2048 rows of a real
+# file group by group, so neither holds the token lists of every sample. 4096 rows of a real
 # cache (a few hundred tokens each) decode in milliseconds; smaller groups cost the stream more
 # per row (docs/cache-format.md, "Manifest").
-ROWS_PER_GROUP = 2048
+ROWS_PER_GROUP = 4096
 GROUPS_KEPT = 2  # decoded row groups a reader keeps per process (a sequential reader needs one)
 
 

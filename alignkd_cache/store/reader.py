@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from alignkd_cache.signal_spec import stored_heads
@@ -32,6 +33,7 @@ from alignkd_cache.store.trust import (
     chunk_damage,
     open_cache,
 )
+from alignkd_cache.store.trust_rows import ROWS_PER_BATCH
 
 # An array at most this big is read whole: a zarr call costs milliseconds whatever its size, so
 # reading a few MiB whole costs a random reader little more than its slice, and every other sample
@@ -71,8 +73,12 @@ class CacheReader:
         return (self.row_at(i) for i in range(len(self)))
 
     def supervised_counts(self) -> np.ndarray:
-        """Per written sample, its supervised positions."""
-        return self.index.columns["supervised"]
+        """Per written sample, its supervised positions (read from the file a batch at a time)."""
+        counts = [np.zeros(0, np.int32)]
+        for start, batch in self.manifest.batches(ROWS_PER_BATCH, ["supervised_positions"]):
+            written = self.index.written[start : start + batch.num_rows]
+            counts.append(pc.fill_null(pc.list_value_length(batch.column(0)), 0).to_numpy()[written])
+        return np.concatenate(counts)
 
     def image_counts(self) -> np.ndarray:
         """Per written sample, its images."""

@@ -128,6 +128,6 @@ def adopt(url: str, storage_options: dict | None = None) -> Inspection:
     if data is None or sha256(data) != found.attrs["manifest_sha256"]:
         raise UntrustedCache(f"{url}: {MANIFEST_KEY} changed after another rank checked it; {FIX}")
     found.manifest = ManifestFile(data)
-    found.index = ManifestIndex.read(found.manifest, ROWS_PER_BATCH)
+    found.index = ManifestIndex.read(found.manifest, ROWS_PER_BATCH, found.attrs["num_blocks"])
     check_plan(loc, found)  # the blocks' shapes, for check_before_reading
     return found

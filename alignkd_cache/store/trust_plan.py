@@ -1,5 +1,5 @@
 """Trust, the plan: each block's row counts from the manifest's index (manifest_index). Offsets must tile each
-block's arrays in manifest order, each image's visual reference must be token rows of its block
+block's arrays in manifest order (checked as the index is built), each image's visual reference must be token rows of its block
 that follow the block's earlier images from 0, shared only by samples of one image_key and token
 count, and the image count must be the attributes'. The array metadata is then checked
 against the plan (trust_arrays), and verify streams by it."""
@@ -12,22 +12,19 @@ from alignkd_cache.signal_spec import cache_kind
 from alignkd_cache.store.inspection import BlockRows, Inspection
 from alignkd_cache.store.layout import logit_width
 from alignkd_cache.store.location import Location
-from alignkd_cache.store.manifest_index import ManifestIndex
-
-SPANS = ("attention", "logit")  # the manifest's (offset, rows) pairs into a block's flat arrays
+from alignkd_cache.store.manifest_index import SPANS, ManifestIndex, tile_offsets
 
 
 def check_plan(loc: Location, found: Inspection) -> None:
     attrs, num_blocks, index = found.attrs, found.attrs["num_blocks"], found.index
     cols = index.columns
-    row_problems = []  # (written row, order within the row, what): worded in manifest order
-    ends = {}
-    for order, kind in enumerate(SPANS):
-        expected, ends[kind] = _tiling(cols["block"], cols[f"{kind}_rows"], num_blocks)
-        offset = cols[f"{kind}_offset"]
-        for i in np.flatnonzero(offset != expected):
-            what = f"{kind}_offset is {offset[i]}, expected {expected[i]} (rows follow each other)"
-            row_problems.append((i, order, what))
+    # (written sample, order within the sample, what): worded in manifest order. The offsets were
+    # tiled while the rows were streamed (manifest_index.tile_offsets).
+    row_problems = [
+        (i, order, f"{kind}_offset is {offset}, expected {expected} (rows follow each other)")
+        for order, kind in enumerate(SPANS)
+        for i, offset, expected in index.misplaced[kind]
+    ]
     widths = index.visual_tokens()  # a sample's attention rows are as wide as its visual tokens
     widths[cols["attention_rows"] == 0] = 0
     attention_width = _block_max(cols["block"], widths, num_blocks)
@@ -41,6 +38,7 @@ def check_plan(loc: Location, found: Inspection) -> None:
     del order, heads
     visual = _check_visual_rows(index, first_users, num_blocks, found)
     width = np.full(num_blocks, logit_width(attrs), np.int64)
+    ends = index.block_rows
     found.blocks = BlockRows(ends["attention"], visual, ends["logit"], width, attention_width)
     count = len(first_users)
     if cache_kind(attrs) == "layer0":  # counted by content: no visual rows are stored
@@ -59,9 +57,13 @@ def _distinct_refs(index: ManifestIndex) -> tuple[np.ndarray, np.ndarray]:
     ref |= np.maximum(offset, 0)
     ref[block < 0] = -1
     order = np.argsort(ref, kind="stable")[np.count_nonzero(block < 0) :]  # -1 sorts first
-    sorted_ref = ref[order]
-    heads = np.flatnonzero(np.concatenate([[True], sorted_ref[1:] != sorted_ref[:-1]]))
-    return order, heads[: len(order)]
+    heads, previous = [], None  # where the sorted references change, a slice at a time
+    for lo in range(0, len(order), USERS_AT_ONCE):
+        sorted_ref = ref[order[lo : lo + USERS_AT_ONCE]]
+        change = np.concatenate([[sorted_ref[0] != previous], sorted_ref[1:] != sorted_ref[:-1]])
+        heads.append(lo + np.flatnonzero(change))
+        previous = sorted_ref[-1]
+    return order, np.concatenate(heads) if heads else np.zeros(0, np.int64)
 
 
 def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.ndarray:
@@ -77,28 +79,6 @@ def _block_max(block: np.ndarray, values: np.ndarray, num_blocks: int) -> np.nda
     last = np.concatenate([block[order][1:] != block[order][:-1], [True]])
     out[block[order][last]] = values[order][last]
     return out
-
-
-def _tiling(block: np.ndarray, rows: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(each row's expected offset: the rows before it in its block, each block's total rows)."""
-    total = np.zeros(num_blocks, np.int64)
-    if not len(block):
-        return rows.astype(np.int64), total
-    if np.all(block[1:] >= block[:-1]):  # blocks in manifest order, as writers and merges leave them
-        starts = np.flatnonzero(np.concatenate([[True], block[1:] != block[:-1]]))
-        expected = np.cumsum(rows, dtype=np.int64)  # in place: rows through each row, then rows before it
-        total[block[starts]] = np.diff(np.concatenate([[0], expected[starts[1:] - 1], expected[-1:]]))
-        expected -= rows
-        expected -= np.repeat(expected[starts], np.diff(np.append(starts, len(block))))
-        return expected, total
-    rows = rows.astype(np.int64)
-    total[:] = np.bincount(block, weights=rows, minlength=num_blocks)
-    before_block = np.concatenate([[0], np.cumsum(total)[:-1]])
-    order = np.argsort(block, kind="stable")
-    running = np.cumsum(rows[order]) - rows[order]  # rows before, over the sorted rows
-    expected = np.empty(len(block), np.int64)
-    expected[order] = running - before_block[block[order]]
-    return expected, total
 
 
 USERS_AT_ONCE = 1 << 18  # references compared with their first user per step (bounds the gathers)
@@ -127,7 +107,8 @@ def _check_visual_rows(
     block, offset, n = (
         index.images[name][first_users] for name in ("visual_blocks", "visual_offsets", "num_visual")
     )
-    expected, total = _tiling(block, n, num_blocks)
+    total = np.zeros(num_blocks, np.int64)
+    expected = tile_offsets(block, n, total)
     for b in np.unique(block[offset != expected]):
         listed = sorted(offset[block == b].tolist())[:5]
         found.add(f"visual token rows starting at {listed} of block {b} do not follow each other from 0")

@@ -6,7 +6,6 @@ every row the per-row checks refuse; a row it flags in vain costs a per-row chec
 
 from __future__ import annotations
 
-import os
 import re
 from collections import deque
 from collections.abc import Iterator
@@ -62,21 +61,17 @@ def check_rows(loc: Location, found: Inspection) -> None:
     manifest, attrs = found.manifest, found.attrs
     try:
         ids = manifest.read(["id"]).column("id").combine_chunks()
-        index = IndexBuilder(manifest.num_rows)
+        duplicate = duplicate_ids(ids)
+        flagged = [duplicate | pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)]
+        del ids  # not kept: the stream decodes every other column
+        index = IndexBuilder(manifest.num_rows, attrs["num_blocks"], keep=found.max_problems)
+        batches = manifest.batches(ROWS_PER_BATCH, [n for n in manifest.schema.names if n != "id"])
         suspects = []
-        # numpy and Arrow release the GIL: the ids and the batches are checked on the process's
-        # cores while this thread decodes and indexes the next batches
-        cores = usable_cores()
-        with ThreadPoolExecutor(cores) as pool:
-            duplicate = pool.submit(duplicate_ids, ids)
-            check = lambda item: suspect_rows(item[1], item[0], attrs)  # noqa: E731
-            batches = manifest.batches(ROWS_PER_BATCH, [n for n in manifest.schema.names if n != "id"])
-            for (start, batch), suspect in _ahead(pool, check, batches, cores):
-                suspects.append(suspect)
-                index.add(start, batch)
-            duplicate = duplicate.result()
-        empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
-        for i in np.flatnonzero(np.concatenate(suspects or [np.zeros(0, bool)]) | duplicate | empty):
+        for start, batch in _decoded_ahead(batches, depth=2):
+            suspects.append(suspect_rows(batch, start, attrs))
+            index.add(start, batch)
+        flagged.append(np.concatenate(suspects or [np.zeros(0, bool)]))
+        for i in np.flatnonzero(flagged[0] | flagged[1]):
             row_problems(int(i), manifest.row(int(i)), bool(duplicate[i]), attrs, found)
             if found.full:
                 return
@@ -92,22 +87,15 @@ def check_rows(loc: Location, found: Inspection) -> None:
         found.index = index.finish()
 
 
-def _ahead(pool: ThreadPoolExecutor, fn, items: Iterator, depth: int) -> Iterator[tuple]:
-    """(item, fn(item)) in order, with up to `depth` items submitted ahead of the one returned."""
-    pending: deque = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) > depth:
-            item, future = pending.popleft()
-            yield item, future.result()
-    while pending:
-        item, future = pending.popleft()
-        yield item, future.result()
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit; macOS has no affinity)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _decoded_ahead(batches: Iterator, depth: int) -> Iterator:
+    """The batches, each decoded on a thread while this one checks the ones before it (Arrow
+    releases the GIL; the checks' numpy temporaries stay on this thread, where the plan reuses
+    their memory)."""
+    with ThreadPoolExecutor(1) as decoder:
+        pending = deque(decoder.submit(next, batches, None) for _ in range(depth))
+        while (item := pending.popleft().result()) is not None:
+            pending.append(decoder.submit(next, batches, None))
+            yield item
 
 
 def duplicate_ids(ids: pa.Array) -> np.ndarray:

@@ -25,6 +25,7 @@ from alignkd_cache.store.inspection import Inspection
 from alignkd_cache.store.layout import ArraySpec
 from alignkd_cache.store.location import Location
 from alignkd_cache.store.manifest import block_path
+from alignkd_cache.store.manifest_index import SPANS, tile_offsets
 from alignkd_cache.store.stub import stub_problems
 from alignkd_cache.store.trust import FIX, UntrustedCache, chunk_damage, inspect, open_cache
 
@@ -170,7 +171,10 @@ class Blame:
     """Which samples use rows of a block's array, from the manifest's index (sorted by block once)."""
 
     def __init__(self, found: Inspection):
-        self.cols, self.manifest, self.rows = found.index.columns, found.manifest, found.index.rows
+        self.cols, self.manifest, self.rows = dict(found.index.columns), found.manifest, found.index.rows
+        for kind in SPANS:  # a checked manifest's offsets are the tiling of its rows
+            running = np.zeros(found.attrs["num_blocks"], np.int64)
+            self.cols[f"{kind}_offset"] = tile_offsets(self.cols["block"], self.cols[f"{kind}_rows"], running)
         self.by_block = np.argsort(self.cols["block"], kind="stable")
         self.images, self.image_sample = found.index.images, found.index.image_sample()
 
