@@ -1,6 +1,7 @@
 """What the trust checks found so far: the store's files, attributes, manifest (its file and its
-in-memory index) and block plan, and the problems. Each check step (trust_tree, trust_attrs, trust_manifest, trust_plan, trust_arrays)
-reads what earlier steps put here; a reader keeps it to check each block as it first reads it."""
+in-memory index) and block plan, and the problems. Each check step (trust_tree, trust_attrs,
+trust_manifest, trust_rows, trust_plan, trust_arrays) reads what earlier steps put here; a reader
+keeps it to check each block as it first reads it."""
 
 from __future__ import annotations
 

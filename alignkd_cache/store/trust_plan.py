@@ -1,8 +1,9 @@
-"""Trust, the plan: each block's row counts from the manifest's index (manifest_index). Offsets must tile each
-block's arrays in manifest order (checked as the index is built), each image's visual reference must be token rows of its block
-that follow the block's earlier images from 0, shared only by samples of one image_key and token
-count, and the image count must be the attributes'. The array metadata is then checked
-against the plan (trust_arrays), and verify streams by it."""
+"""Trust, the plan: each block's row counts from the manifest's index (manifest_index). Offsets
+must tile each block's arrays in manifest order (checked as the index is built), each image's
+visual reference must be token rows of its block that follow the block's earlier images from 0,
+shared only by samples of one image_key and token count, and the image count must be the
+attributes'. The array metadata is then checked against the plan (trust_arrays), and verify
+streams by it."""
 
 from __future__ import annotations
 
