@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import random
 
 import numpy as np
@@ -206,8 +205,9 @@ def test_the_manifest_is_decoded_a_row_group_at_a_time(tmp_path, monkeypatch):
     assert len(reader.manifest._groups) == manifest.GROUPS_KEPT
     assert all(group.num_rows == 8 for group in reader.manifest._groups.values())
     assert reader.skipped == {r["id"]: r["skip_reason"] for r in whole if r["status"] == "skipped"}
-    spawned = pickle.loads(pickle.dumps(reader.manifest))  # a DataLoader worker started by spawn
-    assert spawned.row(13) == whole[13]
+    # A DataLoader worker started by spawn gets it through __getstate__/__setstate__, as a copy does.
+    spawned = copy.deepcopy(reader.manifest)
+    assert spawned.file is not reader.manifest.file and spawned.row(13) == whole[13]
 
 
 def test_a_manifest_in_one_row_group_opens_and_reads_the_same(tmp_path):
@@ -223,6 +223,19 @@ def test_a_manifest_in_one_row_group_opens_and_reads_the_same(tmp_path):
     root.write_text(json.dumps(doc))
     reader = CacheReader(str(url))
     assert reader.manifest.file.metadata.num_row_groups == 1 and list(reader.rows) == before
+
+
+@pytest.mark.parametrize("declared", [39, 41])
+def test_a_footer_declaring_other_rows_than_its_pages_hold_is_refused_not_indexed(cache, declared):
+    """An edited footer (the pages hold 40 rows): refused as unreadable Parquet, in one problem,
+    never indexed past its end."""
+    good = open_cache(str(cache))
+    found = Inspection(str(cache), Location(str(cache), read_only=True))
+    found.attrs, found.manifest = good.attrs, ManifestFile(good.manifest.data)
+    found.manifest.num_rows = declared
+    check_rows(found.loc, found)
+    assert len(found.problems) == 1 and "unreadable Parquet" in found.problems[0][1], found.problems
+    assert found.index is None
 
 
 def test_an_untampered_manifest_passes_the_vectorised_rules(cache):

@@ -65,11 +65,10 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     skipped = Counter({c["values"]: c["counts"] for c in counts})
     n = max(1, len(index))
     stored = _stored_bytes(found, sizes)
-    written = index.columns
-    logit_rows = int(written["logit_rows"].sum(dtype=np.int64))
+    logit_rows = int(index.columns["logit_rows"].sum(dtype=np.int64))
     # A sample's attention rows are as wide as its visual tokens (all its images').
     per_sample = index.visual_tokens()
-    attention_values = float(np.dot(per_sample, written["attention_rows"]))
+    attention_values = float(np.dot(per_sample, index.columns["attention_rows"]))
     values_per_logit_row = 2 * attrs["topk"] + (1 if attrs["logit_targets"] == "topk" else 0)
     raw = {
         "attention": 2 * attention_values,

@@ -142,11 +142,16 @@ class ManifestFile:
     def batches(
         self, batch_size: int, columns: list[str] | None = None
     ) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """(first row, batch) over the whole file, in order."""
+        """(first row, batch) over the whole file, in order. A file whose pages hold other rows than
+        its footer declares (an edited file) is refused as unreadable, not indexed past its end."""
         start = 0
         for batch in self.file.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+            if start + batch.num_rows > self.num_rows:
+                raise pa.ArrowInvalid(f"it holds more rows than the {self.num_rows} its footer declares")
             yield start, batch
             start += batch.num_rows
+        if start != self.num_rows:
+            raise pa.ArrowInvalid(f"it holds {start} rows, its footer declares {self.num_rows}")
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole table (or these columns of it): for the commands that rewrite a manifest."""
